@@ -1,0 +1,196 @@
+// Python bindings for vae_fast._C.
+//
+// No libtorch: Python passes data pointers (as integers), sizes and element
+// strides. Every entry point validates what it is given before any kernel
+// touches memory, releases the GIL, and picks the widest instruction set the
+// running CPU supports (each kernel file is compiled once per ISA).
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace vae_fast;
+
+namespace {
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kBaseline;
+}
+
+Isa active_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+// Calls isa::NAME_f32 / isa::NAME_f64 for the running CPU and dtype code (0 = float32, 1 = float64).
+#define VF_DISPATCH(NAME, dtype, args)                                                    \
+  [&]() {                                                                                 \
+    switch (active_isa()) {                                                               \
+      case Isa::kAvx512: return dtype == 0 ? avx512::NAME##_f32(args) : avx512::NAME##_f64(args); \
+      case Isa::kAvx2: return dtype == 0 ? avx2::NAME##_f32(args) : avx2::NAME##_f64(args);       \
+      default: return dtype == 0 ? baseline::NAME##_f32(args) : baseline::NAME##_f64(args);       \
+    }                                                                                     \
+  }()
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("vae_fast._C: " + what);
+}
+
+const void* as_ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+void* as_mut_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+void check_dtype(int dtype) { require(dtype == 0 || dtype == 1, "dtype code must be 0 (float32) or 1 (float64)"); }
+
+void check_threads(int n) { require(n >= 1 && n <= 4096, "num_threads must be in [1, 4096]"); }
+
+Strided2D strided(uintptr_t ptr, int64_t row_stride, int64_t col_stride, const char* name) {
+  require(row_stride >= 0 && col_stride >= 0, std::string(name) + " strides must be non-negative");
+  return Strided2D{as_ptr(ptr), row_stride, col_stride};
+}
+
+LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
+                       uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs,
+                       uintptr_t prior_logvar, int64_t plv_rs, int64_t plv_cs, uintptr_t eps,
+                       uint64_t seed, uint64_t offset, int num_threads) {
+  check_dtype(dtype);
+  check_threads(num_threads);
+  require(param >= 0 && param <= 2, "param code must be 0 (logvar), 1 (logstd) or 2 (softplus)");
+  require(batch >= 0 && dim >= 0 && samples >= 0, "need batch >= 0, dim >= 0, samples >= 0");
+  const bool empty = batch == 0 || dim == 0;
+  require(empty || (mu != 0 && scale != 0), "mu and scale must be non-null");
+  require((prior_mu == 0) == (prior_logvar == 0), "prior_mu and prior_logvar must be given together");
+  LatentArgs a;
+  a.batch = batch;
+  a.dim = dim;
+  a.samples = samples;
+  a.param = static_cast<ScaleParam>(param);
+  a.mu = as_ptr(mu);
+  a.scale = as_ptr(scale);
+  a.prior_mu = strided(prior_mu, pm_rs, pm_cs, "prior_mu");
+  a.prior_logvar = strided(prior_logvar, plv_rs, plv_cs, "prior_logvar");
+  a.eps = as_ptr(eps);
+  a.seed = seed;
+  a.offset = offset;
+  a.num_threads = num_threads;
+  return a;
+}
+
+void latent_forward(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
+                    uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs, uintptr_t prior_logvar,
+                    int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed, uint64_t offset,
+                    uintptr_t z, uintptr_t kl, uintptr_t kl_per_dim, int num_threads) {
+  LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
+                             prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
+  require(batch == 0 || kl != 0, "kl output must be non-null");
+  require(batch == 0 || dim == 0 || samples == 0 || z != 0, "z output must be non-null");
+  a.z = as_mut_ptr(z);
+  a.kl = as_mut_ptr(kl);
+  a.kl_per_dim = as_mut_ptr(kl_per_dim);
+  py::gil_scoped_release no_gil;
+  VF_DISPATCH(latent_forward, dtype, a);
+}
+
+void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
+                     uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs,
+                     uintptr_t prior_logvar, int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed,
+                     uint64_t offset, uintptr_t grad_z, uintptr_t grad_kl, uintptr_t grad_kl_per_dim,
+                     uintptr_t grad_mu, uintptr_t grad_scale, uintptr_t grad_prior_mu,
+                     uintptr_t grad_prior_logvar, int num_threads) {
+  LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
+                             prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
+  require(batch == 0 || dim == 0 || (grad_mu != 0 && grad_scale != 0), "grad_mu and grad_scale must be non-null");
+  require(prior_mu != 0 || (grad_prior_mu == 0 && grad_prior_logvar == 0), "prior gradients need a prior");
+  a.grad_z = as_ptr(grad_z);
+  a.grad_kl = as_ptr(grad_kl);
+  a.grad_kl_per_dim = as_ptr(grad_kl_per_dim);
+  a.grad_mu = as_mut_ptr(grad_mu);
+  a.grad_scale = as_mut_ptr(grad_scale);
+  a.grad_prior_mu = as_mut_ptr(grad_prior_mu);
+  a.grad_prior_logvar = as_mut_ptr(grad_prior_logvar);
+  py::gil_scoped_release no_gil;
+  VF_DISPATCH(latent_backward, dtype, a);
+}
+
+int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t x_rows, int64_t dim,
+                               uintptr_t theta, uintptr_t x, uintptr_t logvar, int64_t lv_rs, int64_t lv_cs,
+                               uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar,
+                               int num_threads) {
+  check_dtype(dtype);
+  check_threads(num_threads);
+  require(likelihood >= 0 && likelihood <= 2, "likelihood code must be 0, 1 or 2");
+  require(rows >= 0 && dim >= 0 && x_rows >= 0, "sizes must be non-negative");
+  require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
+  const bool empty = rows == 0 || dim == 0;
+  require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
+  require(empty || (theta != 0 && x != 0), "theta and x must be non-null");
+  const bool gaussian = likelihood == static_cast<int>(Likelihood::kGaussian);
+  require(!gaussian || empty || logvar != 0, "the Gaussian likelihood needs logvar");
+  require(gaussian || grad_logvar == 0, "grad_logvar is only for the Gaussian likelihood");
+  require(grad_logvar == 0 || grad_theta != 0, "grad_logvar needs grad_theta");
+  ElementwiseLikelihoodArgs a;
+  a.rows = rows;
+  a.x_rows = x_rows;
+  a.dim = dim;
+  a.likelihood = static_cast<Likelihood>(likelihood);
+  a.theta = as_ptr(theta);
+  a.x = as_ptr(x);
+  a.logvar = strided(logvar, lv_rs, lv_cs, "logvar");
+  a.log_prob = as_mut_ptr(log_prob);
+  a.grad_theta = as_mut_ptr(grad_theta);
+  a.grad_logvar = as_mut_ptr(grad_logvar);
+  a.num_threads = num_threads;
+  py::gil_scoped_release no_gil;
+  return VF_DISPATCH(elementwise_likelihood, dtype, a);
+}
+
+int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,
+                    uintptr_t target, uintptr_t log_prob, uintptr_t grad_logits, int num_threads) {
+  check_dtype(dtype);
+  check_threads(num_threads);
+  require(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
+  require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
+  require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
+  require(rows == 0 || pixels == 0 || (logits != 0 && target != 0), "logits and target must be non-null");
+  CategoricalArgs a;
+  a.rows = rows;
+  a.x_rows = x_rows;
+  a.pixels = pixels;
+  a.classes = classes;
+  a.logits = as_ptr(logits);
+  a.target = static_cast<const int64_t*>(as_ptr(target));
+  a.log_prob = as_mut_ptr(log_prob);
+  a.grad_logits = as_mut_ptr(grad_logits);
+  a.num_threads = num_threads;
+  py::gil_scoped_release no_gil;
+  return VF_DISPATCH(categorical, dtype, a);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vae_fast CPU kernels (pointer-based; no libtorch dependency)";
+  m.def("isa", []() { return std::string(isa_name(active_isa())); },
+        "Instruction set the kernels were dispatched to on this CPU.");
+  m.def("latent_forward", &latent_forward);
+  m.def("latent_backward", &latent_backward);
+  m.def("elementwise_likelihood", &elementwise_likelihood);
+  m.def("categorical", &categorical);
+}

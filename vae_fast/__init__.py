@@ -1,0 +1,29 @@
+"""vae_fast: fused ELBO kernels for PyTorch.
+
+ELBO = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z)) = log p(x) - KL(q(z|x) || p(z|x)).
+The latent block (sampling + KL) and the reconstruction term each run as one fused
+kernel: Triton on CUDA, C++ on CPU, with :mod:`vae_fast.reference` as the oracle.
+"""
+from ._backend import BACKENDS, backend, use_backend
+from ._validation import set_validate_args
+from .functional import (
+    LIKELIHOODS,
+    ELBOResult,
+    bernoulli_log_prob,
+    categorical_log_prob,
+    continuous_bernoulli_log_prob,
+    elbo,
+    gaussian_kl,
+    gaussian_log_prob,
+    gaussian_sample_kl,
+    register_likelihood,
+)
+from .schedules import KLWarmup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "backend", "use_backend", "set_validate_args", "LIKELIHOODS", "ELBOResult", "KLWarmup",
+    "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
+    "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood",
+]

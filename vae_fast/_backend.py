@@ -1,0 +1,111 @@
+"""Backend registry and selection.
+
+Three backends serve the same ops:
+
+* ``"triton"``: Triton kernels, for CUDA tensors (and for CPU tensors under
+  ``TRITON_INTERPRET=1``, which is how CI exercises them);
+* ``"cpu"``: the C++ extension ``vae_fast._C`` (vectorised, OpenMP);
+* ``"reference"``: :mod:`vae_fast.reference` evaluated in float64 — always available.
+
+``VAE_FAST_BACKEND=reference|cpu|triton`` forces one. An automatically chosen
+backend that cannot load falls back to ``"reference"`` with one warning; an
+explicitly requested one raises ``ImportError`` saying why.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton")
+
+_cpu_ext = None
+_cpu_error: str | None = None
+try:
+    from . import _C as _cpu_ext  # type: ignore[no-redef]
+except ImportError as exc:  # pragma: no cover - exercised by the fallback test in a subprocess
+    _cpu_error = f"{type(exc).__name__}: {exc}"
+
+_triton_error: str | None = None
+_triton_checked = False
+
+
+def _triton_available() -> bool:
+    global _triton_checked, _triton_error
+    if not _triton_checked:
+        _triton_checked = True
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_error is None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _validate_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _require(name: str) -> None:
+    if name == "cpu" and _cpu_ext is None:
+        raise ImportError(f"vae_fast backend 'cpu' was requested but vae_fast._C failed to import ({_cpu_error})")
+    if name == "triton" and not _triton_available():
+        raise ImportError(f"vae_fast backend 'triton' was requested but triton failed to import ({_triton_error})")
+
+
+_env_backend = os.environ.get("VAE_FAST_BACKEND") or None
+if _env_backend is not None:
+    _require(_validate_name(_env_backend, "VAE_FAST_BACKEND"))
+elif _cpu_ext is None:
+    warnings.warn(
+        f"vae_fast: the C++ extension vae_fast._C could not be imported ({_cpu_error}); "
+        "CPU tensors use the (slow) reference backend.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_override: str | None = None
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """Name of the backend that serves tensors on ``device``.
+
+    ``"triton"`` for CUDA, ``"cpu"`` (the C++ extension) for CPU, ``"reference"`` as
+    the fallback; :func:`use_backend` or ``VAE_FAST_BACKEND`` override the choice.
+    """
+    forced = _override or _env_backend
+    if forced is not None:
+        return forced
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return "triton" if _triton_available() else "reference"
+    if device_type == "cpu" and _cpu_ext is not None:
+        return "cpu"
+    return "reference"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily force a backend (``"reference"``, ``"cpu"`` or ``"triton"``) for every device."""
+    global _override
+    _require(_validate_name(name, "backend name"))
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def cpu_extension():
+    """The loaded ``vae_fast._C`` module (raises ImportError if it failed to import)."""
+    _require("cpu")
+    return _cpu_ext

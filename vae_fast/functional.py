@@ -1,0 +1,402 @@
+"""Functional API: the fused latent and reconstruction ops, and the ELBO assembled from them.
+
+Shapes: the encoder gives ``mu``, ``logvar`` of shape ``(*B, Z)``; the decoder output
+has the data's shape ``(B, *event)``, or ``(K, B, *event)`` for K latent samples.
+Log-likelihoods are summed over every event dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.vae_fast)
+from ._validation import (
+    check_broadcastable,
+    check_choice,
+    check_no_grad,
+    check_positive_int,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    raise_if_invalid,
+)
+from .ops._library import ELEMENTWISE_LIKELIHOODS, SCALE_PARAMS
+from .ops.latent import LatentFunction
+from .ops.likelihood import CategoricalLogProb, ElementwiseLogProb
+
+REDUCTIONS = ("none", "sum", "mean")
+
+# --------------------------------------------------------------------------------------
+# Latent block
+# --------------------------------------------------------------------------------------
+
+
+def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    # A 0-d int64 tensor drawn from torch's generator: torch.manual_seed reproduces it, each
+    # call advances the generator, and torch.compile(fullgraph=True) traces it (a Generator
+    # made here would not). The kernels turn it into a Philox key.
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=gen_device, generator=generator)
+    return seed if seed.device == device else seed.to(device)
+
+
+def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tensor | None:
+    # priors broadcast against mu (*B, Z); the kernels take them broadcastable to (rows, Z)
+    if t is None or mu.dim() <= 2:
+        return t
+    return t.expand(mu.shape).reshape(rows, mu.shape[-1])
+
+
+def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim):
+    check_tensor("mu", mu)
+    check_tensor("logvar", logvar)
+    if mu.dim() < 1:
+        raise ValueError(f"mu must have shape (..., Z) with at least one dim, got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    check_choice("param", param, SCALE_PARAMS)
+    if (prior_mu is None) != (prior_logvar is None):
+        # one given: the other defaults to the standard normal's value
+        zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        prior_mu = zero if prior_mu is None else prior_mu
+        prior_logvar = zero if prior_logvar is None else prior_logvar
+    for name, t in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if t is not None:
+            check_tensor(name, t)
+            check_broadcastable(name, t, mu.shape, "mu")
+    if eps is not None:
+        check_tensor("eps", eps)
+        check_no_grad("eps", eps)
+        expected = (num_samples, *mu.shape)
+        if eps.shape != expected and not (num_samples == 1 and eps.shape == mu.shape):
+            raise ValueError(f"eps must have shape {expected} (or mu's shape when num_samples=1), got {tuple(eps.shape)}")
+    names = ("mu", "logvar", "prior_mu", "prior_logvar", "eps")
+    tensors = (mu, logvar, prior_mu, prior_logvar, eps)
+    check_same_device(names, tensors)
+    check_same_dtype(names, tensors)
+
+    dim = mu.shape[-1]
+    rows = math.prod(mu.shape[:-1])
+    samples = num_samples
+    if eps is not None:
+        seed = torch.zeros((), dtype=torch.int64, device=mu.device)
+        eps = eps.reshape(samples, rows, dim)
+    elif samples > 0:
+        seed = _draw_seed(mu.device, generator)
+    else:
+        seed = torch.zeros((), dtype=torch.int64, device=mu.device)
+    z, kl, kl_per_dim = LatentFunction.apply(
+        mu.reshape(rows, dim), logvar.reshape(rows, dim), _as_rows(prior_mu, mu, rows),
+        _as_rows(prior_logvar, mu, rows), eps, seed, SCALE_PARAMS[param], samples, want_kl_per_dim,
+    )
+    z = z.reshape(mu.shape) if samples == 1 else z.reshape(samples, *mu.shape)
+    kl_per_dim = kl_per_dim.reshape(mu.shape) if want_kl_per_dim else None
+    return z, kl.reshape(mu.shape[:-1]), kl_per_dim
+
+
+def gaussian_sample_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    param: str = "logvar",
+    eps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    num_samples: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised sample and analytic KL in one fused pass.
+
+    ``z = mu + sigma * eps`` with ``sigma`` from ``logvar`` read as ``param``
+    (``"logvar"``: log sigma^2, ``"logstd"``: log sigma, ``"softplus"``: sigma = softplus(raw)),
+    and ``KL(N(mu, sigma^2) || N(prior_mu, exp(prior_logvar)))`` summed over the last dim.
+
+    Args:
+        mu, logvar: ``(*B, Z)``.
+        prior_mu, prior_logvar: a learned diagonal Gaussian prior, broadcastable to ``mu``
+            (default N(0, I)); gradients flow to them.
+        eps: explicit noise ``(K, *B, Z)`` (or ``(*B, Z)`` for K = 1); by default noise comes
+            from an in-kernel Philox stream seeded from ``generator`` (or torch's default
+            generator of mu's device) and is recomputed, not stored, for backward.
+        num_samples: K.
+
+    Returns:
+        ``z`` of shape ``(*B, Z)`` (``(K, *B, Z)`` for K > 1) and ``kl`` of shape ``(*B,)``.
+    """
+    check_positive_int("num_samples", num_samples)
+    z, kl, _ = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False)
+    return z, kl
+
+
+def gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    *,
+    param: str = "logvar",
+    reduce: bool = True,
+) -> torch.Tensor:
+    """Analytic KL(N(mu, sigma^2) || N(prior_mu, exp(prior_logvar))), fused and overflow-safe.
+
+    Per dim, with lv = log sigma^2 and d = lv - prior_logvar:
+    ``exp(d - ln 2) - (1 + d)/2 + (mu - prior_mu)^2 / (2 exp(prior_logvar))``.
+    Returns ``(*B,)`` (summed over the last dim) or, with ``reduce=False``, ``(*B, Z)``.
+    """
+    _, kl, kl_per_dim = _latent(mu, logvar, prior_mu, prior_logvar, param, None, None, 0, not reduce)
+    return kl if reduce else kl_per_dim
+
+
+# --------------------------------------------------------------------------------------
+# Reconstruction log-likelihoods
+# --------------------------------------------------------------------------------------
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    check_choice("reduction", reduction, REDUCTIONS)
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "mean":
+        return values.mean()
+    return values
+
+
+def _lead_ndim(name: str, param_shape, x_shape, what: str) -> int:
+    """1 if the decoder output matches x (B, ...), 2 if it has an extra leading sample dim K."""
+    if tuple(param_shape) == tuple(x_shape):
+        return 1
+    if len(param_shape) == len(x_shape) + 1 and tuple(param_shape[1:]) == tuple(x_shape):
+        return 2
+    raise ValueError(f"{name} of shape {tuple(param_shape)} must have {what} (B, ...) = {tuple(x_shape)} "
+                     f"or (K, B, ...) for K decoder samples")
+
+
+def _check_x(x, theta_name: str, theta: torch.Tensor) -> None:
+    check_tensor("x", x, floating=False)
+    if x.dim() < 1:
+        raise ValueError(f"x must have a leading batch dim, got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"x must be real, got dtype {x.dtype}")
+    check_no_grad("x", x)
+    check_same_device((theta_name, "x"), (theta, x))
+
+
+def _elementwise(likelihood: str, theta_name: str, theta, x, logvar, reduction: str) -> torch.Tensor:
+    check_tensor(theta_name, theta)
+    _check_x(x, theta_name, x if theta is None else theta)
+    lead_ndim = _lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
+    rows = math.prod(theta.shape[:lead_ndim])
+    dim = math.prod(x.shape[1:])
+    if logvar is not None:
+        check_broadcastable("logvar", logvar, theta.shape, theta_name)
+    log_prob, num_invalid = ElementwiseLogProb.apply(
+        theta.reshape(rows, dim), x.reshape(x.shape[0], dim), logvar, ELEMENTWISE_LIKELIHOODS[likelihood],
+        theta.shape, lead_ndim,
+    )
+    if likelihood != "gaussian":
+        raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {likelihood} likelihood")
+    return _reduce(log_prob.reshape(theta.shape[:lead_ndim]), reduction)
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Bernoulli log-likelihood from logits, fused with its gradient.
+
+    ``sum_j x_j l_j - softplus(l_j)`` over the event dims (x may hold grey values in [0, 1],
+    like ``binary_cross_entropy_with_logits``). logits ``(B, ...)`` or ``(K, B, ...)``, x ``(B, ...)``;
+    returns ``(B,)`` or ``(K, B)`` for ``reduction="none"``.
+    """
+    return _elementwise("bernoulli", "logits", logits, x, None, reduction)
+
+
+def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Continuous Bernoulli log-likelihood (Loaiza-Ganem & Cunningham, 2019), normaliser included.
+
+    Bernoulli term plus ``log C(lambda)``, ``C = l / tanh(l/2)`` in logits (a series near l = 0
+    keeps it exact at lambda = 1/2). Shapes as :func:`bernoulli_log_prob`.
+    """
+    return _elementwise("continuous_bernoulli", "logits", logits, x, None, reduction)
+
+
+def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduction: str = "none") -> torch.Tensor:
+    """Diagonal Gaussian log-likelihood ``-1/2 sum_j [log 2 pi + lv_j + (x_j - mean_j)^2 e^-lv_j]``.
+
+    ``logvar``: a float (fixed), a 0-d tensor (learned scalar) or any tensor broadcastable to
+    ``mean`` (per pixel, per example, a second decoder head); gradients flow to mean and logvar.
+    With a fixed ``logvar = 0`` this is ``-1/2 ||x - mean||^2 - D/2 log 2 pi``: maximising it is
+    minimising the summed squared error (MSE * D) — so an "MSE VAE" is a unit-variance Gaussian
+    VAE, and a fixed variance s^2 weights the MSE by 1 / (2 s^2) against the KL.
+    """
+    check_tensor("mean", mean)
+    if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
+        logvar = torch.tensor(float(logvar), dtype=mean.dtype, device=mean.device)
+    check_tensor("logvar", logvar)
+    check_same_device(("mean", "logvar"), (mean, logvar))
+    return _elementwise("gaussian", "mean", mean, x, logvar, reduction)
+
+
+def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Categorical log-likelihood per example, e.g. 256-way 8-bit pixels.
+
+    logits ``(B, *pixels, C)`` or ``(K, B, *pixels, C)``; integer ``x`` ``(B, *pixels)`` in [0, C).
+    log-softmax over the last dim is never materialised; its gradient is written in the same pass.
+    """
+    check_tensor("logits", logits)
+    _check_x(x, "logits", logits)
+    if x.is_floating_point() or x.dtype == torch.bool:
+        raise TypeError(f"x must be an integer tensor of class indices, got dtype {x.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (B, ..., C), got {tuple(logits.shape)}")
+    lead_ndim = _lead_ndim("logits", logits.shape[:-1], x.shape, "x's shape followed by C:")
+    rows = math.prod(logits.shape[:lead_ndim])
+    pixels = math.prod(x.shape[1:])
+    log_prob, num_invalid = CategoricalLogProb.apply(
+        logits.reshape(rows, pixels, logits.shape[-1]), x.reshape(x.shape[0], pixels))
+    raise_if_invalid(num_invalid, f"x must hold class indices in [0, {logits.shape[-1]})")
+    return _reduce(log_prob.reshape(logits.shape[:lead_ndim]), reduction)
+
+
+# --------------------------------------------------------------------------------------
+# ELBO
+# --------------------------------------------------------------------------------------
+
+LikelihoodFn = Callable[[object, torch.Tensor], torch.Tensor]
+LIKELIHOODS: dict[str, LikelihoodFn] = {}
+
+
+def register_likelihood(name: str):
+    """Decorator: make ``fn(decoder_output, x) -> log p(x | z)`` of shape ``(B,)`` or ``(K, B)``
+    available as ``elbo(..., likelihood=name)``."""
+
+    def decorate(fn: LikelihoodFn) -> LikelihoodFn:
+        LIKELIHOODS[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_likelihood("bernoulli")
+def _bernoulli(logits, x):
+    return bernoulli_log_prob(logits, x)
+
+
+@register_likelihood("continuous_bernoulli")
+def _continuous_bernoulli(logits, x):
+    return continuous_bernoulli_log_prob(logits, x)
+
+
+@register_likelihood("gaussian")
+def _gaussian(output, x):
+    mean, logvar = output if isinstance(output, (tuple, list)) else (output, 0.0)
+    return gaussian_log_prob(mean, x, logvar)
+
+
+@register_likelihood("categorical")
+def _categorical(logits, x):
+    return categorical_log_prob(logits, x)
+
+
+class ELBOResult(NamedTuple):
+    """What :func:`elbo` returns.
+
+    loss: the quantity to minimise, ``-(log_likelihood - beta * KL)`` with free bits, reduced.
+    elbo: ``(B,)`` the true per-example ELBO ``log_likelihood - kl`` (never altered by beta or free bits).
+    log_likelihood: ``(B,)`` E_q[log p(x|z)], averaged over the K samples.
+    kl: ``(B,)``; kl_per_dim: ``(B, Z)``; z: ``(B, Z)`` or ``(K, B, Z)``.
+    """
+
+    loss: torch.Tensor
+    elbo: torch.Tensor
+    log_likelihood: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    z: torch.Tensor
+
+
+def _check_nonnegative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def elbo(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    decode: Callable[[torch.Tensor], object],
+    *,
+    likelihood: str | LikelihoodFn = "bernoulli",
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    num_samples: int = 1,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    param: str = "logvar",
+    reduction: str = "mean",
+    eps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> ELBOResult:
+    """The VAE objective on fused kernels: ``ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z))``.
+
+    Args:
+        x: data ``(B, ...)``.
+        mu, logvar: encoder outputs ``(B, Z)`` (``logvar`` read as ``param``).
+        decode: callable ``z -> decoder output``: logits for ``"bernoulli"``,
+            ``"continuous_bernoulli"`` and ``"categorical"``; the mean or ``(mean, logvar)`` for
+            ``"gaussian"``. With ``num_samples=K`` it is called once on ``z`` of shape ``(K, B, Z)``.
+        likelihood: a registered name (:data:`LIKELIHOODS`) or a callable
+            ``(decoder_output, x) -> (B,)`` / ``(K, B)``.
+        beta: weight of the KL term in ``loss`` (beta-VAE, KL warm-up; see :class:`vae_fast.KLWarmup`).
+        free_bits: lambda of Kingma et al. (2016, IAF paper): the KL term of ``loss`` is
+            ``sum_j max(lambda, mean_over_batch KL_j)`` per example (times B for ``reduction="sum"``),
+            so dims whose batch-mean KL is below lambda get no gradient. (Alternatives seen in
+            codebases clamp each example's KL_j instead; that changes which dims get a gradient.)
+            For ``reduction="none"`` example b gets ``sum_j (KL_bj if mean_j >= lambda else lambda)``,
+            whose batch mean is the ``"mean"`` loss.
+        num_samples: K samples of z; the log-likelihood is averaged over them.
+        prior_mu, prior_logvar: learned diagonal Gaussian prior (hierarchical VAEs).
+        reduction: ``"mean"`` (per-example average), ``"sum"`` or ``"none"``.
+        eps: explicit noise (tests, reproducibility); generator: seeds the in-kernel Philox noise.
+    """
+    check_tensor("x", x, floating=False)
+    check_positive_int("num_samples", num_samples)
+    beta = _check_nonnegative("beta", beta)
+    free_bits = _check_nonnegative("free_bits", free_bits)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if callable(likelihood):
+        log_prob_fn = likelihood
+    else:
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        log_prob_fn = LIKELIHOODS[likelihood]
+    if not callable(decode):
+        raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
+    if mu.dim() >= 1 and x.dim() >= 1 and mu.shape[0] != x.shape[0]:
+        raise ValueError(f"mu has batch size {mu.shape[0]} but x has {x.shape[0]}")
+
+    z, kl, kl_per_dim = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, True)
+    log_lik = log_prob_fn(decode(z), x)
+    expected = (num_samples, x.shape[0]) if num_samples > 1 else (x.shape[0],)
+    if not isinstance(log_lik, torch.Tensor) or tuple(log_lik.shape) != expected:
+        got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
+        raise ValueError(f"the likelihood of decode(z) must have shape {expected}, got {got}; "
+                         "check that decode returns the likelihood's parameters with x's shape")
+    if num_samples > 1:
+        log_lik = log_lik.mean(0)
+
+    if free_bits > 0:
+        batch_mean_kl = kl_per_dim.mean(0, keepdim=True)
+        kl_term = torch.where(batch_mean_kl >= free_bits, kl_per_dim, torch.full_like(kl_per_dim, free_bits)).sum(-1)
+    else:
+        kl_term = kl
+    per_example_loss = -(log_lik - beta * kl_term)
+    return ELBOResult(
+        loss=_reduce(per_example_loss, reduction),
+        elbo=log_lik - kl,
+        log_likelihood=log_lik,
+        kl=kl,
+        kl_per_dim=kl_per_dim,
+        z=z,
+    )

@@ -1,0 +1,109 @@
+"""CPU backend: hands raw pointers, sizes and strides to the C++ kernels in vae_fast._C.
+
+Inputs arrive prepared by :mod:`vae_fast.ops` (contiguous, one floating dtype,
+priors/log-variances expanded to 2-D views). float16/bfloat16 are computed in
+float32 and written back in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import cpu_extension
+
+_C = cpu_extension()
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _DTYPE_CODE else torch.float32
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _strided(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else (t.data_ptr(), t.stride(0), t.stride(1))
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
+def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+    out_dtype = mu.dtype
+    dtype = _compute_dtype(out_dtype)
+    mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
+    batch, dim = mu.shape
+    z = mu.new_empty((num_samples, batch, dim))
+    kl = mu.new_empty((batch,))
+    kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
+    _C.latent_forward(
+        _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
+        *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
+        z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), torch.get_num_threads(),
+    )
+    kl_per_dim = _empty(mu) if kl_per_dim is None else kl_per_dim
+    if dtype != out_dtype:
+        return z.to(out_dtype), kl.to(out_dtype), kl_per_dim.to(out_dtype)
+    return z, kl, kl_per_dim
+
+
+def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
+                    num_samples, want_prior_grad):
+    out_dtype = mu.dtype
+    dtype = _compute_dtype(out_dtype)
+    mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
+        _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
+    batch, dim = mu.shape
+    grad_mu = torch.empty_like(mu)
+    grad_scale = torch.empty_like(mu)
+    grad_pm = torch.empty_like(mu) if want_prior_grad else None
+    grad_plv = torch.empty_like(mu) if want_prior_grad else None
+    _C.latent_backward(
+        _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
+        *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
+        _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
+        grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
+    )
+    outs = (grad_mu, grad_scale, _empty(mu) if grad_pm is None else grad_pm, _empty(mu) if grad_plv is None else grad_plv)
+    return tuple(o.to(out_dtype) for o in outs) if dtype != out_dtype else outs
+
+
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+    out_dtype = theta.dtype
+    dtype = _compute_dtype(out_dtype)
+    theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast(logvar, dtype)
+    rows, dim = theta.shape
+    log_prob = theta.new_empty((rows,))
+    grad = torch.empty_like(theta) if want_grad else None
+    grad_lv = torch.empty_like(theta) if want_logvar_grad else None
+    bad = _C.elementwise_likelihood(
+        _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
+        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), torch.get_num_threads(),
+    )
+    outs = (log_prob, _empty(theta) if grad is None else grad, _empty(theta) if grad_lv is None else grad_lv)
+    if dtype != out_dtype:
+        outs = tuple(o.to(out_dtype) for o in outs)
+    return (*outs, torch.tensor(bad, dtype=torch.int64))
+
+
+def categorical_log_prob(logits, target, want_grad):
+    out_dtype = logits.dtype
+    dtype = _compute_dtype(out_dtype)
+    logits = _cast(logits, dtype)
+    rows, pixels, classes = logits.shape
+    log_prob = logits.new_empty((rows,))
+    grad = torch.empty_like(logits) if want_grad else None
+    bad = _C.categorical(
+        _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
+        log_prob.data_ptr(), _ptr(grad), torch.get_num_threads(),
+    )
+    outs = (log_prob, _empty(logits) if grad is None else grad)
+    if dtype != out_dtype:
+        outs = tuple(o.to(out_dtype) for o in outs)
+    return (*outs, torch.tensor(bad, dtype=torch.int64))

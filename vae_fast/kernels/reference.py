@@ -1,0 +1,100 @@
+"""Reference backend: the same kernel interface, evaluated with :mod:`vae_fast.reference`
+in float64 (gradients by autograd). Slow but always available; used when the C++
+extension is missing and as ``VAE_FAST_BACKEND=reference``."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+
+_PARAM_NAMES = ref.SCALE_PARAMS
+
+
+def _f64(t):
+    return None if t is None else t.detach().double()
+
+
+def _noise(mu, eps, seed, num_samples):
+    if eps is not None:
+        return eps.double()
+    batch, dim = mu.shape
+    return ref.latent_noise(int(seed), num_samples, batch, dim).to(mu.device)
+
+
+def _empty(t):
+    return t.new_empty(0)
+
+
+def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+    name = _PARAM_NAMES[param]
+    mu64, s64 = _f64(mu), _f64(scale)
+    z = ref.reparameterize(mu64, s64, _noise(mu, eps, seed, num_samples), name)
+    kl_dims = ref.gaussian_kl(mu64, s64, _f64(prior_mu), _f64(prior_logvar), name, reduce=False)
+    kl_per_dim = kl_dims.to(mu.dtype) if want_kl_per_dim else _empty(mu)
+    return z.to(mu.dtype), kl_dims.sum(-1).to(mu.dtype), kl_per_dim
+
+
+def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
+                    num_samples, want_prior_grad):
+    name = _PARAM_NAMES[param]
+    inputs = [_f64(mu).requires_grad_(), _f64(scale).requires_grad_()]
+    if prior_mu is not None:
+        inputs += [_f64(prior_mu).requires_grad_(), _f64(prior_logvar).requires_grad_()]
+    with torch.enable_grad():
+        z = ref.reparameterize(inputs[0], inputs[1], _noise(mu, eps, seed, num_samples), name)
+        kl_dims = ref.gaussian_kl(*inputs[:2], *(inputs[2:] or (None, None)), name, reduce=False)
+        objective = kl_dims.new_zeros(())
+        if grad_z is not None:
+            objective = objective + (z * grad_z.double()).sum()
+        if grad_kl is not None:
+            objective = objective + (kl_dims.sum(-1) * grad_kl.double()).sum()
+        if grad_kl_per_dim is not None:
+            objective = objective + (kl_dims * grad_kl_per_dim.double()).sum()
+        grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+    grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+    grad_mu, grad_scale = grads[0].to(mu.dtype), grads[1].to(mu.dtype)
+    if want_prior_grad:
+        # the kernels return prior gradients at the expanded (batch, dim) shape
+        return grad_mu, grad_scale, grads[2].expand_as(mu).to(mu.dtype), grads[3].expand_as(mu).to(mu.dtype)
+    return grad_mu, grad_scale, _empty(mu), _empty(mu)
+
+
+_ELEMENTWISE = {
+    0: lambda t, x, lv: ref.bernoulli_log_prob(t, x),
+    1: lambda t, x, lv: ref.continuous_bernoulli_log_prob(t, x),
+    2: lambda t, x, lv: ref.gaussian_log_prob(t, x, lv),
+}
+
+
+def _x_rows(x, rows):
+    return x.repeat(rows // max(x.shape[0], 1), *([1] * (x.dim() - 1))) if x.shape[0] else x
+
+
+def _num_invalid(x, likelihood):
+    if likelihood == 2:
+        return torch.zeros((), dtype=torch.int64)
+    return ((x < 0) | (x > 1)).sum().cpu()
+
+
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+    theta64 = _f64(theta).requires_grad_(want_grad)
+    lv64 = None if logvar is None else _f64(logvar).requires_grad_(want_logvar_grad)
+    with torch.enable_grad():
+        log_prob = _ELEMENTWISE[likelihood](theta64, _x_rows(x, theta.shape[0]).double(), lv64 if lv64 is not None else 0.0)
+        wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
+        grads = list(torch.autograd.grad(log_prob.sum(), wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+    grad = grads.pop(0).to(theta.dtype) if want_grad else _empty(theta)
+    grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta).contiguous() if want_logvar_grad else _empty(theta)
+    return log_prob.detach().to(theta.dtype), grad, grad_lv, _num_invalid(x, likelihood)
+
+
+def categorical_log_prob(logits, target, want_grad):
+    classes = logits.shape[-1]
+    valid = (target >= 0) & (target < classes)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    logits64 = _f64(logits).requires_grad_(want_grad)
+    with torch.enable_grad():
+        log_prob = ref.categorical_log_prob(logits64, _x_rows(safe_target, logits.shape[0]))
+        grad = (torch.autograd.grad(log_prob.sum(), logits64)[0].to(logits.dtype)
+                if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else _empty(logits)))
+    return log_prob.detach().to(logits.dtype), grad, (~valid).sum().cpu()

@@ -1,0 +1,135 @@
+"""Triton backend: launchers for the kernels in ``latent.py`` and ``likelihood.py``.
+
+On CUDA, block sizes and warps are autotuned per shape class. Under
+``TRITON_INTERPRET=1`` (CPU tensors, used by CI) the first configuration is used
+directly: the interpreter gives no timing to tune on.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backend import triton_interpreting
+from .latent import latent_backward_kernel, latent_forward_kernel
+from .likelihood import categorical_kernel, elementwise_kernel
+
+MAX_CATEGORICAL_CLASSES = 16384
+
+_ROW_CONFIGS = [
+    triton.Config({"BLOCK": 64}, num_warps=1),
+    triton.Config({"BLOCK": 256}, num_warps=2),
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+]
+
+
+class _FixedConfig:
+    """Launches a jit function with one fixed config (interpreter mode)."""
+
+    def __init__(self, fn, config):
+        self.fn, self.kwargs = fn, dict(config.kwargs)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **self.kwargs)
+
+
+def _tuned(fn, configs, key):
+    if triton_interpreting():
+        return _FixedConfig(fn, configs[0])
+    return triton.autotune(configs=configs, key=key)(fn)
+
+
+_latent_forward = _tuned(latent_forward_kernel, _ROW_CONFIGS, ["dim", "samples"])
+_latent_backward = _tuned(latent_backward_kernel, _ROW_CONFIGS, ["dim", "samples"])
+_elementwise = _tuned(elementwise_kernel, _ROW_CONFIGS, ["dim", "LIKELIHOOD", "WANT_GRAD"])
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _strided(t, fallback):
+    return (fallback, 0, 0) if t is None else (t, t.stride(0), t.stride(1))
+
+
+def _dummy(t):
+    return t.new_empty(0)
+
+
+def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+    batch, dim = mu.shape
+    z = mu.new_empty((num_samples, batch, dim))
+    kl = mu.new_empty((batch,))
+    kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else _dummy(mu)
+    if batch == 0:
+        return z, kl, kl_per_dim
+    _latent_forward[(batch,)](
+        mu, scale, *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
+        mu if eps is None else eps, seed, z, kl, kl_per_dim if want_kl_per_dim else kl,
+        batch, dim, num_samples,
+        PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
+        WANT_KL_PER_DIM=want_kl_per_dim, ACC=_acc(mu.dtype),
+    )
+    return z, kl, kl_per_dim
+
+
+def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
+                    num_samples, want_prior_grad):
+    batch, dim = mu.shape
+    grad_mu = torch.empty_like(mu)
+    grad_scale = torch.empty_like(mu)
+    grad_pm = torch.empty_like(mu) if want_prior_grad else _dummy(mu)
+    grad_plv = torch.empty_like(mu) if want_prior_grad else _dummy(mu)
+    if batch == 0:
+        return grad_mu, grad_scale, grad_pm, grad_plv
+    _latent_backward[(batch,)](
+        mu, scale, *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
+        mu if eps is None else eps, seed,
+        mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl,
+        mu if grad_kl_per_dim is None else grad_kl_per_dim,
+        grad_mu, grad_scale, grad_pm if want_prior_grad else mu, grad_plv if want_prior_grad else mu,
+        batch, dim, num_samples,
+        PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None, HAS_GRAD_Z=grad_z is not None,
+        HAS_GRAD_KL=grad_kl is not None, HAS_GRAD_KL_PER_DIM=grad_kl_per_dim is not None,
+        WANT_PRIOR_GRAD=want_prior_grad, ACC=_acc(mu.dtype),
+    )
+    return grad_mu, grad_scale, grad_pm, grad_plv
+
+
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+    rows, dim = theta.shape
+    log_prob = theta.new_empty((rows,))
+    grad = torch.empty_like(theta) if want_grad else _dummy(theta)
+    grad_lv = torch.empty_like(theta) if want_logvar_grad else _dummy(theta)
+    invalid = torch.zeros((rows,), dtype=torch.int32, device=theta.device)
+    if rows > 0:
+        _elementwise[(rows,)](
+            theta, x, *_strided(logvar, theta), log_prob,
+            grad if want_grad else theta, grad_lv if want_logvar_grad else theta, invalid,
+            x.shape[0], dim,
+            LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
+        )
+    return log_prob, grad, grad_lv, invalid.sum(dtype=torch.int64)
+
+
+def categorical_log_prob(logits, target, want_grad):
+    rows, pixels, classes = logits.shape
+    if classes > MAX_CATEGORICAL_CLASSES:
+        raise ValueError(
+            f"logits: the Triton categorical kernel supports at most {MAX_CATEGORICAL_CLASSES} classes "
+            f"(one tile per pixel), got {classes}")
+    class_block = triton.next_power_of_2(classes)
+    pixel_block = max(1, min(triton.next_power_of_2(max(pixels, 1)), 4096 // class_block))
+    num_blocks = triton.cdiv(pixels, pixel_block)
+    partial = logits.new_empty((rows, num_blocks), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    invalid = torch.zeros((rows, num_blocks), dtype=torch.int32, device=logits.device)
+    grad = torch.empty_like(logits) if want_grad else _dummy(logits)
+    if rows > 0 and pixels > 0:
+        categorical_kernel[(rows, num_blocks)](
+            logits, target, partial, grad if want_grad else logits, invalid,
+            target.shape[0], pixels, classes, num_blocks,
+            WANT_GRAD=want_grad, ACC=_acc(logits.dtype), PIXELS=pixel_block, CLASSES=class_block,
+            num_warps=4,
+        )
+    return partial.sum(1).to(logits.dtype), grad, invalid.sum(dtype=torch.int64)

@@ -1,0 +1,121 @@
+"""Triton latent kernels: one program per batch row, looping over the latent dim.
+
+Forward: z = mu + sigma * eps for K samples and the analytic KL (per row, and per
+dim if asked) in one pass. Backward: eps is recomputed from the Philox stream (tl.randn4x)
+— the same Philox stream as csrc/latent.cpp — and never stored. The per-row KL is
+accumulated in registers and stored once, so results are deterministic.
+"""
+import triton
+import triton.language as tl
+
+from ._math import LN2, philox_normal, scale_terms
+
+
+@triton.jit
+def latent_forward_kernel(
+    mu_ptr, scale_ptr,
+    prior_mu_ptr, pm_row_stride, pm_col_stride,
+    prior_logvar_ptr, plv_row_stride, plv_col_stride,
+    eps_ptr, seed_ptr,
+    z_ptr, kl_ptr, kl_per_dim_ptr,
+    batch, dim, samples,
+    PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, WANT_KL_PER_DIM: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # int64 before multiplying by strides: batch * dim * samples may exceed 2^31
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    kl_acc = tl.zeros([BLOCK], dtype=ACC)
+    for j0 in range(0, dim, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < dim
+        offs = row * dim + cols
+        # 1. load q's parameters (and the prior's, through its broadcast strides)
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
+        s = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
+        sigma, logvar, _, _ = scale_terms(s, PARAM)
+        if HAS_PRIOR:
+            pmu = tl.load(prior_mu_ptr + row * pm_row_stride + cols * pm_col_stride, mask=mask, other=0.0).to(ACC)
+            plv = tl.load(prior_logvar_ptr + row * plv_row_stride + cols * plv_col_stride, mask=mask, other=0.0).to(ACC)
+            diff = mu - pmu
+            inv_prior_var = tl.exp(-plv)
+        else:
+            plv = s * 0.0
+            diff = mu
+            inv_prior_var = s * 0.0 + 1.0
+        # 2. KL = exp(d - ln 2) - (1 + d)/2 + diff^2 / (2 prior_var), d = lv - plv (finite up to d = 89 in fp32)
+        d = logvar - plv
+        kl = tl.exp(d - LN2) - 0.5 * (1.0 + d) + 0.5 * diff * diff * inv_prior_var
+        kl_acc += tl.where(mask, kl, 0.0)
+        if WANT_KL_PER_DIM:
+            tl.store(kl_per_dim_ptr + offs, kl, mask=mask)
+        # 3. z for each sample; eps from Philox counter (k * batch + row) * dim + col
+        for k in range(samples):
+            flat = (k * batch + row) * dim + cols
+            if HAS_EPS:
+                eps = tl.load(eps_ptr + flat, mask=mask, other=0.0).to(ACC)
+            else:
+                eps = philox_normal(seed, flat).to(ACC)
+            tl.store(z_ptr + flat, mu + sigma * eps, mask=mask)
+    tl.store(kl_ptr + row, tl.sum(kl_acc, axis=0))
+
+
+@triton.jit
+def latent_backward_kernel(
+    mu_ptr, scale_ptr,
+    prior_mu_ptr, pm_row_stride, pm_col_stride,
+    prior_logvar_ptr, plv_row_stride, plv_col_stride,
+    eps_ptr, seed_ptr,
+    grad_z_ptr, grad_kl_ptr, grad_kl_per_dim_ptr,
+    grad_mu_ptr, grad_scale_ptr, grad_prior_mu_ptr, grad_prior_logvar_ptr,
+    batch, dim, samples,
+    PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, HAS_GRAD_Z: tl.constexpr,
+    HAS_GRAD_KL: tl.constexpr, HAS_GRAD_KL_PER_DIM: tl.constexpr, WANT_PRIOR_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    if HAS_GRAD_KL:
+        row_grad_kl = tl.load(grad_kl_ptr + row).to(ACC)
+    else:
+        row_grad_kl = 0.0
+    for j0 in range(0, dim, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < dim
+        offs = row * dim + cols
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
+        s = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
+        sigma, logvar, dsigma, dlogvar = scale_terms(s, PARAM)
+        # 1. sum_k dL/dz_k and sum_k dL/dz_k * eps_k, with eps recomputed, not loaded
+        sum_gz = mu * 0.0
+        sum_gz_eps = mu * 0.0
+        if HAS_GRAD_Z:
+            for k in range(samples):
+                flat = (k * batch + row) * dim + cols
+                if HAS_EPS:
+                    eps = tl.load(eps_ptr + flat, mask=mask, other=0.0).to(ACC)
+                else:
+                    eps = philox_normal(seed, flat).to(ACC)
+                gz = tl.load(grad_z_ptr + flat, mask=mask, other=0.0).to(ACC)
+                sum_gz += gz
+                sum_gz_eps += gz * eps
+        # 2. KL derivatives (see csrc/latent.cpp)
+        if HAS_PRIOR:
+            pmu = tl.load(prior_mu_ptr + row * pm_row_stride + cols * pm_col_stride, mask=mask, other=0.0).to(ACC)
+            plv = tl.load(prior_logvar_ptr + row * plv_row_stride + cols * plv_col_stride, mask=mask, other=0.0).to(ACC)
+            diff = mu - pmu
+            inv_prior_var = tl.exp(-plv)
+        else:
+            plv = s * 0.0
+            diff = mu
+            inv_prior_var = s * 0.0 + 1.0
+        dkl_dlogvar = tl.exp(logvar - plv - LN2) - 0.5
+        dkl_dmu = diff * inv_prior_var
+        g_kl = row_grad_kl + mu * 0.0
+        if HAS_GRAD_KL_PER_DIM:
+            g_kl += tl.load(grad_kl_per_dim_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(grad_mu_ptr + offs, sum_gz + g_kl * dkl_dmu, mask=mask)
+        tl.store(grad_scale_ptr + offs, sum_gz_eps * dsigma + g_kl * dkl_dlogvar * dlogvar, mask=mask)
+        if WANT_PRIOR_GRAD:
+            tl.store(grad_prior_mu_ptr + offs, -g_kl * dkl_dmu, mask=mask)
+            tl.store(grad_prior_logvar_ptr + offs, -g_kl * (dkl_dlogvar + 0.5 * diff * dkl_dmu), mask=mask)

@@ -1,0 +1,93 @@
+"""Triton reconstruction kernels with the gradient computed in the forward pass.
+
+Elementwise likelihoods (Bernoulli, continuous Bernoulli, Gaussian): one program
+per row of the decoder output; the row's log-likelihood is accumulated in
+registers and stored once, d log p / d theta is written in the same pass.
+Categorical: one program per (row, block of pixels); a block of PIXELS x C logits
+is loaded once, log-softmax and its gradient come from that tile, and per-block
+partial sums are reduced afterwards (deterministic, no atomics).
+"""
+import triton
+import triton.language as tl
+
+from ._math import LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
+
+
+@triton.jit
+def elementwise_kernel(
+    theta_ptr, x_ptr, logvar_ptr, lv_row_stride, lv_col_stride,
+    log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr,
+    x_rows, dim,
+    LIKELIHOOD: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_LOGVAR_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * dim may exceed 2^31
+    x_row = row % x_rows                 # K decoder samples share one x
+    total = tl.zeros([BLOCK], dtype=ACC)
+    invalid = tl.zeros([BLOCK], dtype=tl.int32)
+    for j0 in range(0, dim, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < dim
+        offs = row * dim + cols
+        theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + x_row * dim + cols, mask=mask, other=0.0).to(ACC)
+        if LIKELIHOOD == 2:  # Gaussian: theta is the mean
+            lv = tl.load(logvar_ptr + row * lv_row_stride + cols * lv_col_stride, mask=mask, other=0.0).to(ACC)
+            diff = x - theta
+            inv_var = tl.exp(-lv)
+            scaled_sq = diff * diff * inv_var
+            value = -0.5 * (scaled_sq + lv + LOG_2PI)
+            grad = diff * inv_var
+            if WANT_LOGVAR_GRAD:
+                tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0), mask=mask)
+        else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
+            invalid += tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, 0)
+            t = tl.exp(-tl.abs(theta))
+            inv_one_plus_t = 1.0 / (1.0 + t)
+            softplus = tl.maximum(theta, 0.0) + log1p_nonneg(t)
+            sigmoid = tl.where(theta >= 0.0, inv_one_plus_t, t * inv_one_plus_t)
+            value = x * theta - softplus
+            grad = x - sigmoid
+            if LIKELIHOOD == 1:
+                log_c, dlog_c = continuous_bernoulli_log_norm(theta, t, ACC == tl.float64)
+                value += log_c
+                grad += dlog_c
+        total += tl.where(mask, value, 0.0)
+        if WANT_GRAD:
+            tl.store(grad_ptr + offs, grad, mask=mask)
+    tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
+    tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
+
+
+@triton.jit
+def categorical_kernel(
+    logits_ptr, target_ptr, partial_ptr, grad_ptr, invalid_ptr,
+    x_rows, pixels, classes, num_pixel_blocks,
+    WANT_GRAD: tl.constexpr, ACC: tl.constexpr, PIXELS: tl.constexpr, CLASSES: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    pix = block * PIXELS + tl.arange(0, PIXELS).to(tl.int64)
+    cls = tl.arange(0, CLASSES).to(tl.int64)
+    pix_mask = pix < pixels
+    tile_mask = pix_mask[:, None] & (cls[None, :] < classes)
+    # 1. load the targets; out-of-range ones are counted, then clamped so nothing reads out of bounds
+    target = tl.load(target_ptr + (row % x_rows) * pixels + pix, mask=pix_mask, other=0)
+    bad = pix_mask & ((target < 0) | (target >= classes))
+    target = tl.where(bad, 0, target)
+    # 2. one tile of logits -> max-shifted log-sum-exp per pixel
+    offs = (row * pixels + pix)[:, None] * classes + cls[None, :]
+    logits = tl.load(logits_ptr + offs, mask=tile_mask, other=-float("inf")).to(ACC)
+    row_max = tl.max(logits, axis=1)
+    row_max = tl.where(pix_mask, row_max, 0.0)
+    shifted = logits - row_max[:, None]
+    lse = row_max + tl.log(tl.sum(tl.exp(shifted), axis=1))
+    is_target = cls[None, :] == target[:, None]
+    target_logit = tl.sum(tl.where(is_target & tile_mask, logits, 0.0), axis=1)
+    log_prob = tl.where(pix_mask, target_logit - lse, 0.0)
+    # 3. gradient of log p: onehot - softmax, written from the same tile
+    if WANT_GRAD:
+        grad = tl.where(is_target, 1.0, 0.0) - tl.exp(logits - lse[:, None])
+        tl.store(grad_ptr + offs, grad, mask=tile_mask)
+    tl.store(partial_ptr + row * num_pixel_blocks + block, tl.sum(log_prob, axis=0))
+    tl.store(invalid_ptr + row * num_pixel_blocks + block, tl.sum(bad.to(tl.int32), axis=0))

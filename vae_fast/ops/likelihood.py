@@ -1,0 +1,154 @@
+"""Reconstruction log-likelihood ops with the gradient computed in the forward pass.
+
+Op schemas (``torch.ops.vae_fast``)::
+
+    elementwise_log_prob(theta (N,D), x (Bx,D), logvar? (N,D) view, likelihood, want_grad, want_logvar_grad)
+        -> log_prob (N,), grad_theta (N,D) or (0,), grad_logvar (N,D) or (0,), num_invalid () int64
+    categorical_log_prob(logits (N,P,C), target (Bx,P) int64, want_grad)
+        -> log_prob (N,), grad_logits (N,P,C) or (0,), num_invalid () int64
+
+Row r of theta is scored against row r % Bx of x (K decoder samples share x).
+Backward multiplies the saved gradient by the per-row upstream gradient: a scale,
+not a second sweep over the data.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._library import LIB, impl_all_devices, kernels_for, optional_contiguous
+
+LIB.define(
+    "elementwise_log_prob(Tensor theta, Tensor x, Tensor? logvar, int likelihood, bool want_grad, "
+    "bool want_logvar_grad) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define("categorical_log_prob(Tensor logits, Tensor target, bool want_grad) -> (Tensor, Tensor, Tensor)")
+
+
+def _elementwise_impl(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+    theta = theta.contiguous()
+    logvar = None if logvar is None else logvar.to(theta.dtype).expand(theta.shape)
+    return kernels_for(theta).elementwise_log_prob(
+        theta, x.to(theta.dtype).contiguous(), logvar, likelihood, want_grad, want_logvar_grad and logvar is not None)
+
+
+def _categorical_impl(logits, target, want_grad):
+    logits = logits.contiguous()
+    return kernels_for(logits).categorical_log_prob(logits, target.to(torch.int64).contiguous(), want_grad)
+
+
+impl_all_devices("elementwise_log_prob", _elementwise_impl)
+impl_all_devices("categorical_log_prob", _categorical_impl)
+
+
+@torch.library.register_fake("vae_fast::elementwise_log_prob")
+def _elementwise_fake(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+    grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
+    grad_lv = theta.new_empty(theta.shape) if want_logvar_grad and logvar is not None else theta.new_empty(0)
+    return theta.new_empty(theta.shape[:1]), grad, grad_lv, theta.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("vae_fast::categorical_log_prob")
+def _categorical_fake(logits, target, want_grad):
+    grad = logits.new_empty(logits.shape) if want_grad else logits.new_empty(0)
+    return logits.new_empty(logits.shape[:1]), grad, logits.new_empty((), dtype=torch.int64)
+
+
+def _scale_rows(saved_grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    # d loss / d theta[r, ...] = grad_out[r] * d log p_r / d theta[r, ...]
+    return saved_grad * grad_out.reshape(-1, *([1] * (saved_grad.dim() - 1)))
+
+
+def logvar_rows(logvar: torch.Tensor, theta_shape: torch.Size) -> torch.Tensor:
+    """The (N, D) view of a logvar broadcast against theta of shape (*lead, *event), N = prod(lead)
+    rows; stride-0 where it broadcasts (copied only when no 2-D view exists)."""
+    rows = theta_shape[0] if len(theta_shape) else 1
+    return logvar.expand(theta_shape).reshape(rows, -1)
+
+
+class ElementwiseLogProb(torch.autograd.Function):
+    """theta (N, D) viewed from shape ``theta_shape`` (N = product of its ``lead_ndim`` leading dims),
+    x (Bx, D), logvar broadcastable to ``theta_shape`` or None  ->  log_prob (N,), num_invalid ()."""
+
+    @staticmethod
+    def forward(ctx, theta, x, logvar, likelihood, theta_shape, lead_ndim):
+        want_grad = ctx.needs_input_grad[0]
+        want_lv = logvar is not None and ctx.needs_input_grad[2]
+        lead_shape = theta_shape[:lead_ndim]
+        lv_rows = None if logvar is None else logvar.expand(theta_shape).reshape(theta.shape)
+        log_prob, grad, grad_lv, num_invalid = torch.ops.vae_fast.elementwise_log_prob(
+            theta, x, lv_rows, likelihood, want_grad, want_lv)
+        if want_lv:
+            # A logvar constant within each row (scalar, per example) needs only per-row sums of its
+            # gradient: keep (N, 1) instead of a second decoder-sized buffer.
+            ctx.lv_row_constant = lv_rows.stride(1) == 0 or lv_rows.shape[1] <= 1
+            if ctx.lv_row_constant:
+                grad_lv = grad_lv.sum(1, keepdim=True)
+            ctx.lv_shape = logvar.shape
+            ctx.lv_grad_shape = (*lead_shape, *([1] * (len(theta_shape) - lead_ndim))) if ctx.lv_row_constant else theta_shape
+        ctx.save_for_backward(grad if want_grad else None, grad_lv if want_lv else None)
+        ctx.mark_non_differentiable(num_invalid)
+        return log_prob, num_invalid
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        grad, grad_lv = ctx.saved_tensors
+        grad_theta = None if grad is None else _scale_rows(grad, grad_out)
+        grad_logvar = None
+        if grad_lv is not None:
+            grad_logvar = _scale_rows(grad_lv, grad_out).reshape(ctx.lv_grad_shape).sum_to_size(ctx.lv_shape)
+        return grad_theta, None, grad_logvar, None, None, None
+
+
+class CategoricalLogProb(torch.autograd.Function):
+    """logits (N, P, C), target (Bx, P) -> log_prob (N,)."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        want_grad = ctx.needs_input_grad[0]
+        log_prob, grad, num_invalid = torch.ops.vae_fast.categorical_log_prob(logits, target, want_grad)
+        ctx.save_for_backward(grad if want_grad else None)
+        ctx.mark_non_differentiable(num_invalid)
+        return log_prob, num_invalid
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else _scale_rows(grad, grad_out)), None
+
+
+# Op-level autograd (for direct torch.ops.vae_fast.* users and opcheck).
+def _elementwise_setup(ctx, inputs, output):
+    theta, x, logvar, likelihood, want_grad, want_lv = inputs
+    _, grad, grad_lv, _ = output
+    ctx.save_for_backward(grad, grad_lv)
+    ctx.lv_shape = None if logvar is None else logvar.shape
+
+
+def _elementwise_backward(ctx, grad_out, _grad, _grad_lv, _invalid):
+    grad, grad_lv = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and grad.numel() == 0:
+        raise RuntimeError("vae_fast.elementwise_log_prob: call with want_grad=True to differentiate w.r.t. theta")
+    grad_theta = _scale_rows(grad, grad_out) if ctx.needs_input_grad[0] else None
+    grad_logvar = None
+    if ctx.needs_input_grad[2]:
+        if grad_lv.numel() == 0:
+            raise RuntimeError("vae_fast.elementwise_log_prob: call with want_logvar_grad=True to differentiate w.r.t. logvar")
+        grad_logvar = _scale_rows(grad_lv, grad_out).sum_to_size(ctx.lv_shape)
+    return grad_theta, None, grad_logvar, None, None, None
+
+
+def _categorical_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _categorical_backward(ctx, grad_out, _grad, _invalid):
+    (grad,) = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and grad.numel() == 0:
+        raise RuntimeError("vae_fast.categorical_log_prob: call with want_grad=True to differentiate w.r.t. logits")
+    return (_scale_rows(grad, grad_out) if ctx.needs_input_grad[0] else None), None, None
+
+
+torch.library.register_autograd("vae_fast::elementwise_log_prob", _elementwise_backward, setup_context=_elementwise_setup)
+torch.library.register_autograd("vae_fast::categorical_log_prob", _categorical_backward, setup_context=_categorical_setup)
+
+__all__ = ["ElementwiseLogProb", "CategoricalLogProb", "optional_contiguous"]
