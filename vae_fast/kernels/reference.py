@@ -50,7 +50,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
             objective = objective + (kl_dims.sum(-1) * grad_kl.double()).sum()
         if grad_kl_per_dim is not None:
             objective = objective + (kl_dims * grad_kl_per_dim.double()).sum()
-        grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+        grads = torch.autograd.grad(objective, inputs, allow_unused=True) if objective.requires_grad else [None] * len(inputs)
     grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
     grad_mu, grad_scale = grads[0].to(mu.dtype), grads[1].to(mu.dtype)
     if want_prior_grad:

@@ -1,0 +1,66 @@
+"""Shared fixtures: every kernel test runs on each available backend and is compared
+with vae_fast.reference evaluated in float64.
+
+Without CUDA, Triton kernels run on CPU tensors through the Triton interpreter
+(TRITON_INTERPRET=1 must be set before triton compiles anything, hence here).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import vae_fast  # noqa: E402
+from vae_fast import _backend  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def backend_cases():
+    """(backend, device) pairs this machine can run."""
+    cases = [("reference", "cpu")]
+    if _backend._cpu_ext is not None:
+        cases.append(("cpu", "cpu"))
+    if _backend._triton_available():
+        cases.append(("triton", "cuda" if CUDA else "cpu"))
+    return cases
+
+
+@pytest.fixture(params=backend_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
+def backend(request):
+    """Yields the device to put tensors on, with the backend forced for the test."""
+    name, device = request.param
+    with vae_fast.use_backend(name):
+        yield device
+
+
+@pytest.fixture(params=[c for c in backend_cases() if c[0] != "reference"], ids=lambda c: f"{c[0]}-{c[1]}")
+def kernel_backend(request):
+    """Like ``backend`` but only the compiled kernels (C++, Triton)."""
+    name, device = request.param
+    with vae_fast.use_backend(name):
+        yield device
+
+
+# Tolerance policy (enforced by assert_matches_reference): results are compared with the
+# float64 reference after summing over the event dims. float64 kernels must agree to
+# 1e-10 relative (plus 1e-10 absolute per summed element); float32 to 2e-5 relative plus
+# 2e-6 absolute per summed element; float16/bfloat16 outputs to their rounding (1e-2 / 2e-2).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def assert_matches_reference(actual, expected, dtype, terms=1, what=""):
+    rtol, atol = TOLERANCES[dtype]
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any() or torch.isnan(expected).any(), f"{what}: NaN in result"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(terms, 1), equal_nan=True, msg=lambda m: f"{what}: {m}")

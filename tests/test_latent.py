@@ -1,0 +1,261 @@
+"""Fused latent op (sampling + KL) against vae_fast.reference in float64, on every backend."""
+import math
+
+import pytest
+import torch
+
+import vae_fast
+from vae_fast import reference as ref
+from vae_fast import _backend
+
+from .conftest import assert_matches_reference
+
+PARAMS = ["logvar", "logstd", "softplus"]
+
+
+def make_inputs(batch, dim, dtype, device, *, prior=False, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(batch, dim, generator=gen, dtype=torch.float64) * 2
+    s = torch.randn(batch, dim, generator=gen, dtype=torch.float64) * scale
+    pm = torch.randn(dim, generator=gen, dtype=torch.float64) if prior else None
+    plv = torch.randn(batch, 1, generator=gen, dtype=torch.float64) if prior else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(mu), cast(s), cast(pm), cast(plv)
+
+
+def f64(t):
+    return None if t is None else t.detach().double().cpu()
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sample_and_kl_match_reference_with_given_eps(backend, param, prior, dtype):
+    mu, s, pm, plv = make_inputs(5, 37, dtype, backend, prior=prior)
+    eps = torch.randn(3, 5, 37, dtype=torch.float64).to(device=backend, dtype=dtype)
+    z, kl = vae_fast.gaussian_sample_kl(mu, s, prior_mu=pm, prior_logvar=plv, param=param, eps=eps, num_samples=3)
+    assert z.shape == (3, 5, 37) and kl.shape == (5,) and z.dtype == dtype
+    assert_matches_reference(z, ref.reparameterize(f64(mu), f64(s), f64(eps), param), dtype, what="z")
+    assert_matches_reference(kl, ref.gaussian_kl(f64(mu), f64(s), f64(pm), f64(plv), param), dtype, terms=37, what="kl")
+    kl_dims = vae_fast.gaussian_kl(mu, s, pm, plv, param=param, reduce=False)
+    assert_matches_reference(kl_dims, ref.gaussian_kl(f64(mu), f64(s), f64(pm), f64(plv), param, reduce=False), dtype)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_gradcheck_with_given_eps_and_learned_prior(backend, param):
+    mu, s, pm, plv = make_inputs(3, 5, torch.float64, backend, prior=True)
+    eps = torch.randn(2, 3, 5, dtype=torch.float64, device=backend)
+    inputs = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
+
+    def fn(mu, s, pm, plv):
+        z, kl = vae_fast.gaussian_sample_kl(mu, s, prior_mu=pm, prior_logvar=plv, param=param, eps=eps, num_samples=2)
+        return z, kl
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(lambda m, v: vae_fast.gaussian_kl(m, v, param=param, reduce=False), inputs[:2])
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_in_kernel_noise_gradients_match_reference(backend, param):
+    mu, s, pm, plv = make_inputs(4, 33, torch.float64, backend, prior=True, seed=3)
+    leaves = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
+    z, kl = vae_fast.gaussian_sample_kl(*leaves[:2], prior_mu=leaves[2], prior_logvar=leaves[3], param=param, num_samples=2)
+    weights = torch.randn(z.shape, dtype=torch.float64, device=backend)
+    ((z * weights).sum() + (kl * torch.arange(1.0, 5.0, dtype=torch.float64, device=backend)).sum()).backward()
+    # the eps the kernel used, recovered from its output
+    eps = ((z.detach() - mu) / ref.std_from_scale(s, param)).cpu()
+    ref_leaves = [f64(t).requires_grad_() for t in (mu, s, pm, plv)]
+    z_ref = ref.reparameterize(ref_leaves[0], ref_leaves[1], eps, param)
+    kl_ref = ref.gaussian_kl(*ref_leaves, param)
+    ((z_ref * weights.cpu()).sum() + (kl_ref * torch.arange(1.0, 5.0, dtype=torch.float64)).sum()).backward()
+    for got, want, name in zip(leaves, ref_leaves, ("mu", "scale", "prior_mu", "prior_logvar")):
+        torch.testing.assert_close(got.grad.cpu(), want.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def replay_seed(seed_value):
+    """The 0-d seed vae_fast draws after torch.Generator().manual_seed(seed_value)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=torch.Generator().manual_seed(seed_value)))
+
+
+@pytest.mark.parametrize("shape", [(3, 1001), (100, 32), (7, 5), (1, 1)])
+def test_noise_is_the_documented_philox_stream(backend, shape):
+    if backend == "cpu" and _backend.backend("cpu") == "triton":
+        shape = (min(shape[0], 4), min(shape[1], 40))  # keep the interpreter fast
+    mu = torch.zeros(shape, dtype=torch.float64, device=backend)
+    z, _ = vae_fast.gaussian_sample_kl(mu, torch.zeros_like(mu), num_samples=2, generator=torch.Generator().manual_seed(5))
+    expected = ref.latent_noise(replay_seed(5), 2, *shape)
+    torch.testing.assert_close(z.cpu(), expected, rtol=0, atol=2e-6)  # eps is drawn in float32
+
+
+def test_noise_statistics_of_a_million_draws():
+    mu = torch.zeros(1000, 1000)
+    z, _ = vae_fast.gaussian_sample_kl(mu, torch.zeros_like(mu), generator=torch.Generator().manual_seed(11))
+    z = z.double().reshape(-1)
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((z ** 3).mean().item()) < 5 * math.sqrt(15 / n)          # skewness
+    assert abs((z ** 4).mean().item() - 3) < 5 * math.sqrt(96 / n)      # kurtosis
+    for threshold in (1.0, 2.0, 3.0, 4.0):
+        p = math.erfc(threshold / math.sqrt(2))
+        count = (z.abs() > threshold).sum().item()
+        assert abs(count - n * p) < 5 * math.sqrt(n * p * (1 - p)) + 1, threshold
+
+
+def test_seed_reproducibility_and_fresh_noise_per_call(backend):
+    mu = torch.randn(4, 9, device=backend)
+    lv = torch.randn(4, 9, device=backend)
+    torch.manual_seed(123)
+    z1, _ = vae_fast.gaussian_sample_kl(mu, lv)
+    z2, _ = vae_fast.gaussian_sample_kl(mu, lv)
+    torch.manual_seed(123)
+    z3, _ = vae_fast.gaussian_sample_kl(mu, lv)
+    assert torch.equal(z1, z3)
+    assert not torch.equal(z1, z2)
+
+
+def test_bit_identical_for_any_thread_count():
+    if _backend._cpu_ext is None:
+        pytest.skip("needs the C++ extension")
+    mu = torch.randn(300, 700)
+    lv = torch.randn(300, 700)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with vae_fast.use_backend("cpu"):
+                leaf = mu.clone().requires_grad_()
+                z, kl = vae_fast.gaussian_sample_kl(leaf, lv, generator=torch.Generator().manual_seed(1), num_samples=2)
+                (z.sum() + kl.sum()).backward()
+                results.append((z, kl, leaf.grad))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_cpu_and_triton_draw_the_same_noise():
+    cases = dict(_backend_cases())
+    if "cpu" not in cases or "triton" not in cases:
+        pytest.skip("needs both the C++ and the Triton backend")
+    mu = torch.randn(6, 45, dtype=torch.float64)
+    lv = torch.randn(6, 45, dtype=torch.float64)
+    outs = {}
+    for name in ("cpu", "triton"):
+        with vae_fast.use_backend(name):
+            device = cases[name]
+            z, kl = vae_fast.gaussian_sample_kl(mu.to(device), lv.to(device), num_samples=3,
+                                                generator=torch.Generator().manual_seed(9))
+            outs[name] = (z.cpu(), kl.cpu())
+    torch.testing.assert_close(outs["cpu"][0], outs["triton"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs["cpu"][1], outs["triton"][1], rtol=1e-12, atol=1e-12)
+
+
+def _backend_cases():
+    from .conftest import backend_cases
+    return backend_cases()
+
+
+@pytest.mark.parametrize("param,low,high", [("logvar", -100.0, 89.0), ("logstd", -50.0, 44.0), ("softplus", -100.0, 1e18)])
+def test_extreme_scales_stay_finite_and_accurate_in_fp32(backend, param, low, high):
+    s = torch.tensor([[low, high, 0.0, low / 2, 10.0]], device=backend)
+    mu = torch.tensor([[1e3, -1e3, 0.0, 3e4, -2.0]], device=backend)
+    kl = vae_fast.gaussian_kl(mu, s, param=param, reduce=False)
+    expected = ref.gaussian_kl(f64(mu), f64(s), param=param, reduce=False)
+    assert torch.isfinite(kl).all()
+    # exp(lv - ln 2) turns one fp32 ulp of lv ~ 83 (7.6e-6) into that relative error of the KL
+    torch.testing.assert_close(kl.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    leaf = s.clone().requires_grad_()
+    vae_fast.gaussian_kl(mu, leaf, param=param).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_fp32(backend, dtype):
+    mu, s, _, _ = make_inputs(4, 16, dtype, backend)
+    eps = torch.randn(4, 16, device=backend).to(dtype)
+    z, kl = vae_fast.gaussian_sample_kl(mu, s, eps=eps)
+    assert z.dtype == dtype and kl.dtype == dtype
+    assert_matches_reference(z, ref.reparameterize(f64(mu), f64(s), f64(eps)), dtype)
+    assert_matches_reference(kl, ref.gaussian_kl(f64(mu), f64(s)), dtype, terms=4)
+
+
+def test_only_inputs_and_seed_are_saved_for_backward(kernel_backend):
+    mu = torch.randn(64, 32, device=kernel_backend, requires_grad=True)
+    lv = torch.randn(64, 32, device=kernel_backend, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z, kl = vae_fast.gaussian_sample_kl(mu, lv, num_samples=4)
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+    # mu, logvar and the 8-byte seed: no eps, sigma or z (z alone would be 4x mu here)
+    assert saved_bytes == 2 * mu.numel() * 4 + 8, [tuple(t.shape) for t in saved]
+    (z.sum() + kl.sum()).backward()
+    assert mu.grad is not None and lv.grad is not None
+
+
+def test_leading_batch_dims_and_edge_shapes(backend):
+    mu = torch.randn(2, 3, 4, dtype=torch.float64, device=backend)
+    lv = torch.randn(2, 3, 4, dtype=torch.float64, device=backend)
+    pm = torch.randn(3, 4, dtype=torch.float64, device=backend, requires_grad=True)
+    z, kl = vae_fast.gaussian_sample_kl(mu, lv, prior_mu=pm, prior_logvar=torch.zeros(4, dtype=torch.float64, device=backend))
+    assert z.shape == (2, 3, 4) and kl.shape == (2, 3)
+    assert_matches_reference(kl, ref.gaussian_kl(f64(mu), f64(lv), f64(pm), None), torch.float64, terms=4)
+    kl.sum().backward()
+    assert pm.grad.shape == (3, 4)
+    for shape in [(0, 5), (3, 1), (1, 1), (4, 0)]:
+        m = torch.randn(shape, device=backend, requires_grad=True)
+        z, kl = vae_fast.gaussian_sample_kl(m, torch.zeros(shape, device=backend))
+        assert z.shape == shape and kl.shape == shape[:1]
+        (z.sum() + kl.sum()).backward()
+        assert m.grad.shape == shape
+        assert_matches_reference(kl, ref.gaussian_kl(f64(m), torch.zeros(shape, dtype=torch.float64)), torch.float32)
+
+
+def test_non_contiguous_inputs(backend):
+    base = torch.randn(8, 6, dtype=torch.float64, device=backend)
+    mu, lv = base.t(), torch.randn(12, 8, dtype=torch.float64, device=backend)[::2]
+    eps = torch.randn(6, 8, dtype=torch.float64, device=backend)
+    z, kl = vae_fast.gaussian_sample_kl(mu, lv, eps=eps)
+    assert_matches_reference(z, ref.reparameterize(f64(mu), f64(lv), f64(eps)), torch.float64)
+    assert_matches_reference(kl, ref.gaussian_kl(f64(mu), f64(lv)), torch.float64, terms=8)
+
+
+def test_opcheck_latent_ops(kernel_backend):
+    dev = kernel_backend
+    mu = torch.randn(3, 5, device=dev, requires_grad=True)
+    s = torch.randn(3, 5, device=dev, requires_grad=True)
+    seed = torch.tensor(7, dtype=torch.int64, device=dev)
+    pm = torch.randn(5, device=dev)
+    plv = torch.randn(3, 1, device=dev)
+    torch.library.opcheck(torch.ops.vae_fast.latent_forward.default, (mu, s, pm, plv, None, seed, 0, 2, True))
+    torch.library.opcheck(torch.ops.vae_fast.latent_forward.default, (mu, s, None, None, None, seed, 2, 1, False))
+    gz = torch.randn(2, 3, 5, device=dev)
+    gkl = torch.randn(3, device=dev)
+    torch.library.opcheck(torch.ops.vae_fast.latent_backward.default,
+                          (mu.detach(), s.detach(), pm, plv, None, seed, gz, gkl, None, 1, 2, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph(kernel_backend):
+    if kernel_backend == "cpu" and _backend.backend("cpu") == "triton":
+        pytest.skip("inductor does not compile for the Triton interpreter")
+    mu = torch.randn(8, 4, device=kernel_backend, requires_grad=True)
+    lv = torch.randn(8, 4, device=kernel_backend, requires_grad=True)
+
+    def loss_fn(mu, lv):
+        z, kl = vae_fast.gaussian_sample_kl(mu, lv, prior_mu=torch.zeros_like(mu), prior_logvar=torch.zeros_like(mu))
+        return (z ** 2).sum() + kl.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    loss = compiled(mu, lv)
+    loss.backward()
+    grads = (mu.grad.clone(), lv.grad.clone())
+    mu.grad = lv.grad = None
+    torch.manual_seed(0)
+    eager = loss_fn(mu, lv)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grads, (mu.grad, lv.grad))
