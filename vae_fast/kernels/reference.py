@@ -3,11 +3,23 @@ in float64 (gradients by autograd). Slow but always available; used when the C++
 extension is missing and as ``VAE_FAST_BACKEND=reference``."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import reference as ref
 
 _PARAM_NAMES = ref.SCALE_PARAMS
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Re-enable autograd inside an op's kernel: when the op's registered autograd formula
+    runs it, the dispatcher has excluded the autograd keys (AutoDispatchBelowAutograd)."""
+    keys = torch._C.DispatchKey
+    with torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False), \
+            torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False), torch.enable_grad():
+        yield
 
 
 def _f64(t):
@@ -40,7 +52,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     inputs = [_f64(mu).requires_grad_(), _f64(scale).requires_grad_()]
     if prior_mu is not None:
         inputs += [_f64(prior_mu).requires_grad_(), _f64(prior_logvar).requires_grad_()]
-    with torch.enable_grad():
+    with _autograd_inside_op():
         z = ref.reparameterize(inputs[0], inputs[1], _noise(mu, eps, seed, num_samples), name)
         kl_dims = ref.gaussian_kl(*inputs[:2], *(inputs[2:] or (None, None)), name, reduce=False)
         objective = kl_dims.new_zeros(())
@@ -79,7 +91,7 @@ def _num_invalid(x, likelihood):
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
     theta64 = _f64(theta).requires_grad_(want_grad)
     lv64 = None if logvar is None else _f64(logvar).requires_grad_(want_logvar_grad)
-    with torch.enable_grad():
+    with _autograd_inside_op():
         log_prob = _ELEMENTWISE[likelihood](theta64, _x_rows(x, theta.shape[0]).double(), lv64 if lv64 is not None else 0.0)
         wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
         grads = list(torch.autograd.grad(log_prob.sum(), wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
@@ -93,7 +105,7 @@ def categorical_log_prob(logits, target, want_grad):
     valid = (target >= 0) & (target < classes)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logits64 = _f64(logits).requires_grad_(want_grad)
-    with torch.enable_grad():
+    with _autograd_inside_op():
         log_prob = ref.categorical_log_prob(logits64, _x_rows(safe_target, logits.shape[0]))
         grad = (torch.autograd.grad(log_prob.sum(), logits64)[0].to(logits.dtype)
                 if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else _empty(logits)))

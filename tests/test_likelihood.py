@@ -1,0 +1,248 @@
+"""Fused reconstruction likelihoods against vae_fast.reference in float64, on every backend."""
+import math
+
+import mpmath as mp
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae_fast
+from vae_fast import _backend
+from vae_fast import reference as ref
+
+from .conftest import assert_matches_reference
+
+ELEMENTWISE = {
+    "bernoulli": (vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob),
+    "continuous_bernoulli": (vae_fast.continuous_bernoulli_log_prob, ref.continuous_bernoulli_log_prob),
+    "gaussian": (vae_fast.gaussian_log_prob, ref.gaussian_log_prob),
+}
+
+
+def f64(t):
+    return t.detach().double().cpu()
+
+
+def make(shape, dtype, device, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    theta = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    x = torch.rand(shape[-3:] if len(shape) == 4 else shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return theta, x
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("samples", [None, 3])
+def test_elementwise_match_reference(backend, name, dtype, samples):
+    fused, oracle = ELEMENTWISE[name]
+    shape = (4, 3, 7, 5) if samples else (3, 7, 5)
+    theta, x = make(shape, dtype, backend)
+    got = fused(theta, x)
+    expected = oracle(f64(theta), f64(x), batch_dims=2 if samples else 1)
+    assert got.shape == expected.shape
+    assert_matches_reference(got, expected, dtype, terms=35, what=name)
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+def test_elementwise_gradcheck(backend, name):
+    fused, _ = ELEMENTWISE[name]
+    theta, x = make((2, 3, 4), torch.float64, backend, scale=2.0)
+    assert torch.autograd.gradcheck(lambda t: fused(t, x), (theta.requires_grad_(),))
+
+
+@pytest.mark.parametrize("kind", ["float", "scalar", "per_pixel", "per_example", "full", "channel"])
+def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind):
+    mean, x = make((2, 3, 4, 5), torch.float64, backend)
+    x = x.expand(3, 4, 5).contiguous()[None].expand(2, 3, 4, 5)[0] if False else torch.rand(3, 4, 5, dtype=torch.float64, device=backend)
+    lv = {
+        "float": -1.5,
+        "scalar": torch.tensor(0.7, dtype=torch.float64, device=backend),
+        "per_pixel": torch.randn(4, 5, dtype=torch.float64, device=backend),
+        "per_example": torch.randn(2, 3, 1, 1, dtype=torch.float64, device=backend),
+        "full": torch.randn(2, 3, 4, 5, dtype=torch.float64, device=backend),
+        "channel": torch.randn(1, 4, 1, dtype=torch.float64, device=backend),
+    }[kind]
+    got = vae_fast.gaussian_log_prob(mean, x, lv)
+    lv_ref = lv if isinstance(lv, float) else f64(lv)
+    assert_matches_reference(got, ref.gaussian_log_prob(f64(mean), f64(x), lv_ref, batch_dims=2), torch.float64, terms=20)
+    inputs = (mean.clone().requires_grad_(),) + (() if isinstance(lv, float) else (lv.clone().requires_grad_(),))
+    fn = (lambda m: vae_fast.gaussian_log_prob(m, x, lv)) if isinstance(lv, float) else (lambda m, v: vae_fast.gaussian_log_prob(m, x, v))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("samples", [None, 2])
+def test_categorical_matches_reference_and_gradcheck(backend, dtype, samples):
+    gen = torch.Generator().manual_seed(4)
+    lead = (samples, 3) if samples else (3,)
+    logits = (torch.randn(*lead, 2, 5, 256, generator=gen, dtype=torch.float64) * 4).to(backend, dtype)
+    x = torch.randint(0, 256, (3, 2, 5), generator=gen).to(backend)
+    got = vae_fast.categorical_log_prob(logits, x)
+    assert_matches_reference(got, ref.categorical_log_prob(f64(logits), x.cpu(), batch_dims=len(lead)), dtype, terms=10 * 256)
+    if dtype == torch.float64:
+        small = logits[..., :1, :2, :7].detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda l: vae_fast.categorical_log_prob(l, x[:, :1, :2] % 7), (small,))
+
+
+def test_equal_to_torch_where_torch_is_exact(backend):
+    logits, x = make((6, 50), torch.float64, backend, seed=7)
+    torch.testing.assert_close(vae_fast.bernoulli_log_prob(logits, x),
+                               -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1))
+    mean, _ = make((6, 50), torch.float64, backend, seed=8)
+    lv = torch.randn(50, dtype=torch.float64, device=backend)
+    torch.testing.assert_close(vae_fast.gaussian_log_prob(mean, x, lv),
+                               torch.distributions.Normal(mean, torch.exp(0.5 * lv)).log_prob(x).sum(-1))
+    cat_logits = torch.randn(6, 9, 11, dtype=torch.float64, device=backend)
+    target = torch.randint(0, 11, (6, 9), device=backend)
+    torch.testing.assert_close(vae_fast.categorical_log_prob(cat_logits, target),
+                               -F.cross_entropy(cat_logits.transpose(1, 2), target, reduction="none").sum(-1))
+    # torch's ContinuousBernoulli is exact away from its Taylor window around lambda = 1/2
+    # and from lambda near 0 or 1 (where it clamps probabilities)
+    moderate = logits.clamp(-5, 5)
+    cb = torch.distributions.ContinuousBernoulli(logits=moderate, lims=(0.499999, 0.500001))
+    torch.testing.assert_close(vae_fast.continuous_bernoulli_log_prob(moderate, x), cb.log_prob(x).sum(-1))
+
+
+def mp_cb_log_norm_and_derivative(l):
+    f = lambda v: mp.log(v / mp.tanh(v / 2)) if v != 0 else mp.log(2)  # noqa: E731
+    return f(l), mp.diff(f, l) if l != 0 else mp.mpf(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_continuous_bernoulli_exact_near_one_half_and_at_the_ends(kernel_backend, dtype):
+    # (the textbook reference's autograd gradient itself cancels near l = 0: 1/l - 1/sinh l)
+    backend = kernel_backend
+    logits = torch.tensor([0.0, 1e-7, -1e-7, 3e-4, -0.3, 0.9999, 1.0, -1.0001, 2.5, 30.0, -30.0, 1e4, -1e4],
+                          dtype=torch.float64)
+    x = torch.full_like(logits, 0.25)
+    theta = logits.to(device=backend, dtype=dtype).reshape(-1, 1).requires_grad_()
+    got = vae_fast.continuous_bernoulli_log_prob(theta, x.to(device=backend, dtype=dtype).reshape(-1, 1))
+    got.sum().backward()
+    mp.mp.dps = 40
+    # per element: x l - softplus(l) + log C(l); d/dl = x - sigmoid(l) + (log C)'(l)
+    for i, l in enumerate(logits.tolist()):
+        lm = mp.mpf(l)
+        log_c, dlog_c = mp_cb_log_norm_and_derivative(lm)
+        value = mp.mpf(0.25) * lm - mp.log1p(mp.exp(lm)) + log_c
+        grad = mp.mpf(0.25) - 1 / (1 + mp.exp(-lm)) + dlog_c
+        tol = 1e-14 if dtype == torch.float64 else 4e-7
+        scale = max(1.0, abs(float(value)))
+        assert abs(got[i].item() - float(value)) <= tol * scale, (l, got[i].item(), float(value))
+        assert abs(theta.grad[i].item() - float(grad)) <= tol * max(1.0, abs(float(grad))), (l, theta.grad[i].item(), float(grad))
+
+
+def test_bernoulli_extreme_logits_stay_finite_and_exact(backend):
+    logits = torch.tensor([[1e4, -1e4, 50.0, -50.0, 0.0]], device=backend, requires_grad=True)
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.5]], device=backend)
+    got = vae_fast.bernoulli_log_prob(logits, x)
+    expected = ref.bernoulli_log_prob(f64(logits), f64(x))
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-6, atol=1e-5)
+    got.sum().backward()
+    torch.testing.assert_close(logits.grad.cpu(), torch.tensor([[0.0, 0.0, -1.0, 1.0, 0.0]]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lv", [-30.0, 30.0])
+def test_gaussian_extreme_logvar(backend, lv):
+    mean, x = make((3, 11), torch.float32, backend)
+    got = vae_fast.gaussian_log_prob(mean, x, lv)
+    expected = ref.gaussian_log_prob(f64(mean), f64(x), lv)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    logits, x = make((3, 40), dtype, backend, scale=1.0)
+    got = vae_fast.bernoulli_log_prob(logits, x)
+    assert got.dtype == dtype
+    assert_matches_reference(got, ref.bernoulli_log_prob(f64(logits), f64(x)), dtype, terms=40)
+
+
+def test_reductions(backend):
+    logits, x = make((4, 6), torch.float64, backend)
+    per_example = vae_fast.bernoulli_log_prob(logits, x)
+    torch.testing.assert_close(vae_fast.bernoulli_log_prob(logits, x, reduction="sum"), per_example.sum())
+    torch.testing.assert_close(vae_fast.bernoulli_log_prob(logits, x, reduction="mean"), per_example.mean())
+    with pytest.raises(ValueError, match="reduction"):
+        vae_fast.bernoulli_log_prob(logits, x, reduction="avg")
+
+
+def test_out_of_support_targets_raise_value_error_naming_x(backend):
+    logits, x = make((2, 5), torch.float32, backend)
+    for bad in (1.5, -0.1):
+        x_bad = x.clone()
+        x_bad[1, 3] = bad
+        for fn in (vae_fast.bernoulli_log_prob, vae_fast.continuous_bernoulli_log_prob):
+            with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
+                fn(logits, x_bad)
+    cat = torch.randn(2, 3, 8, device=backend)
+    for bad in (8, -1):
+        target = torch.zeros(2, 3, dtype=torch.int64, device=backend)
+        target[0, 2] = bad
+        with pytest.raises(ValueError, match=r"x must hold class indices in \[0, 8\)"):
+            vae_fast.categorical_log_prob(cat, target)
+    vae_fast.set_validate_args(False)
+    try:
+        vae_fast.bernoulli_log_prob(logits, x_bad)  # opt-out: no check, no crash
+    finally:
+        vae_fast.set_validate_args(True)
+
+
+def test_saved_for_backward_is_one_gradient_buffer(kernel_backend):
+    logits = torch.randn(16, 300, device=kernel_backend, requires_grad=True)
+    x = torch.rand(16, 300, device=kernel_backend)
+    lv = torch.zeros((), device=kernel_backend, requires_grad=True)
+    for fn, args in ((vae_fast.bernoulli_log_prob, (logits, x)), (vae_fast.continuous_bernoulli_log_prob, (logits, x)),
+                     (vae_fast.gaussian_log_prob, (logits, x, lv))):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(*args)
+        nbytes = sum(t.numel() * t.element_size() for t in saved)
+        assert nbytes <= logits.numel() * 4 + 16 * 4, (fn.__name__, [tuple(t.shape) for t in saved])
+        out.sum().backward()
+    with torch.no_grad():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            vae_fast.bernoulli_log_prob(logits, x)
+        assert saved == []
+
+
+def test_non_contiguous_inputs(backend):
+    logits = torch.randn(7, 4, dtype=torch.float64, device=backend).t()
+    x = torch.rand(8, 7, dtype=torch.float64, device=backend)[::2]
+    assert_matches_reference(vae_fast.bernoulli_log_prob(logits, x), ref.bernoulli_log_prob(f64(logits), f64(x)),
+                             torch.float64, terms=7)
+
+
+def test_opcheck_likelihood_ops(kernel_backend):
+    dev = kernel_backend
+    theta = torch.randn(4, 6, device=dev, requires_grad=True)
+    x = torch.rand(2, 6, device=dev)
+    lv = torch.randn(1, 6, device=dev).expand(4, 6)
+    for code in (0, 1):
+        torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default, (theta, x, None, code, True, False))
+    torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default, (theta, x, lv, 2, True, True))
+    logits = torch.randn(4, 3, 5, device=dev, requires_grad=True)
+    target = torch.randint(0, 5, (2, 3), device=dev)
+    torch.library.opcheck(torch.ops.vae_fast.categorical_log_prob.default, (logits, target, True))
+
+
+def test_torch_compile_fullgraph(kernel_backend):
+    if kernel_backend == "cpu" and _backend.backend("cpu") == "triton":
+        pytest.skip("inductor does not compile for the Triton interpreter")
+    logits = torch.randn(4, 10, device=kernel_backend, requires_grad=True)
+    x = torch.rand(4, 10, device=kernel_backend)
+    lv = torch.zeros((), device=kernel_backend, requires_grad=True)
+
+    def fn(logits, lv):
+        return (vae_fast.bernoulli_log_prob(logits, x).sum() + vae_fast.continuous_bernoulli_log_prob(logits, x).sum()
+                + vae_fast.gaussian_log_prob(logits, x, lv).sum()
+                + vae_fast.categorical_log_prob(logits.reshape(4, 2, 5), (x[:, :2] * 4).long()).sum())
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(logits, lv)
+    out.backward()
+    grads = (logits.grad.clone(), lv.grad.clone())
+    logits.grad = lv.grad = None
+    eager = fn(logits, lv)
+    eager.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grads, (logits.grad, lv.grad))
