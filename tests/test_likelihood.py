@@ -44,14 +44,14 @@ def test_elementwise_match_reference(backend, name, dtype, samples):
 
 
 @pytest.mark.parametrize("name", list(ELEMENTWISE))
-def test_elementwise_gradcheck(backend, name):
+def test_elementwise_gradcheck(backend, name, out_of_place):
     fused, _ = ELEMENTWISE[name]
     theta, x = make((2, 3, 4), torch.float64, backend, scale=2.0)
     assert torch.autograd.gradcheck(lambda t: fused(t, x), (theta.requires_grad_(),))
 
 
 @pytest.mark.parametrize("kind", ["float", "scalar", "per_pixel", "per_example", "full", "channel"])
-def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind):
+def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind, out_of_place):
     mean, x = make((2, 3, 4, 5), torch.float64, backend)
     x = x.expand(3, 4, 5).contiguous()[None].expand(2, 3, 4, 5)[0] if False else torch.rand(3, 4, 5, dtype=torch.float64, device=backend)
     lv = {
@@ -72,7 +72,7 @@ def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("samples", [None, 2])
-def test_categorical_matches_reference_and_gradcheck(backend, dtype, samples):
+def test_categorical_matches_reference_and_gradcheck(backend, dtype, samples, out_of_place):
     gen = torch.Generator().manual_seed(4)
     lead = (samples, 3) if samples else (3,)
     logits = (torch.randn(*lead, 2, 5, 256, generator=gen, dtype=torch.float64) * 4).to(backend, dtype)
@@ -185,6 +185,25 @@ def test_out_of_support_targets_raise_value_error_naming_x(backend):
         vae_fast.bernoulli_log_prob(logits, x_bad)  # opt-out: no check, no crash
     finally:
         vae_fast.set_validate_args(True)
+
+
+def test_inplace_backward_allows_one_pass_and_out_of_place_any(kernel_backend):
+    logits = torch.randn(3, 8, dtype=torch.float64, device=kernel_backend, requires_grad=True)
+    x = torch.rand(3, 8, dtype=torch.float64, device=kernel_backend)
+    loss = vae_fast.bernoulli_log_prob(logits, x).sum()
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    with pytest.raises(RuntimeError, match="set_inplace_backward"):
+        loss.backward()
+    vae_fast.set_inplace_backward(False)
+    try:
+        logits.grad = None
+        loss = vae_fast.bernoulli_log_prob(logits, x).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        torch.testing.assert_close(logits.grad, 2 * first)
+    finally:
+        vae_fast.set_inplace_backward(True)
 
 
 def test_saved_for_backward_is_one_gradient_buffer(kernel_backend):

@@ -76,7 +76,7 @@ def check_no_grad(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} is treated as data and must not require grad (detach it)")
 
 
-def raise_if_invalid(num_invalid: torch.Tensor, message: str) -> None:
+def raise_if_invalid(num_invalid: torch.Tensor | int, message: str) -> None:
     """Raise ``ValueError(message)`` if a kernel counted out-of-support values.
 
     Skipped under torch.compile (it would force a graph break) and when

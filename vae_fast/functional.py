@@ -20,7 +20,6 @@ from ._validation import (
     check_same_device,
     check_same_dtype,
     check_tensor,
-    raise_if_invalid,
 )
 from .ops._library import ELEMENTWISE_LIKELIHOODS, SCALE_PARAMS
 from .ops.latent import LatentFunction
@@ -37,8 +36,9 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch
     # A 0-d int64 tensor drawn from torch's generator: torch.manual_seed reproduces it, each
     # call advances the generator, and torch.compile(fullgraph=True) traces it (a Generator
     # made here would not). The kernels turn it into a Philox key.
-    gen_device = generator.device if generator is not None else device
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=gen_device, generator=generator)
+    if generator is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=generator.device, generator=generator)
     return seed if seed.device == device else seed.to(device)
 
 
@@ -50,20 +50,23 @@ def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tenso
 
 
 def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim):
+    # The checks are ordered so that the common call (two same-shape float tensors, no
+    # prior, no eps) costs a handful of attribute reads: this runs every training step.
     check_tensor("mu", mu)
     check_tensor("logvar", logvar)
     if mu.dim() < 1:
         raise ValueError(f"mu must have shape (..., Z) with at least one dim, got shape {tuple(mu.shape)}")
     if logvar.shape != mu.shape:
         raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
-    check_choice("param", param, SCALE_PARAMS)
-    if (prior_mu is None) != (prior_logvar is None):
+    param_code = SCALE_PARAMS.get(param) if isinstance(param, str) else None
+    if param_code is None:
+        check_choice("param", param, SCALE_PARAMS)
+    if prior_mu is not None or prior_logvar is not None:
         # one given: the other defaults to the standard normal's value
         zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
         prior_mu = zero if prior_mu is None else prior_mu
         prior_logvar = zero if prior_logvar is None else prior_logvar
-    for name, t in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        if t is not None:
+        for name, t in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
             check_tensor(name, t)
             check_broadcastable(name, t, mu.shape, "mu")
     if eps is not None:
@@ -72,14 +75,22 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
         expected = (num_samples, *mu.shape)
         if eps.shape != expected and not (num_samples == 1 and eps.shape == mu.shape):
             raise ValueError(f"eps must have shape {expected} (or mu's shape when num_samples=1), got {tuple(eps.shape)}")
-    names = ("mu", "logvar", "prior_mu", "prior_logvar", "eps")
-    tensors = (mu, logvar, prior_mu, prior_logvar, eps)
-    check_same_device(names, tensors)
-    check_same_dtype(names, tensors)
+    if logvar.dtype != mu.dtype or logvar.device != mu.device or prior_mu is not None or eps is not None:
+        names = ("mu", "logvar", "prior_mu", "prior_logvar", "eps")
+        tensors = (mu, logvar, prior_mu, prior_logvar, eps)
+        check_same_device(names, tensors)
+        check_same_dtype(names, tensors)
 
-    dim = mu.shape[-1]
-    rows = math.prod(mu.shape[:-1])
     samples = num_samples
+    flat = mu.dim() != 2
+    if flat:
+        dim = mu.shape[-1]
+        rows = math.prod(mu.shape[:-1])
+        mu2, logvar2 = mu.reshape(rows, dim), logvar.reshape(rows, dim)
+        prior_mu, prior_logvar = _as_rows(prior_mu, mu, rows), _as_rows(prior_logvar, mu, rows)
+    else:
+        rows, dim = mu.shape
+        mu2, logvar2 = mu, logvar
     if eps is not None:
         seed = torch.zeros((), dtype=torch.int64, device=mu.device)
         eps = eps.reshape(samples, rows, dim)
@@ -88,12 +99,17 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
     else:
         seed = torch.zeros((), dtype=torch.int64, device=mu.device)
     z, kl, kl_per_dim = LatentFunction.apply(
-        mu.reshape(rows, dim), logvar.reshape(rows, dim), _as_rows(prior_mu, mu, rows),
-        _as_rows(prior_logvar, mu, rows), eps, seed, SCALE_PARAMS[param], samples, want_kl_per_dim,
-    )
-    z = z.reshape(mu.shape) if samples == 1 else z.reshape(samples, *mu.shape)
-    kl_per_dim = kl_per_dim.reshape(mu.shape) if want_kl_per_dim else None
-    return z, kl.reshape(mu.shape[:-1]), kl_per_dim
+        mu2, logvar2, prior_mu, prior_logvar, eps, seed, param_code, samples, want_kl_per_dim)
+    if samples == 1:
+        z = z.view(mu.shape)
+    elif flat:
+        z = z.view(samples, *mu.shape)
+    if flat:
+        kl = kl.view(mu.shape[:-1])
+        kl_per_dim = kl_per_dim.view(mu.shape) if want_kl_per_dim else None
+    elif not want_kl_per_dim:
+        kl_per_dim = None
+    return z, kl, kl_per_dim
 
 
 def gaussian_sample_kl(
@@ -191,12 +207,10 @@ def _elementwise(likelihood: str, theta_name: str, theta, x, logvar, reduction: 
     dim = math.prod(x.shape[1:])
     if logvar is not None:
         check_broadcastable("logvar", logvar, theta.shape, theta_name)
-    log_prob, num_invalid = ElementwiseLogProb.apply(
+    log_prob = ElementwiseLogProb.apply(
         theta.reshape(rows, dim), x.reshape(x.shape[0], dim), logvar, ELEMENTWISE_LIKELIHOODS[likelihood],
         theta.shape, lead_ndim,
     )
-    if likelihood != "gaussian":
-        raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {likelihood} likelihood")
     return _reduce(log_prob.reshape(theta.shape[:lead_ndim]), reduction)
 
 
@@ -251,9 +265,7 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: st
     lead_ndim = _lead_ndim("logits", logits.shape[:-1], x.shape, "x's shape followed by C:")
     rows = math.prod(logits.shape[:lead_ndim])
     pixels = math.prod(x.shape[1:])
-    log_prob, num_invalid = CategoricalLogProb.apply(
-        logits.reshape(rows, pixels, logits.shape[-1]), x.reshape(x.shape[0], pixels))
-    raise_if_invalid(num_invalid, f"x must hold class indices in [0, {logits.shape[-1]})")
+    log_prob = CategoricalLogProb.apply(logits.reshape(rows, pixels, logits.shape[-1]), x.reshape(x.shape[0], pixels))
     return _reduce(log_prob.reshape(logits.shape[:lead_ndim]), reduction)
 
 

@@ -30,14 +30,15 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _empty(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty(0)
+def _to(outs, dtype):
+    return tuple(o if o is None or isinstance(o, int) else o.to(dtype) for o in outs)
 
 
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
     out_dtype = mu.dtype
     dtype = _compute_dtype(out_dtype)
-    mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
+    if dtype != out_dtype:
+        mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
     z = mu.new_empty((num_samples, batch, dim))
     kl = mu.new_empty((batch,))
@@ -47,18 +48,17 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), torch.get_num_threads(),
     )
-    kl_per_dim = _empty(mu) if kl_per_dim is None else kl_per_dim
-    if dtype != out_dtype:
-        return z.to(out_dtype), kl.to(out_dtype), kl_per_dim.to(out_dtype)
-    return z, kl, kl_per_dim
+    outs = (z, kl, kl_per_dim)
+    return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                     num_samples, want_prior_grad):
     out_dtype = mu.dtype
     dtype = _compute_dtype(out_dtype)
-    mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
-        _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
+    if dtype != out_dtype:
+        mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
+            _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
     batch, dim = mu.shape
     grad_mu = torch.empty_like(mu)
     grad_scale = torch.empty_like(mu)
@@ -70,14 +70,15 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
     )
-    outs = (grad_mu, grad_scale, _empty(mu) if grad_pm is None else grad_pm, _empty(mu) if grad_plv is None else grad_plv)
-    return tuple(o.to(out_dtype) for o in outs) if dtype != out_dtype else outs
+    outs = (grad_mu, grad_scale, grad_pm, grad_plv)
+    return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
     out_dtype = theta.dtype
     dtype = _compute_dtype(out_dtype)
-    theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast(logvar, dtype)
+    if dtype != out_dtype:
+        theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast(logvar, dtype)
     rows, dim = theta.shape
     log_prob = theta.new_empty((rows,))
     grad = torch.empty_like(theta) if want_grad else None
@@ -86,10 +87,8 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
         *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), torch.get_num_threads(),
     )
-    outs = (log_prob, _empty(theta) if grad is None else grad, _empty(theta) if grad_lv is None else grad_lv)
-    if dtype != out_dtype:
-        outs = tuple(o.to(out_dtype) for o in outs)
-    return (*outs, torch.tensor(bad, dtype=torch.int64))
+    outs = (log_prob, grad, grad_lv, bad)
+    return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
 def categorical_log_prob(logits, target, want_grad):
@@ -103,7 +102,5 @@ def categorical_log_prob(logits, target, want_grad):
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
         log_prob.data_ptr(), _ptr(grad), torch.get_num_threads(),
     )
-    outs = (log_prob, _empty(logits) if grad is None else grad)
-    if dtype != out_dtype:
-        outs = tuple(o.to(out_dtype) for o in outs)
-    return (*outs, torch.tensor(bad, dtype=torch.int64))
+    outs = (log_prob, grad, bad)
+    return _to(outs, out_dtype) if dtype != out_dtype else outs

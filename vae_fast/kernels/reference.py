@@ -33,16 +33,12 @@ def _noise(mu, eps, seed, num_samples):
     return ref.latent_noise(int(seed), num_samples, batch, dim).to(mu.device)
 
 
-def _empty(t):
-    return t.new_empty(0)
-
-
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
     name = _PARAM_NAMES[param]
     mu64, s64 = _f64(mu), _f64(scale)
     z = ref.reparameterize(mu64, s64, _noise(mu, eps, seed, num_samples), name)
     kl_dims = ref.gaussian_kl(mu64, s64, _f64(prior_mu), _f64(prior_logvar), name, reduce=False)
-    kl_per_dim = kl_dims.to(mu.dtype) if want_kl_per_dim else _empty(mu)
+    kl_per_dim = kl_dims.to(mu.dtype) if want_kl_per_dim else None
     return z.to(mu.dtype), kl_dims.sum(-1).to(mu.dtype), kl_per_dim
 
 
@@ -68,7 +64,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     if want_prior_grad:
         # the kernels return prior gradients at the expanded (batch, dim) shape
         return grad_mu, grad_scale, grads[2].expand_as(mu).to(mu.dtype), grads[3].expand_as(mu).to(mu.dtype)
-    return grad_mu, grad_scale, _empty(mu), _empty(mu)
+    return grad_mu, grad_scale, None, None
 
 
 _ELEMENTWISE = {
@@ -95,8 +91,8 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         log_prob = _ELEMENTWISE[likelihood](theta64, _x_rows(x, theta.shape[0]).double(), lv64 if lv64 is not None else 0.0)
         wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
         grads = list(torch.autograd.grad(log_prob.sum(), wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
-    grad = grads.pop(0).to(theta.dtype) if want_grad else _empty(theta)
-    grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta).contiguous() if want_logvar_grad else _empty(theta)
+    grad = grads.pop(0).to(theta.dtype) if want_grad else None
+    grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta).contiguous() if want_logvar_grad else None
     return log_prob.detach().to(theta.dtype), grad, grad_lv, _num_invalid(x, likelihood)
 
 
@@ -108,5 +104,5 @@ def categorical_log_prob(logits, target, want_grad):
     with _autograd_inside_op():
         log_prob = ref.categorical_log_prob(logits64, _x_rows(safe_target, logits.shape[0]))
         grad = (torch.autograd.grad(log_prob.sum(), logits64)[0].to(logits.dtype)
-                if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else _empty(logits)))
+                if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else None))
     return log_prob.detach().to(logits.dtype), grad, (~valid).sum().cpu()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import LIB, impl_all_devices, kernels_for, optional_contiguous
+from ._library import LIB, call, kernels_for, optional_contiguous, present, register_kernel
 
 LIB.define(
     "latent_forward(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
@@ -33,7 +33,7 @@ def _expand_prior(prior: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor 
     return None if prior is None else prior.to(mu.dtype).expand(mu.shape)
 
 
-def _forward_impl(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+def _forward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
     mu = mu.contiguous()
     return kernels_for(mu).latent_forward(
         mu, scale.contiguous(), _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu),
@@ -41,18 +41,18 @@ def _forward_impl(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_sampl
     )
 
 
-def _backward_impl(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
-                   num_samples, want_prior_grad):
+def _backward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
+                     num_samples, want_prior_grad):
     mu = mu.contiguous()
     return kernels_for(mu).latent_backward(
         mu, scale.contiguous(), _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu),
-        optional_contiguous(eps), seed, optional_contiguous(grad_z), optional_contiguous(grad_kl),
-        optional_contiguous(grad_kl_per_dim), param, num_samples, want_prior_grad and prior_mu is not None,
+        optional_contiguous(eps), seed, optional_contiguous(present(grad_z)), optional_contiguous(present(grad_kl)),
+        optional_contiguous(present(grad_kl_per_dim)), param, num_samples, want_prior_grad and prior_mu is not None,
     )
 
 
-impl_all_devices("latent_forward", _forward_impl)
-impl_all_devices("latent_backward", _backward_impl)
+register_kernel("latent_forward", _forward_kernel)
+register_kernel("latent_backward", _backward_kernel)
 
 
 @torch.library.register_fake("vae_fast::latent_forward")
@@ -70,19 +70,15 @@ def _backward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape), prior_grad(), prior_grad()
 
 
-def _present(grad: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None or grad.numel() == 0 else grad
-
-
 def latent_gradients(saved, param, num_samples, needs_input_grad, grad_z, grad_kl, grad_kl_per_dim):
     """Gradients w.r.t. (mu, scale, prior_mu, prior_logvar) from the backward kernel.
 
     Prior gradients come back at (B, Z) and are summed to the prior's own shape."""
     mu, scale, prior_mu, prior_logvar, eps, seed = saved
     want_prior = prior_mu is not None and (needs_input_grad[2] or needs_input_grad[3])
-    grad_mu, grad_scale, grad_pm, grad_plv = torch.ops.vae_fast.latent_backward(
-        mu, scale, prior_mu, prior_logvar, eps, seed, _present(grad_z), _present(grad_kl),
-        _present(grad_kl_per_dim), param, num_samples, want_prior,
+    grad_mu, grad_scale, grad_pm, grad_plv = call(
+        torch.ops.vae_fast.latent_backward.default, _backward_kernel, mu, scale, prior_mu, prior_logvar, eps, seed,
+        grad_z, grad_kl, grad_kl_per_dim, param, num_samples, want_prior,
     )
     grad_pm = grad_pm.sum_to_size(prior_mu.shape) if want_prior and needs_input_grad[2] else None
     grad_plv = grad_plv.sum_to_size(prior_logvar.shape) if want_prior and needs_input_grad[3] else None
@@ -90,13 +86,17 @@ def latent_gradients(saved, param, num_samples, needs_input_grad, grad_z, grad_k
 
 
 class LatentFunction(torch.autograd.Function):
-    """Autograd wiring only: forward and backward are the ops above."""
+    """Autograd wiring only: forward and backward are the ops above.
+
+    forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, K, want_kl_per_dim)
+        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or None/empty
+    """
 
     @staticmethod
     def forward(ctx, mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
-        z, kl, kl_per_dim = torch.ops.vae_fast.latent_forward(
-            mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim)
+        z, kl, kl_per_dim = call(torch.ops.vae_fast.latent_forward.default, _forward_kernel,
+                                 mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim)
         ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
         ctx.param, ctx.num_samples = param, num_samples
         return z, kl, kl_per_dim
@@ -116,9 +116,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_z, grad_kl, grad_kl_per_dim):
-    grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
-                             grad_z, grad_kl, grad_kl_per_dim)
-    return (*grads, None, None, None, None, None)
+    return LatentFunction.backward(ctx, grad_z, grad_kl, grad_kl_per_dim)
 
 
 torch.library.register_autograd("vae_fast::latent_forward", _op_backward, setup_context=_setup_context)

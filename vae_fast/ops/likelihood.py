@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import LIB, impl_all_devices, kernels_for, optional_contiguous
+from .._validation import raise_if_invalid
+from ._library import ELEMENTWISE_LIKELIHOODS, LIB, call, kernels_for, register_kernel
 
 LIB.define(
     "elementwise_log_prob(Tensor theta, Tensor x, Tensor? logvar, int likelihood, bool want_grad, "
@@ -24,20 +25,22 @@ LIB.define(
 LIB.define("categorical_log_prob(Tensor logits, Tensor target, bool want_grad) -> (Tensor, Tensor, Tensor)")
 
 
-def _elementwise_impl(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+def _elementwise_kernel(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
     theta = theta.contiguous()
     logvar = None if logvar is None else logvar.to(theta.dtype).expand(theta.shape)
     return kernels_for(theta).elementwise_log_prob(
         theta, x.to(theta.dtype).contiguous(), logvar, likelihood, want_grad, want_logvar_grad and logvar is not None)
 
 
-def _categorical_impl(logits, target, want_grad):
+def _categorical_kernel(logits, target, want_grad):
     logits = logits.contiguous()
     return kernels_for(logits).categorical_log_prob(logits, target.to(torch.int64).contiguous(), want_grad)
 
 
-impl_all_devices("elementwise_log_prob", _elementwise_impl)
-impl_all_devices("categorical_log_prob", _categorical_impl)
+register_kernel("elementwise_log_prob", _elementwise_kernel)
+register_kernel("categorical_log_prob", _categorical_kernel)
+
+_LIKELIHOOD_NAMES = {code: name for name, code in ELEMENTWISE_LIKELIHOODS.items()}
 
 
 @torch.library.register_fake("vae_fast::elementwise_log_prob")
@@ -58,62 +61,93 @@ def _scale_rows(saved_grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     return saved_grad * grad_out.reshape(-1, *([1] * (saved_grad.dim() - 1)))
 
 
-def logvar_rows(logvar: torch.Tensor, theta_shape: torch.Size) -> torch.Tensor:
-    """The (N, D) view of a logvar broadcast against theta of shape (*lead, *event), N = prod(lead)
-    rows; stride-0 where it broadcasts (copied only when no 2-D view exists)."""
-    rows = theta_shape[0] if len(theta_shape) else 1
-    return logvar.expand(theta_shape).reshape(rows, -1)
+_inplace_backward = True
+
+
+def set_inplace_backward(enabled: bool) -> None:
+    """Choose how the fused likelihoods' backward scales the gradient saved in forward.
+
+    In place (default, as Liger-Kernel does): the saved buffer becomes the gradient, so
+    backward allocates nothing and makes one pass. The graph can then be backpropagated
+    through only once; a second backward (``retain_graph=True``) raises. Out of place:
+    a new gradient buffer per backward, any number of backward passes.
+    """
+    global _inplace_backward
+    _inplace_backward = bool(enabled)
+
+
+def _check_not_consumed(ctx) -> None:
+    # before ctx.saved_tensors, whose version check would raise a less helpful error
+    if getattr(ctx, "grad_consumed", False):
+        raise RuntimeError(
+            "vae_fast: the fused likelihood's saved gradient was already used by an earlier backward pass "
+            "(it is scaled in place); call vae_fast.set_inplace_backward(False) to backpropagate through it "
+            "more than once (retain_graph=True, gradcheck)")
+
+
+def _scale_saved_rows(ctx, saved_grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    if not _inplace_backward or torch.compiler.is_compiling():
+        return _scale_rows(saved_grad, grad_out)
+    ctx.grad_consumed = True
+    return saved_grad.mul_(grad_out.reshape(-1, *([1] * (saved_grad.dim() - 1))))
 
 
 class ElementwiseLogProb(torch.autograd.Function):
     """theta (N, D) viewed from shape ``theta_shape`` (N = product of its ``lead_ndim`` leading dims),
-    x (Bx, D), logvar broadcastable to ``theta_shape`` or None  ->  log_prob (N,), num_invalid ()."""
+    x (Bx, D), logvar broadcastable to ``theta_shape`` or None  ->  log_prob (N,).
+
+    Raises ValueError if x lies outside the likelihood's support (counted in the kernel)."""
 
     @staticmethod
     def forward(ctx, theta, x, logvar, likelihood, theta_shape, lead_ndim):
         want_grad = ctx.needs_input_grad[0]
         want_lv = logvar is not None and ctx.needs_input_grad[2]
-        lead_shape = theta_shape[:lead_ndim]
         lv_rows = None if logvar is None else logvar.expand(theta_shape).reshape(theta.shape)
-        log_prob, grad, grad_lv, num_invalid = torch.ops.vae_fast.elementwise_log_prob(
-            theta, x, lv_rows, likelihood, want_grad, want_lv)
+        log_prob, grad, grad_lv, num_invalid = call(
+            torch.ops.vae_fast.elementwise_log_prob.default, _elementwise_kernel, theta, x, lv_rows, likelihood,
+            want_grad, want_lv)
+        if likelihood != ELEMENTWISE_LIKELIHOODS["gaussian"]:
+            raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {_LIKELIHOOD_NAMES[likelihood]} likelihood")
         if want_lv:
             # A logvar constant within each row (scalar, per example) needs only per-row sums of its
             # gradient: keep (N, 1) instead of a second decoder-sized buffer.
-            ctx.lv_row_constant = lv_rows.stride(1) == 0 or lv_rows.shape[1] <= 1
-            if ctx.lv_row_constant:
+            row_constant = lv_rows.stride(1) == 0 or lv_rows.shape[1] <= 1
+            if row_constant:
                 grad_lv = grad_lv.sum(1, keepdim=True)
             ctx.lv_shape = logvar.shape
-            ctx.lv_grad_shape = (*lead_shape, *([1] * (len(theta_shape) - lead_ndim))) if ctx.lv_row_constant else theta_shape
+            lead_shape = theta_shape[:lead_ndim]
+            ctx.lv_grad_shape = (*lead_shape, *([1] * (len(theta_shape) - lead_ndim))) if row_constant else theta_shape
         ctx.save_for_backward(grad if want_grad else None, grad_lv if want_lv else None)
-        ctx.mark_non_differentiable(num_invalid)
-        return log_prob, num_invalid
+        return log_prob
 
     @staticmethod
-    def backward(ctx, grad_out, _):
+    def backward(ctx, grad_out):
+        _check_not_consumed(ctx)
         grad, grad_lv = ctx.saved_tensors
-        grad_theta = None if grad is None else _scale_rows(grad, grad_out)
         grad_logvar = None
         if grad_lv is not None:
             grad_logvar = _scale_rows(grad_lv, grad_out).reshape(ctx.lv_grad_shape).sum_to_size(ctx.lv_shape)
+        grad_theta = None if grad is None else _scale_saved_rows(ctx, grad, grad_out)
         return grad_theta, None, grad_logvar, None, None, None
 
 
 class CategoricalLogProb(torch.autograd.Function):
-    """logits (N, P, C), target (Bx, P) -> log_prob (N,)."""
+    """logits (N, P, C), target (Bx, P) -> log_prob (N,); raises ValueError for targets outside [0, C)."""
 
     @staticmethod
     def forward(ctx, logits, target):
         want_grad = ctx.needs_input_grad[0]
-        log_prob, grad, num_invalid = torch.ops.vae_fast.categorical_log_prob(logits, target, want_grad)
+        log_prob, grad, num_invalid = call(
+            torch.ops.vae_fast.categorical_log_prob.default, _categorical_kernel, logits, target, want_grad)
+        raise_if_invalid(num_invalid, f"x must hold class indices in [0, {logits.shape[-1]})")
         ctx.save_for_backward(grad if want_grad else None)
-        ctx.mark_non_differentiable(num_invalid)
-        return log_prob, num_invalid
+        return log_prob
 
     @staticmethod
-    def backward(ctx, grad_out, _):
+    def backward(ctx, grad_out):
+        _check_not_consumed(ctx)
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else _scale_rows(grad, grad_out)), None
+        return (None if grad is None else _scale_saved_rows(ctx, grad, grad_out)), None
 
 
 # Op-level autograd (for direct torch.ops.vae_fast.* users and opcheck).
@@ -151,4 +185,3 @@ def _categorical_backward(ctx, grad_out, _grad, _invalid):
 torch.library.register_autograd("vae_fast::elementwise_log_prob", _elementwise_backward, setup_context=_elementwise_setup)
 torch.library.register_autograd("vae_fast::categorical_log_prob", _categorical_backward, setup_context=_categorical_setup)
 
-__all__ = ["ElementwiseLogProb", "CategoricalLogProb", "optional_contiguous"]

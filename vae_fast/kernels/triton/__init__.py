@@ -2,7 +2,8 @@
 
 On CUDA, block sizes and warps are autotuned per shape class. Under
 ``TRITON_INTERPRET=1`` (CPU tensors, used by CI) the first configuration is used
-directly: the interpreter gives no timing to tune on.
+directly: the interpreter gives no timing to tune on. Outputs that were not asked
+for are None (a kernel argument that is not written gets a placeholder pointer).
 """
 from __future__ import annotations
 
@@ -53,20 +54,16 @@ def _strided(t, fallback):
     return (fallback, 0, 0) if t is None else (t, t.stride(0), t.stride(1))
 
 
-def _dummy(t):
-    return t.new_empty(0)
-
-
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
     batch, dim = mu.shape
     z = mu.new_empty((num_samples, batch, dim))
     kl = mu.new_empty((batch,))
-    kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else _dummy(mu)
+    kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
     if batch == 0:
         return z, kl, kl_per_dim
     _latent_forward[(batch,)](
         mu, scale, *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
-        mu if eps is None else eps, seed, z, kl, kl_per_dim if want_kl_per_dim else kl,
+        mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
         batch, dim, num_samples,
         PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
         WANT_KL_PER_DIM=want_kl_per_dim, ACC=_acc(mu.dtype),
@@ -79,8 +76,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     batch, dim = mu.shape
     grad_mu = torch.empty_like(mu)
     grad_scale = torch.empty_like(mu)
-    grad_pm = torch.empty_like(mu) if want_prior_grad else _dummy(mu)
-    grad_plv = torch.empty_like(mu) if want_prior_grad else _dummy(mu)
+    grad_pm = torch.empty_like(mu) if want_prior_grad else None
+    grad_plv = torch.empty_like(mu) if want_prior_grad else None
     if batch == 0:
         return grad_mu, grad_scale, grad_pm, grad_plv
     _latent_backward[(batch,)](
@@ -100,8 +97,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
     rows, dim = theta.shape
     log_prob = theta.new_empty((rows,))
-    grad = torch.empty_like(theta) if want_grad else _dummy(theta)
-    grad_lv = torch.empty_like(theta) if want_logvar_grad else _dummy(theta)
+    grad = torch.empty_like(theta) if want_grad else None
+    grad_lv = torch.empty_like(theta) if want_logvar_grad else None
     invalid = torch.zeros((rows,), dtype=torch.int32, device=theta.device)
     if rows > 0:
         _elementwise[(rows,)](
@@ -124,7 +121,7 @@ def categorical_log_prob(logits, target, want_grad):
     num_blocks = triton.cdiv(pixels, pixel_block)
     partial = logits.new_empty((rows, num_blocks), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     invalid = torch.zeros((rows, num_blocks), dtype=torch.int32, device=logits.device)
-    grad = torch.empty_like(logits) if want_grad else _dummy(logits)
+    grad = torch.empty_like(logits) if want_grad else None
     if rows > 0 and pixels > 0:
         categorical_kernel[(rows, num_blocks)](
             logits, target, partial, grad if want_grad else logits, invalid,
