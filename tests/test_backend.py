@@ -1,0 +1,112 @@
+"""Backend selection, the reference fallback when vae_fast._C is missing, and the wheel."""
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, env_extra=None, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k != "VAE_FAST_BACKEND"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+def test_default_backends():
+    assert vae_fast.backend("cpu") == "cpu"
+    assert vae_fast.backend("cuda") in ("triton", "reference")
+    with vae_fast.use_backend("reference"):
+        assert vae_fast.backend("cpu") == "reference"
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        with vae_fast.use_backend("numpy"):
+            pass
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning():
+    result = run_python("""
+        import sys, warnings
+        sys.modules["vae_fast._C"] = None  # makes `from . import _C` fail
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import vae_fast
+        messages = [str(w.message) for w in caught if "vae_fast" in str(w.message)]
+        assert len(messages) == 1 and "could not be imported" in messages[0], messages
+        assert vae_fast.backend("cpu") == "reference"
+        import torch
+        from vae_fast import reference as ref
+        mu, lv = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+        torch.testing.assert_close(vae_fast.gaussian_kl(mu, lv), ref.gaussian_kl(mu, lv))
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_forcing_a_missing_backend_raises_import_error_that_says_why():
+    result = run_python("""
+        import sys
+        sys.modules["vae_fast._C"] = None
+        import vae_fast
+    """, {"VAE_FAST_BACKEND": "cpu"})
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and "vae_fast._C failed to import" in result.stderr
+
+
+def test_environment_variable_forces_and_validates_the_backend():
+    ok = run_python("import vae_fast; print(vae_fast.backend('cpu'))", {"VAE_FAST_BACKEND": "reference"})
+    assert ok.returncode == 0 and ok.stdout.strip() == "reference"
+    bad = run_python("import vae_fast", {"VAE_FAST_BACKEND": "fortran"})
+    assert bad.returncode != 0 and "VAE_FAST_BACKEND must be one of" in bad.stderr
+
+
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter():
+    result = run_python("""
+        import torch, vae_fast
+        try:
+            vae_fast.gaussian_kl(torch.zeros(2, 2), torch.zeros(2, 2))
+        except RuntimeError as e:
+            print("raised", e)
+    """, {"VAE_FAST_BACKEND": "triton", "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+@pytest.mark.slow
+def test_wheel_contains_the_extension_and_works_in_a_fresh_virtualenv(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", str(ROOT),
+                    "-w", str(dist)], check=True, timeout=600, cwd=tmp_path)
+    wheels = list(dist.glob("vae_fast-*.whl"))
+    assert len(wheels) == 1
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert any(n.startswith("vae_fast/_C") and n.endswith(".so") for n in names), names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}", "numpy",
+                    str(wheels[0])], check=True, timeout=900)
+    check = """
+        import torch, vae_fast, vae_fast._C
+        assert "site-packages" in vae_fast.__file__, vae_fast.__file__
+        assert vae_fast.backend("cpu") == "cpu"
+        from vae_fast import reference as ref
+        mu, lv = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+        eps = torch.randn(5, 7, dtype=torch.float64)
+        z, kl = vae_fast.gaussian_sample_kl(mu, lv, eps=eps)
+        torch.testing.assert_close(kl, ref.gaussian_kl(mu, lv))
+        torch.testing.assert_close(z, ref.reparameterize(mu, lv, eps))
+        print("wheel ok", vae_fast._C.isa())
+    """
+    result = subprocess.run([str(py), "-c", textwrap.dedent(check)], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wheel ok" in result.stdout
