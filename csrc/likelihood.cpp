@@ -69,7 +69,11 @@ inline void continuous_bernoulli_log_norm(T l, T t, T& log_c, T& dlog_c) {
   dlog_c = use_series ? T(2) * l * dseries : dclosed;
 }
 
-template <typename T, Likelihood L, bool WANT_GRAD, bool LOGVAR_CONTIGUOUS>
+// How the Gaussian log-variance is read along a row: one value per row (scalar or
+// per-example logvar: col_stride 0), a contiguous row, or any other stride (gathered).
+enum class LogVarLayout { kRowConstant, kContiguous, kStrided };
+
+template <typename T, Likelihood L, bool WANT_GRAD, bool WANT_LV_GRAD, LogVarLayout LV>
 int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
   const T* __restrict theta = static_cast<const T*>(a.theta);
   const T* __restrict x = static_cast<const T*>(a.x);
@@ -85,6 +89,9 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     alignas(64) T lv_buf[kChunk];
     const T* __restrict th_row = theta + r * D;
     const T* __restrict x_row = x + (r % a.x_rows) * D;
+    // for a row-constant logvar, e^-lv is computed once per row
+    const T row_lv = (L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant) ? logvar[r * a.logvar.row_stride] : T(0);
+    const T row_inv_var = (L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant) ? vexp(-row_lv) : T(1);
     T row_sum = T(0);
     int64_t row_bad = 0;
     for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
@@ -92,26 +99,29 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
       const T* __restrict th = th_row + j0;
       const T* __restrict xs = x_row + j0;
       const T* __restrict lv = lv_buf;
-      if constexpr (L == Likelihood::kGaussian) {
+      if constexpr (L == Likelihood::kGaussian && LV != LogVarLayout::kRowConstant) {
         const T* lv_src = logvar + r * a.logvar.row_stride + j0 * a.logvar.col_stride;
-        if constexpr (LOGVAR_CONTIGUOUS) {
+        if constexpr (LV == LogVarLayout::kContiguous) {
           lv = lv_src;
         } else {
           for (int64_t i = 0; i < n; ++i) lv_buf[i] = lv_src[i * a.logvar.col_stride];
         }
       }
+      T* __restrict g = grad_theta + r * D + j0;
+      T* __restrict g_lv = grad_logvar + r * D + j0;
 #pragma omp simd reduction(+ : row_sum, row_bad)
       for (int64_t i = 0; i < n; ++i) {
         const T xi = xs[i];
         const T ti = th[i];
-        T value, grad, grad_lv = T(0);
+        T value, grad;
         if constexpr (L == Likelihood::kGaussian) {
+          const T lvi = LV == LogVarLayout::kRowConstant ? row_lv : lv[i];
+          const T inv_var = LV == LogVarLayout::kRowConstant ? row_inv_var : vexp(-lvi);
           const T diff = xi - ti;
-          const T inv_var = vexp(-lv[i]);
           const T scaled_sq = diff * diff * inv_var;
-          value = T(-0.5) * (scaled_sq + lv[i] + T(kLog2Pi));
+          value = T(-0.5) * (scaled_sq + lvi + T(kLog2Pi));
           grad = diff * inv_var;
-          grad_lv = T(0.5) * (scaled_sq - T(1));
+          if constexpr (WANT_LV_GRAD) g_lv[i] = T(0.5) * (scaled_sq - T(1));
         } else {
           row_bad += (xi < T(0) || xi > T(1)) ? 1 : 0;
           const T t = vexp(-std::fabs(ti));
@@ -128,10 +138,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           }
         }
         row_sum += value;
-        if constexpr (WANT_GRAD) {
-          grad_theta[r * D + j0 + i] = grad;
-          if (L == Likelihood::kGaussian && grad_logvar != nullptr) grad_logvar[r * D + j0 + i] = grad_lv;
-        }
+        if constexpr (WANT_GRAD) g[i] = grad;
       }
     }
     log_prob[r] = row_sum;
@@ -140,21 +147,41 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
   return bad;
 }
 
+template <typename T, Likelihood L, bool WANT_GRAD>
+int64_t elementwise_gaussian_layout(const ElementwiseLikelihoodArgs& a) {
+  const bool want_lv = a.grad_logvar != nullptr;
+  const LogVarLayout layout = a.logvar.col_stride == 0   ? LogVarLayout::kRowConstant
+                              : a.logvar.col_stride == 1 ? LogVarLayout::kContiguous
+                                                         : LogVarLayout::kStrided;
+#define VF_LAYOUT(LAYOUT)                                                        \
+  case LAYOUT:                                                                   \
+    return want_lv ? elementwise_impl<T, L, WANT_GRAD, true, LAYOUT>(a)          \
+                   : elementwise_impl<T, L, WANT_GRAD, false, LAYOUT>(a);
+  switch (layout) {
+    VF_LAYOUT(LogVarLayout::kRowConstant)
+    VF_LAYOUT(LogVarLayout::kContiguous)
+    VF_LAYOUT(LogVarLayout::kStrided)
+  }
+#undef VF_LAYOUT
+  return 0;
+}
+
 template <typename T>
 int64_t elementwise_dispatch(const ElementwiseLikelihoodArgs& a) {
   const bool grad = a.grad_theta != nullptr;
-  const bool lv_contig = a.logvar.col_stride == 1;
-#define VF_CASE(L)                                                                       \
-  case L:                                                                                \
-    if (L == Likelihood::kGaussian && !lv_contig)                                        \
-      return grad ? elementwise_impl<T, L, true, false>(a) : elementwise_impl<T, L, false, false>(a); \
-    return grad ? elementwise_impl<T, L, true, true>(a) : elementwise_impl<T, L, false, true>(a);
+  using LL = Likelihood;
+  using LV = LogVarLayout;
   switch (a.likelihood) {
-    VF_CASE(Likelihood::kBernoulli)
-    VF_CASE(Likelihood::kContinuousBernoulli)
-    VF_CASE(Likelihood::kGaussian)
+    case LL::kBernoulli:
+      return grad ? elementwise_impl<T, LL::kBernoulli, true, false, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kBernoulli, false, false, LV::kContiguous>(a);
+    case LL::kContinuousBernoulli:
+      return grad ? elementwise_impl<T, LL::kContinuousBernoulli, true, false, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kContinuousBernoulli, false, false, LV::kContiguous>(a);
+    case LL::kGaussian:
+      return grad ? elementwise_gaussian_layout<T, LL::kGaussian, true>(a)
+                  : elementwise_gaussian_layout<T, LL::kGaussian, false>(a);
   }
-#undef VF_CASE
   return 0;
 }
 

@@ -1,0 +1,132 @@
+"""The implementations the benchmarks compare, each a function ``step(inputs) -> loss`` whose
+forward + backward is timed: vae_fast's fused ops, eager PyTorch written the way users write
+it (``torch.nn.functional`` formulas and ``torch.distributions``), and — built by the caller —
+``torch.compile`` of the eager code.
+
+Every case has a ``make(shape, device)`` that returns the leaf inputs (requiring grad) and the
+fixed data, and ``impls``: name -> step function.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import vae_fast
+
+# ------------------------------------------------------------------ latent: z and KL
+
+
+def latent_inputs(shape, device, dtype=torch.float32):
+    batch, dim = shape
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(batch, dim, generator=gen).to(device, dtype).requires_grad_()
+    logvar = (0.5 * torch.randn(batch, dim, generator=gen)).to(device, dtype).requires_grad_()
+    weight = torch.randn(batch, dim, generator=gen).to(device, dtype)  # makes dL/dz non-trivial
+    return mu, logvar, weight
+
+
+def latent_fused(mu, logvar, weight):
+    z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
+    return (z * weight).sum() + kl.sum()
+
+
+def latent_eager(mu, logvar, weight):
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn_like(std)
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    return (z * weight).sum() + kl.sum()
+
+
+def latent_distributions(mu, logvar, weight):
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    z = q.rsample()
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(-1)
+    return (z * weight).sum() + kl.sum()
+
+
+# ------------------------------------------------------------------ reconstruction likelihoods
+
+
+def likelihood_inputs(shape, device, kind, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    if kind == "categorical":
+        *lead, classes = shape
+        logits = torch.randn(*lead, classes, generator=gen).to(device, dtype).requires_grad_()
+        x = torch.randint(0, classes, tuple(lead), generator=gen).to(device)
+        return logits, x
+    theta = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    x = torch.rand(shape, generator=gen).to(device, dtype)
+    if kind == "bernoulli":
+        x = torch.bernoulli(x)
+    return theta, x
+
+
+FUSED_LIKELIHOOD = {
+    "bernoulli": lambda t, x: vae_fast.bernoulli_log_prob(t, x),
+    "continuous_bernoulli": lambda t, x: vae_fast.continuous_bernoulli_log_prob(t, x),
+    "gaussian": lambda t, x: vae_fast.gaussian_log_prob(t, x),
+    "categorical": lambda t, x: vae_fast.categorical_log_prob(t, x),
+}
+
+EAGER_LIKELIHOOD = {
+    "bernoulli": lambda t, x: -F.binary_cross_entropy_with_logits(t, x, reduction="none").sum(-1),
+    "continuous_bernoulli": lambda t, x: torch.distributions.ContinuousBernoulli(logits=t).log_prob(x).sum(-1),
+    "gaussian": lambda t, x: torch.distributions.Normal(t, 1.0).log_prob(x).sum(-1),
+    "categorical": lambda t, x: -F.cross_entropy(t.reshape(-1, t.shape[-1]), x.reshape(-1), reduction="none")
+    .reshape(x.shape[0], -1).sum(-1),
+}
+
+
+def likelihood_step(log_prob):
+    return lambda theta, x: -log_prob(theta, x).mean()
+
+
+# ------------------------------------------------------------------ whole ELBO loss (decoder excluded)
+
+
+def elbo_inputs(shape, device, dtype=torch.float32):
+    batch, latent, pixels = shape
+    gen = torch.Generator().manual_seed(2)
+    mu = torch.randn(batch, latent, generator=gen).to(device, dtype).requires_grad_()
+    logvar = (0.5 * torch.randn(batch, latent, generator=gen)).to(device, dtype).requires_grad_()
+    logits = torch.randn(batch, pixels, generator=gen).to(device, dtype).requires_grad_()
+    x = torch.bernoulli(torch.rand(batch, pixels, generator=gen)).to(device, dtype)
+    return mu, logvar, logits, x
+
+
+def _decoder(logits):
+    # a stand-in decoder that costs the same in both versions: the fixed output plus z's first unit
+    return lambda z: logits + z[..., :1]
+
+
+def elbo_fused(mu, logvar, logits, x):
+    return vae_fast.elbo(x, mu, logvar, _decoder(logits)).loss
+
+
+def elbo_eager(mu, logvar, logits, x):
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn_like(std)
+    out = _decoder(logits)(z)
+    log_lik = -F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(-1)
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    return -(log_lik - kl).mean()
+
+
+# ------------------------------------------------------------------ bytes that must move (for GB/s)
+
+
+def latent_bytes(shape, itemsize=4):
+    batch, dim = shape
+    # fwd reads mu, logvar, writes z, kl; bwd reads mu, logvar, dL/dz, writes two gradients
+    return itemsize * (batch * dim * (2 + 1) + batch + batch * dim * (3 + 2))
+
+
+def likelihood_bytes(shape, kind, itemsize=4):
+    if kind == "categorical":
+        elems = math.prod(shape)
+        pixels = elems // shape[-1]
+        return itemsize * 2 * elems + 8 * pixels  # read logits, write gradient, read targets
+    elems = math.prod(shape)
+    return itemsize * 3 * elems  # read theta and x, write the gradient (backward scales it in place)

@@ -1,0 +1,71 @@
+"""Timing and memory helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(step, inputs, leaves, *, device="cpu", budget_s=0.5, min_reps=5, max_reps=2000, warmup=3):
+    """Median seconds of ``step(*inputs).backward()`` (gradients reset between reps)."""
+
+    def once():
+        for leaf in leaves:
+            leaf.grad = None
+        step(*inputs).backward()
+
+    for _ in range(warmup):
+        once()
+    sync(device)
+    start = time.perf_counter()
+    once()
+    sync(device)
+    single = max(time.perf_counter() - start, 1e-7)
+    reps = int(min(max_reps, max(min_reps, budget_s / single)))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        once()
+        sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def saved_bytes(step, inputs) -> int:
+    """Bytes autograd saves for backward while running ``step(*inputs)`` (counted once per storage)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        except RuntimeError:
+            key = (id(t), t.numel() * t.element_size())
+        seen[key] = key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(*inputs)
+    del loss
+    return sum(seen.values())
+
+
+def copy_bandwidth(device="cpu", nbytes=256 * 2**20) -> float:
+    """Bytes per second of a large tensor copy, counting bytes read plus written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    samples = []
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        samples.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(samples)
