@@ -1,11 +1,14 @@
 """Triton backend: launchers for the kernels in ``latent.py`` and ``likelihood.py``.
 
-On CUDA, block sizes and warps are autotuned per shape class. Under
-``TRITON_INTERPRET=1`` (CPU tensors, used by CI) the first configuration is used
+On CUDA, block sizes and warps are autotuned per shape class
+(``VAE_FAST_TRITON_AUTOTUNE=0`` uses one fixed configuration instead). Under
+``TRITON_INTERPRET=1`` (CPU tensors, used by CI) the smallest configuration is used
 directly: the interpreter gives no timing to tune on. Outputs that were not asked
 for are None (a kernel argument that is not written gets a placeholder pointer).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,8 +23,10 @@ MAX_CATEGORICAL_CLASSES = 16384
 _ROW_CONFIGS = [
     triton.Config({"BLOCK": 64}, num_warps=1),
     triton.Config({"BLOCK": 256}, num_warps=2),
+    triton.Config({"BLOCK": 512}, num_warps=4),
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 4096}, num_warps=16),
 ]
 
 
@@ -36,8 +41,10 @@ class _FixedConfig:
 
 
 def _tuned(fn, configs, key):
-    if triton_interpreting():
-        return _FixedConfig(fn, configs[0])
+    # VAE_FAST_TRITON_AUTOTUNE=0 skips tuning (each new shape class otherwise compiles and
+    # times every config once): useful for test suites touching many shapes
+    if triton_interpreting() or os.environ.get("VAE_FAST_TRITON_AUTOTUNE", "1") == "0":
+        return _FixedConfig(fn, configs[2] if not triton_interpreting() else configs[0])
     return triton.autotune(configs=configs, key=key)(fn)
 
 
@@ -66,7 +73,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
         batch, dim, num_samples,
         PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
-        WANT_KL_PER_DIM=want_kl_per_dim, ACC=_acc(mu.dtype),
+        WANT_KL_PER_DIM=want_kl_per_dim, DIM_MULTIPLE_OF_4=dim % 4 == 0, ACC=_acc(mu.dtype),
     )
     return z, kl, kl_per_dim
 
@@ -89,7 +96,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         batch, dim, num_samples,
         PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None, HAS_GRAD_Z=grad_z is not None,
         HAS_GRAD_KL=grad_kl is not None, HAS_GRAD_KL_PER_DIM=grad_kl_per_dim is not None,
-        WANT_PRIOR_GRAD=want_prior_grad, ACC=_acc(mu.dtype),
+        WANT_PRIOR_GRAD=want_prior_grad, DIM_MULTIPLE_OF_4=dim % 4 == 0, ACC=_acc(mu.dtype),
     )
     return grad_mu, grad_scale, grad_pm, grad_plv
 

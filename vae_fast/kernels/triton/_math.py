@@ -29,6 +29,17 @@ def philox_normal(seed, index):
 
 
 @triton.jit
+def philox_normal_aligned(seed, first, BLOCK: tl.constexpr):
+    """The stream's elements first .. first + BLOCK - 1 for ``first % 4 == 0``: one randn4x
+    per group of four (a quarter of the Philox work of :func:`philox_normal`), interleaved
+    back into stream order with join/reshape."""
+    groups = (first >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    n0, n1, n2, n3 = tl.randn4x(seed, groups)
+    # join(join(n0, n2), join(n1, n3))[g, i, j] = n_{2i + j}: flattening gives n0 n1 n2 n3 per group
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+
+@triton.jit
 def scale_terms(s, PARAM: tl.constexpr):
     """(sigma, log sigma^2, d sigma/ds, d logvar/ds) for PARAM 0 = logvar, 1 = logstd, 2 = softplus."""
     if PARAM == 0:

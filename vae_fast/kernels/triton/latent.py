@@ -8,7 +8,7 @@ accumulated in registers and stored once, so results are deterministic.
 import triton
 import triton.language as tl
 
-from ._math import LN2, philox_normal, scale_terms
+from ._math import LN2, philox_normal, philox_normal_aligned, scale_terms
 
 
 @triton.jit
@@ -20,7 +20,7 @@ def latent_forward_kernel(
     z_ptr, kl_ptr, kl_per_dim_ptr,
     batch, dim, samples,
     PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, WANT_KL_PER_DIM: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # int64 before multiplying by strides: batch * dim * samples may exceed 2^31
     row = tl.program_id(0).to(tl.int64)
@@ -54,6 +54,8 @@ def latent_forward_kernel(
             flat = (k * batch + row) * dim + cols
             if HAS_EPS:
                 eps = tl.load(eps_ptr + flat, mask=mask, other=0.0).to(ACC)
+            elif DIM_MULTIPLE_OF_4:  # the block starts on a Philox group boundary
+                eps = philox_normal_aligned(seed, (k * batch + row) * dim + j0, BLOCK).to(ACC)
             else:
                 eps = philox_normal(seed, flat).to(ACC)
             tl.store(z_ptr + flat, mu + sigma * eps, mask=mask)
@@ -71,7 +73,7 @@ def latent_backward_kernel(
     batch, dim, samples,
     PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_KL: tl.constexpr, HAS_GRAD_KL_PER_DIM: tl.constexpr, WANT_PRIOR_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     seed = tl.load(seed_ptr)
@@ -94,6 +96,8 @@ def latent_backward_kernel(
                 flat = (k * batch + row) * dim + cols
                 if HAS_EPS:
                     eps = tl.load(eps_ptr + flat, mask=mask, other=0.0).to(ACC)
+                elif DIM_MULTIPLE_OF_4:
+                    eps = philox_normal_aligned(seed, (k * batch + row) * dim + j0, BLOCK).to(ACC)
                 else:
                     eps = philox_normal(seed, flat).to(ACC)
                 gz = tl.load(grad_z_ptr + flat, mask=mask, other=0.0).to(ACC)
