@@ -18,6 +18,8 @@ from .functional import (
     gaussian_sample_kl,
     register_likelihood,
 )
+from . import diagnostics
+from .diagnostics import iwae_bound
 from .ops.likelihood import set_inplace_backward
 from .schedules import KLWarmup
 
@@ -26,5 +28,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "backend", "use_backend", "set_validate_args", "set_inplace_backward", "LIKELIHOODS", "ELBOResult", "KLWarmup",
     "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
-    "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood",
+    "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood", "iwae_bound", "diagnostics",
 ]

@@ -1,0 +1,160 @@
+"""What q(z|x) converges to, measured: importance-weighted bounds and posterior diagnostics.
+
+The identity ELBO = log p(x) - KL(q(z|x) || p(z|x)) says that maximising the ELBO pulls
+q(z|x) toward the *true posterior of the current decoder* (within q's family); the
+KL-to-prior term pulls the *aggregate* posterior q(z) = E_x q(z|x) toward p(z). These
+functions estimate both gaps:
+
+* :func:`iwae_bound` — log p(x) from K importance samples (Burda et al., 2016);
+* :func:`posterior_gap` — IWAE-K minus ELBO, an estimate of KL(q(z|x) || p(z|x));
+* :func:`kl_per_dim`, :func:`active_units`, :func:`mutual_information`,
+  :func:`aggregate_kl` — how the latent code is used (Burda et al. 2016; Hoffman & Johnson
+  2016, "ELBO surgery"; He et al. 2019, "Lagging inference networks").
+
+All take encoder outputs ``mu``, ``logvar`` of shape ``(N, Z)`` (log-variance
+parameterisation) and work in chunks so that large N or K fit in memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .functional import LIKELIHOODS, _check_nonnegative, gaussian_kl, gaussian_sample_kl
+from ._validation import check_choice, check_positive_int, check_tensor
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, exp(logvar)) summed over the last dim."""
+    return -0.5 * (_LOG_2PI + logvar + (z - mean) ** 2 * torch.exp(-logvar)).sum(-1)
+
+
+def _logvar(scale: torch.Tensor, param: str) -> torch.Tensor:
+    from .reference import logvar_from_scale
+
+    return logvar_from_scale(scale, param)
+
+
+@torch.no_grad()
+def iwae_bound(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    decode: Callable[[torch.Tensor], object],
+    *,
+    k: int,
+    likelihood: str | Callable = "bernoulli",
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    param: str = "logvar",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """IWAE-k estimate of log p(x), per example ``(B,)``:
+
+        log (1/k) sum_i p(x | z_i) p(z_i) / q(z_i | x),   z_i ~ q(z | x)
+
+    It is a lower bound in expectation that increases with k toward log p(x). Samples are
+    drawn ``chunk_size`` at a time (default: all k) by the fused latent kernel; ``decode`` is
+    called on ``(chunk, B, Z)`` and the likelihood's ``(chunk, B)`` log-probabilities are
+    combined with a running max-shifted log-sum-exp, so memory is bounded by one chunk.
+    """
+    check_positive_int("k", k)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    check_tensor("x", x, floating=False)
+    log_prob = likelihood if callable(likelihood) else LIKELIHOODS.get(likelihood)
+    if log_prob is None:
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+    chunk = min(chunk_size or k, k)
+    lv = _logvar(logvar, param)
+    pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.expand_as(mu)
+    plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.expand_as(mu)
+    running_max = None
+    running_sum = None
+    for start in range(0, k, chunk):
+        size = min(chunk, k - start)
+        z, _ = gaussian_sample_kl(mu, logvar, param=param, num_samples=size, generator=generator,
+                                  prior_mu=prior_mu, prior_logvar=prior_logvar)
+        z = z if size > 1 else z.unsqueeze(0)
+        log_px = log_prob(decode(z), x)
+        log_px = log_px if log_px.dim() == 2 else log_px.unsqueeze(0)
+        log_w = log_px + _log_normal(z, pm, plv) - _log_normal(z, mu, lv)  # (size, B)
+        chunk_max = log_w.max(0).values
+        if running_max is None:
+            running_max, running_sum = chunk_max, torch.exp(log_w - chunk_max).sum(0)
+        else:
+            new_max = torch.maximum(running_max, chunk_max)
+            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(log_w - new_max).sum(0)
+            running_max = new_max
+    return running_max + torch.log(running_sum) - math.log(k)
+
+
+def posterior_gap(x, mu, logvar, decode, *, k: int = 100, likelihood="bernoulli", generator=None,
+                  chunk_size=None, num_elbo_samples: int = 1) -> torch.Tensor:
+    """IWAE-k minus the ELBO, per example ``(B,)``: an estimate of KL(q(z|x) || p(z|x)), the part
+    of the ELBO's gap that a better q would close (it underestimates the gap by what IWAE-k
+    still misses, which shrinks as k grows)."""
+    from .functional import elbo
+
+    bound = iwae_bound(x, mu, logvar, decode, k=k, likelihood=likelihood, generator=generator, chunk_size=chunk_size)
+    with torch.no_grad():
+        value = elbo(x, mu, logvar, decode, likelihood=likelihood, num_samples=num_elbo_samples,
+                     generator=generator, reduction="none").elbo
+    return bound - value
+
+
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Dataset-average KL(q(z_j|x) || N(0, 1)) per latent dim, ``(Z,)``."""
+    return gaussian_kl(mu, logvar, reduce=False).mean(0)
+
+
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
+    """Number of latent dims whose posterior mean varies over the data: Cov_x(E_q[z_j]) > threshold
+    (Burda et al., 2016)."""
+    check_tensor("mu", mu)
+    threshold = _check_nonnegative("threshold", threshold)
+    return int((mu.var(0, unbiased=True) > threshold).sum())
+
+
+def _log_aggregate_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log q(z) = log (1/N) sum_n q(z | x_n) for each row of z, ``(M,)``, in chunks of z."""
+    n = mu.shape[0]
+    out = []
+    for start in range(0, z.shape[0], chunk):
+        zc = z[start:start + chunk, None, :]  # (m, 1, Z) against (1, N, Z)
+        log_q = _log_normal(zc, mu[None], logvar[None])  # (m, N)
+        out.append(torch.logsumexp(log_q, dim=1) - math.log(n))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, *, samples: int = 1,
+                       generator: torch.Generator | None = None, chunk_size: int = 256) -> torch.Tensor:
+    """I(x; z) under q: E_x E_q(z|x)[log q(z|x) - log q(z)], with q(z) the aggregate posterior of
+    the given batch (Hoffman & Johnson 2016; the estimator of He et al. 2019). Monte Carlo with
+    ``samples`` draws per example; O(N^2 Z) in chunks of ``chunk_size``. Returns a 0-d tensor."""
+    check_positive_int("samples", samples)
+    z, _ = gaussian_sample_kl(mu, logvar, num_samples=samples, generator=generator)
+    z = z.reshape(-1, mu.shape[-1]) if samples > 1 else z
+    mu_rep = mu.repeat(samples, 1)
+    lv_rep = logvar.repeat(samples, 1)
+    log_q_cond = _log_normal(z, mu_rep, lv_rep)
+    log_q_agg = _log_aggregate_density(z, mu, logvar, chunk_size)
+    return (log_q_cond - log_q_agg).mean()
+
+
+@torch.no_grad()
+def aggregate_kl(mu: torch.Tensor, logvar: torch.Tensor, *, samples: int = 1,
+                 generator: torch.Generator | None = None, chunk_size: int = 256) -> torch.Tensor:
+    """KL(q(z) || p(z)) of the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) against N(0, I)
+    ("ELBO surgery": E_x KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z))). Monte Carlo, 0-d tensor."""
+    check_positive_int("samples", samples)
+    z, _ = gaussian_sample_kl(mu, logvar, num_samples=samples, generator=generator)
+    z = z.reshape(-1, mu.shape[-1]) if samples > 1 else z
+    log_q_agg = _log_aggregate_density(z, mu, logvar, chunk_size)
+    log_p = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+    return (log_q_agg - log_p).mean()
