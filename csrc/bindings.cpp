@@ -5,6 +5,7 @@
 // touches memory, releases the GIL, and picks the widest instruction set the
 // running CPU supports (each kernel file is compiled once per ISA).
 #include <pybind11/pybind11.h>
+#include <sys/mman.h>
 
 #include <stdexcept>
 #include <string>
@@ -183,6 +184,24 @@ int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int
   return VF_DISPATCH(categorical, dtype, a);
 }
 
+// Asks the kernel to back [ptr, ptr + nbytes) with transparent huge pages where it can.
+// Fresh multi-megabyte output buffers otherwise cost one page fault per 4 KiB on first
+// touch: for a 48 MiB gradient that is ~12k faults, slower than the kernel writing it.
+// Advisory only (MADV_HUGEPAGE): nothing changes where THP is off or the range is small.
+bool advise_hugepages(uintptr_t ptr, int64_t nbytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (ptr + uintptr_t(nbytes)) & ~(kHuge - 1);
+  if (nbytes <= 0 || end <= begin) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)ptr;
+  (void)nbytes;
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -193,4 +212,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("latent_backward", &latent_backward);
   m.def("elementwise_likelihood", &elementwise_likelihood);
   m.def("categorical", &categorical);
+  m.def("advise_hugepages", &advise_hugepages, "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer");
 }

@@ -209,15 +209,22 @@ int64_t categorical_impl(const CategoricalArgs& a) {
       for (int64_t c = 0; c < C; ++c) m = l[c] > m ? l[c] : m;
       const T shift = std::isfinite(m) ? m : T(0);
       T s = T(0);
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < C; ++c) s += vexp(l[c] - shift);
-      const T lse = shift + vlog(s);
-      row_sum += l[tgt] - lse;
       if (grad != nullptr) {
+        // one exp per logit: keep e^(l - shift) in the gradient buffer, then normalise it there
         T* __restrict g = grad + (r * P + p) * C;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < C; ++c) {
+          g[c] = vexp(l[c] - shift);
+          s += g[c];
+        }
+        const T inv_s = T(1) / s;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) g[c] = (c == tgt ? T(1) : T(0)) - vexp(l[c] - lse);
+        for (int64_t c = 0; c < C; ++c) g[c] = (c == tgt ? T(1) : T(0)) - g[c] * inv_s;
+      } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < C; ++c) s += vexp(l[c] - shift);
       }
+      row_sum += l[tgt] - (shift + vlog(s));
     }
     log_prob[r] = row_sum;
   }

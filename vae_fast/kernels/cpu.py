@@ -30,6 +30,19 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+_HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
+    """An uninitialised buffer like ``t`` (or of ``shape``) for a kernel to fill; large ones get
+    transparent huge pages, so that first touch costs a fault per 2 MiB instead of per 4 KiB."""
+    out = torch.empty_like(t) if shape is None else t.new_empty(shape)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= _HUGE_PAGE_MIN_BYTES:
+        _C.advise_hugepages(out.data_ptr(), nbytes)
+    return out
+
+
 def _to(outs, dtype):
     return tuple(o if o is None or isinstance(o, int) else o.to(dtype) for o in outs)
 
@@ -40,7 +53,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     if dtype != out_dtype:
         mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
-    z = mu.new_empty((num_samples, batch, dim))
+    z = _new_output(mu, (num_samples, batch, dim))
     kl = mu.new_empty((batch,))
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
     _C.latent_forward(
@@ -60,8 +73,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
             _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
     batch, dim = mu.shape
-    grad_mu = torch.empty_like(mu)
-    grad_scale = torch.empty_like(mu)
+    grad_mu = _new_output(mu)
+    grad_scale = _new_output(mu)
     grad_pm = torch.empty_like(mu) if want_prior_grad else None
     grad_plv = torch.empty_like(mu) if want_prior_grad else None
     _C.latent_backward(
@@ -81,8 +94,8 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast(logvar, dtype)
     rows, dim = theta.shape
     log_prob = theta.new_empty((rows,))
-    grad = torch.empty_like(theta) if want_grad else None
-    grad_lv = torch.empty_like(theta) if want_logvar_grad else None
+    grad = _new_output(theta) if want_grad else None
+    grad_lv = _new_output(theta) if want_logvar_grad else None
     bad = _C.elementwise_likelihood(
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
         *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), torch.get_num_threads(),
@@ -97,7 +110,7 @@ def categorical_log_prob(logits, target, want_grad):
     logits = _cast(logits, dtype)
     rows, pixels, classes = logits.shape
     log_prob = logits.new_empty((rows,))
-    grad = torch.empty_like(logits) if want_grad else None
+    grad = _new_output(logits) if want_grad else None
     bad = _C.categorical(
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
         log_prob.data_ptr(), _ptr(grad), torch.get_num_threads(),
