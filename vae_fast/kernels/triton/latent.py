@@ -12,6 +12,19 @@ from ._math import LN2, philox_normal, philox_normal_aligned, scale_terms
 
 
 @triton.jit
+def prior_terms(mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
+                prior_logvar_ptr, plv_row_stride, plv_col_stride, HAS_PRIOR: tl.constexpr, ACC: tl.constexpr):
+    """(prior log-variance, mu - prior mean, 1 / prior variance) for one block of a row; the prior
+    is read through its broadcast strides, N(0, I) when absent."""
+    if HAS_PRIOR:
+        pmu = tl.load(prior_mu_ptr + row * pm_row_stride + cols * pm_col_stride, mask=mask, other=0.0).to(ACC)
+        plv = tl.load(prior_logvar_ptr + row * plv_row_stride + cols * plv_col_stride, mask=mask, other=0.0).to(ACC)
+        return plv, mu - pmu, tl.exp(-plv)
+    else:
+        return mu * 0.0, mu, mu * 0.0 + 1.0
+
+
+@triton.jit
 def latent_forward_kernel(
     mu_ptr, scale_ptr,
     prior_mu_ptr, pm_row_stride, pm_col_stride,
@@ -34,15 +47,9 @@ def latent_forward_kernel(
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
         s = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
         sigma, logvar, _, _ = scale_terms(s, PARAM)
-        if HAS_PRIOR:
-            pmu = tl.load(prior_mu_ptr + row * pm_row_stride + cols * pm_col_stride, mask=mask, other=0.0).to(ACC)
-            plv = tl.load(prior_logvar_ptr + row * plv_row_stride + cols * plv_col_stride, mask=mask, other=0.0).to(ACC)
-            diff = mu - pmu
-            inv_prior_var = tl.exp(-plv)
-        else:
-            plv = s * 0.0
-            diff = mu
-            inv_prior_var = s * 0.0 + 1.0
+        plv, diff, inv_prior_var = prior_terms(
+            mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
+            prior_logvar_ptr, plv_row_stride, plv_col_stride, HAS_PRIOR, ACC)
         # 2. KL = exp(d - ln 2) - (1 + d)/2 + diff^2 / (2 prior_var), d = lv - plv (finite up to d = 89 in fp32)
         d = logvar - plv
         kl = tl.exp(d - LN2) - 0.5 * (1.0 + d) + 0.5 * diff * diff * inv_prior_var
@@ -104,15 +111,9 @@ def latent_backward_kernel(
                 sum_gz += gz
                 sum_gz_eps += gz * eps
         # 2. KL derivatives (see csrc/latent.cpp)
-        if HAS_PRIOR:
-            pmu = tl.load(prior_mu_ptr + row * pm_row_stride + cols * pm_col_stride, mask=mask, other=0.0).to(ACC)
-            plv = tl.load(prior_logvar_ptr + row * plv_row_stride + cols * plv_col_stride, mask=mask, other=0.0).to(ACC)
-            diff = mu - pmu
-            inv_prior_var = tl.exp(-plv)
-        else:
-            plv = s * 0.0
-            diff = mu
-            inv_prior_var = s * 0.0 + 1.0
+        plv, diff, inv_prior_var = prior_terms(
+            mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
+            prior_logvar_ptr, plv_row_stride, plv_col_stride, HAS_PRIOR, ACC)
         dkl_dlogvar = tl.exp(logvar - plv - LN2) - 0.5
         dkl_dmu = diff * inv_prior_var
         g_kl = row_grad_kl + mu * 0.0

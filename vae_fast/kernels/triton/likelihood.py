@@ -49,7 +49,7 @@ def elementwise_kernel(
             value = x * theta - softplus
             grad = x - sigmoid
             if LIKELIHOOD == 1:
-                log_c, dlog_c = continuous_bernoulli_log_norm(theta, t, ACC == tl.float64)
+                log_c, dlog_c = continuous_bernoulli_log_norm(theta, t)
                 value += log_c
                 grad += dlog_c
         total += tl.where(mask, value, 0.0)
