@@ -1,0 +1,41 @@
+"""The benchmark scripts import and handle their arguments without a GPU (they are run, not
+tested for speed, elsewhere)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_roofline_without_cuda_exits_with_a_message():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_roofline.py"), "--quick"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "needs a CUDA device" in result.stderr
+
+
+def test_gpu_roofline_arguments():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_roofline
+
+    args = gpu_roofline.parse_args(["--quick", "--out", "somewhere"])
+    assert args.quick and args.out == "somewhere" and not args.no_compile
+    with pytest.raises(SystemExit):
+        gpu_roofline.parse_args(["--no-such-flag"])
+    assert gpu_roofline.QUICK <= set(gpu_roofline.CASES) and gpu_roofline.COMPILE <= set(gpu_roofline.CASES)
+
+
+def test_cpu_report_helpers_measure_something():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import impls
+    from benchmarks.timing import saved_bytes, time_fwd_bwd
+
+    inputs = impls.latent_inputs((8, 4), "cpu")
+    assert time_fwd_bwd(impls.latent_fused, inputs, inputs[:2], budget_s=0.01) > 0
+    # the fused latent op saves mu, logvar and the 8-byte seed; eager saves more
+    assert saved_bytes(impls.latent_fused, inputs) < saved_bytes(impls.latent_eager, inputs)
