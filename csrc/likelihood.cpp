@@ -89,8 +89,10 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     alignas(64) T lv_buf[kChunk];
     const T* __restrict th_row = theta + r * D;
     const T* __restrict x_row = x + (r % a.x_rows) * D;
-    // for a row-constant logvar, e^-lv is computed once per row
-    const T row_lv = (L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant) ? logvar[r * a.logvar.row_stride] : T(0);
+    // for a row-constant logvar, e^-lv is computed once per row (an empty row reads nothing:
+    // a zero-size logvar may have no storage at all)
+    const bool read_row_lv = L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant && D > 0;
+    const T row_lv = read_row_lv ? logvar[r * a.logvar.row_stride] : T(0);
     const T row_inv_var = (L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant) ? vexp(-row_lv) : T(1);
     T row_sum = T(0);
     int64_t row_bad = 0;

@@ -12,11 +12,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 import vae_fast  # noqa: E402
 from vae_fast import _backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+
+# Property tests: a bounded number of examples by default (CI budget); run
+# `pytest --hypothesis-profile=thorough` for a long fuzzing session.
+settings.register_profile("default", max_examples=30, deadline=None)
+settings.register_profile("thorough", max_examples=3000, deadline=None)
+settings.load_profile("default")
 
 
 def backend_cases():

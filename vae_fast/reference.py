@@ -143,7 +143,9 @@ def latent_noise(seed: int, num_samples: int, batch: int, dim: int) -> torch.Ten
 
 
 def _sum_event(values: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    return values.reshape(*values.shape[:batch_dims], -1).sum(-1)
+    if values.dim() == batch_dims:
+        return values
+    return values.flatten(batch_dims).sum(-1)
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:

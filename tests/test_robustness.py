@@ -1,0 +1,270 @@
+"""Robustness: clear errors for bad input, property tests against the reference, edge shapes,
+determinism, thread safety and DDP.
+
+Hypothesis runs a bounded number of examples by default; ``--hypothesis-profile=thorough``
+runs many more (see tests/conftest.py). Tolerances follow the policy in conftest.py."""
+import math
+import os
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vae_fast
+from vae_fast import reference as ref
+
+from .conftest import assert_matches_reference, backend_cases
+
+KERNEL_BACKENDS = [c for c in backend_cases() if c[0] != "reference"]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_latent_argument_errors_name_the_argument():
+    mu = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="logvar must have mu's shape"):
+        vae_fast.gaussian_sample_kl(mu, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"eps must have shape \(2, 3, 4\)"):
+        vae_fast.gaussian_sample_kl(mu, mu, eps=torch.zeros(3, 4), num_samples=2)
+    with pytest.raises(ValueError, match="prior_mu of shape"):
+        vae_fast.gaussian_sample_kl(mu, mu, prior_mu=torch.zeros(5))
+    with pytest.raises(TypeError, match="mu must be a floating-point tensor"):
+        vae_fast.gaussian_sample_kl(torch.zeros(3, 4, dtype=torch.int64), mu)
+    with pytest.raises(TypeError, match="logvar must be a torch.Tensor"):
+        vae_fast.gaussian_kl(mu, [[0.0] * 4] * 3)
+    with pytest.raises(TypeError, match="logvar has dtype torch.float64 but mu has torch.float32"):
+        vae_fast.gaussian_kl(mu, mu.double())
+    with pytest.raises(ValueError, match="logvar is on meta but mu is on cpu"):
+        vae_fast.gaussian_kl(mu, torch.zeros(3, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"param must be one of \['logstd', 'logvar', 'softplus'\]"):
+        vae_fast.gaussian_kl(mu, mu, param="log_sigma")
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        vae_fast.gaussian_sample_kl(mu, mu, num_samples=0)
+    with pytest.raises(TypeError, match="num_samples must be an int"):
+        vae_fast.gaussian_sample_kl(mu, mu, num_samples=2.0)
+    with pytest.raises(ValueError, match="eps is treated as data"):
+        vae_fast.gaussian_sample_kl(mu, mu, eps=torch.zeros(3, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="mu must have shape"):
+        vae_fast.gaussian_kl(torch.tensor(1.0), torch.tensor(1.0))
+
+
+def test_likelihood_argument_errors_name_the_argument():
+    logits = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"logits of shape \(3, 5\) must have x's shape"):
+        vae_fast.bernoulli_log_prob(torch.zeros(3, 5), torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        vae_fast.bernoulli_log_prob(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="x is treated as data"):
+        vae_fast.gaussian_log_prob(logits, torch.zeros(3, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="logvar of shape"):
+        vae_fast.gaussian_log_prob(logits, torch.zeros(3, 4), torch.zeros(5))
+    with pytest.raises(TypeError, match="x must be an integer tensor of class indices"):
+        vae_fast.categorical_log_prob(torch.zeros(3, 4, 6), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="x is on meta but logits is on cpu"):
+        vae_fast.bernoulli_log_prob(logits, torch.zeros(3, 4, device="meta"))
+    with pytest.raises(ValueError, match="x must have a leading batch dim"):
+        vae_fast.bernoulli_log_prob(torch.zeros(()), torch.zeros(()))
+
+
+def test_nan_and_inf_propagate_like_torch():
+    mu = torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [0.0, 0.0]])
+    lv = torch.tensor([[0.0, 0.0], [0.0, 0.0], [float("inf"), 0.0]])
+    kl = vae_fast.gaussian_kl(mu, lv)
+    eager = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1)  # nan, inf, nan (inf - inf)
+    torch.testing.assert_close(kl, eager, equal_nan=True)
+    logits = torch.tensor([[float("nan"), 0.0]])
+    out = vae_fast.bernoulli_log_prob(logits, torch.tensor([[1.0, 0.0]]))
+    assert math.isnan(out.item())
+
+
+# ------------------------------------------------------------------ property tests vs the reference
+
+dims = st.integers(min_value=0, max_value=37)
+finite = dict(allow_nan=False, allow_infinity=False)
+
+
+@pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
+@settings(deadline=None)
+@given(batch=st.integers(0, 9), dim=dims, samples=st.integers(1, 3), param=st.sampled_from(["logvar", "logstd", "softplus"]),
+       transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_latent_against_reference(case, batch, dim, samples, param, transposed, seed):
+    name, device = case
+    gen = torch.Generator().manual_seed(seed)
+    shape = (dim, batch) if transposed else (batch, dim)
+    mu = (torch.randn(shape, generator=gen, dtype=torch.float64) * 10)
+    lv = (torch.rand(shape, generator=gen, dtype=torch.float64) * 60 - 30)
+    if transposed:  # non-contiguous views
+        mu, lv = mu.t(), lv.t()
+    eps = torch.randn(samples, batch, dim, generator=gen, dtype=torch.float64)
+    with vae_fast.use_backend(name):
+        z, kl = vae_fast.gaussian_sample_kl(mu.to(device), lv.to(device), param=param, eps=eps.to(device), num_samples=samples)
+    z_ref = ref.reparameterize(mu, lv, eps, param)
+    # z = mu + sigma * eps may cancel: its error is relative to the larger of the two terms
+    magnitude = max(1.0, mu.abs().max().item() if mu.numel() else 0.0,
+                    (ref.std_from_scale(lv, param) * eps).abs().max().item() if eps.numel() else 0.0)
+    assert_matches_reference(z if samples > 1 else z.unsqueeze(0), z_ref, torch.float64, terms=magnitude)
+    assert_matches_reference(kl, ref.gaussian_kl(mu, lv, param=param), torch.float64, terms=max(dim, 1) * 1e6)
+
+
+@pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
+@settings(deadline=None)
+@given(batch=st.integers(0, 6), dim=dims, samples=st.sampled_from([None, 2]),
+       likelihood=st.sampled_from(["bernoulli", "continuous_bernoulli", "gaussian"]),
+       scale=st.sampled_from([1e-6, 1.0, 30.0, 1e4]), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_elementwise_likelihoods_against_reference(case, batch, dim, samples, likelihood, scale, seed):
+    name, device = case
+    gen = torch.Generator().manual_seed(seed)
+    lead = (samples, batch) if samples else (batch,)
+    theta = torch.randn(*lead, dim, generator=gen, dtype=torch.float64) * scale
+    x = torch.rand(batch, dim, generator=gen, dtype=torch.float64)
+    fused = {"bernoulli": vae_fast.bernoulli_log_prob, "continuous_bernoulli": vae_fast.continuous_bernoulli_log_prob,
+             "gaussian": vae_fast.gaussian_log_prob}[likelihood]
+    oracle = {"bernoulli": ref.bernoulli_log_prob, "continuous_bernoulli": ref.continuous_bernoulli_log_prob,
+              "gaussian": ref.gaussian_log_prob}[likelihood]
+    with vae_fast.use_backend(name):
+        got = fused(theta.to(device), x.to(device))
+    expected = oracle(theta, x, batch_dims=len(lead))
+    # relative to the size of the summed terms: e.g. a Gaussian with mean 1e4 sums terms ~1e8
+    magnitude = max(1.0, float(scale) ** 2 if likelihood == "gaussian" else float(scale))
+    assert_matches_reference(got, expected, torch.float64, terms=max(dim, 1) * magnitude)
+
+
+# ------------------------------------------------------------------ edge shapes and big offsets
+
+
+@pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_empty_and_single_element_batches(case):
+    name, device = case
+    with vae_fast.use_backend(name):
+        for shape in [(0, 784), (1, 784), (3, 1)]:
+            logits = torch.randn(shape, device=device, requires_grad=True)
+            out = vae_fast.bernoulli_log_prob(logits, torch.rand(shape, device=device))
+            assert out.shape == shape[:1]
+            out.sum().backward()
+            assert logits.grad.shape == shape
+        out = vae_fast.categorical_log_prob(torch.randn(0, 5, 7, device=device), torch.zeros(0, 5, dtype=torch.long, device=device))
+        assert out.shape == (0,)
+        # rows with no pixels: a zero-size logvar view may have no storage (found by the fuzzer)
+        for _ in range(20):
+            out = vae_fast.gaussian_log_prob(torch.randn(2, 3, 0, device=device), torch.rand(3, 0, device=device))
+            assert out.shape == (2, 3) and torch.all(out == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VAE_FAST_BIG_TESTS") != "1",
+                    reason="needs ~20 GiB of memory: set VAE_FAST_BIG_TESTS=1 to run")
+def test_more_than_two_to_the_31_elements():
+    rows, dim = 2**21 + 3, 1024  # 2^31 + 3072 elements, offsets past int32
+    logits = torch.zeros(rows, dim)
+    logits[-1, -1] = 5.0
+    x = torch.ones(1, dim).expand(rows, dim)
+    out = vae_fast.bernoulli_log_prob(logits, x)
+    expected_last = -(dim - 1) * math.log(2) - math.log1p(math.exp(-5.0))
+    assert out[-1].item() == pytest.approx(expected_last, rel=1e-5)
+    assert out[0].item() == pytest.approx(-dim * math.log(2), rel=1e-5)
+
+
+# ------------------------------------------------------------------ determinism and concurrency
+
+
+def test_deterministic_algorithms_mode():
+    torch.use_deterministic_algorithms(True)
+    try:
+        mu = torch.randn(16, 8, requires_grad=True)
+        z, kl = vae_fast.gaussian_sample_kl(mu, torch.zeros(16, 8), generator=torch.Generator().manual_seed(0))
+        (z.sum() + kl.sum()).backward()
+        out = vae_fast.bernoulli_log_prob(torch.randn(4, 9), torch.rand(4, 9))
+        assert torch.isfinite(out).all()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_concurrent_calls_from_python_threads_are_correct():
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(257, 300, generator=gen, dtype=torch.float64), torch.rand(257, 300, generator=gen, dtype=torch.float64))
+              for _ in range(8)]
+    expected = [ref.continuous_bernoulli_log_prob(t, x) for t, x in inputs]
+    results = [None] * len(inputs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = vae_fast.continuous_bernoulli_log_prob(*inputs[i])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got, want in zip(results, expected):
+        assert_matches_reference(got, want, torch.float64, terms=300)
+
+
+# ------------------------------------------------------------------ DistributedDataParallel
+
+
+class TinyVAE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(12, 6)
+        self.dec = torch.nn.Linear(3, 12)
+
+    def forward(self, x, eps=None, generator=None):
+        mu, logvar = self.enc(x).chunk(2, dim=-1)
+        out = vae_fast.elbo(x, mu, logvar, self.dec, eps=eps, generator=generator)
+        return out.loss, out.z
+
+
+def _ddp_worker(rank, world, port, state, x, eps, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = TinyVAE().double()
+        model.load_state_dict(state)
+        ddp = DistributedDataParallel(model)
+        shard = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+        loss, _ = ddp(x[shard], eps[shard])
+        loss.backward()  # DDP averages the per-rank mean-loss gradients = the full-batch mean's
+        torch.manual_seed(1000 + rank)  # per-rank seeds: each rank must draw different noise
+        zeros = torch.zeros(4, 3, dtype=torch.float64)
+        z, _ = vae_fast.gaussian_sample_kl(zeros, zeros)  # z = eps
+        gathered = [torch.zeros_like(z) for _ in range(world)]
+        dist.all_gather(gathered, z)
+        if rank == 0:
+            torch.save({"grads": [p.grad for p in model.parameters()], "z": gathered}, os.path.join(out_dir, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = TinyVAE().double()
+    x = torch.rand(8, 12, dtype=torch.float64).bernoulli()
+    eps = torch.randn(8, 3, dtype=torch.float64)
+    loss, _ = model(x, eps)
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.spawn(_ddp_worker, args=(2, port, state, x, eps, str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "ddp.pt")
+    for got, want in zip(result["grads"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    z0, z1 = result["z"]
+    assert not torch.allclose(z0, z1)
