@@ -222,12 +222,14 @@ class TinyVAE(torch.nn.Module):
         return out.loss, out.z
 
 
-def _ddp_worker(rank, world, port, state, x, eps, out_dir):
+def _ddp_worker(rank, world, state, x, eps, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for; gloo then talks over loopback
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         model = TinyVAE().double()
         model.load_state_dict(state)
@@ -247,8 +249,6 @@ def _ddp_worker(rank, world, port, state, x, eps, out_dir):
 
 
 def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
@@ -258,11 +258,8 @@ def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
     loss, _ = model(x, eps)
     loss.backward()
     expected = [p.grad.clone() for p in model.parameters()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    mp.spawn(_ddp_worker, args=(2, port, state, x, eps, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, state, x, eps, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt")
     for got, want in zip(result["grads"], expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
