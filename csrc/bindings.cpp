@@ -5,6 +5,7 @@
 // touches memory, releases the GIL, and picks the widest instruction set the
 // running CPU supports (each kernel file is compiled once per ISA).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <sys/mman.h>
 
 #include <stdexcept>
@@ -55,6 +56,26 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("vae_fast._C: " + what);
 }
 
+// Elements a (rows x cols) operand read through (row_stride, col_stride) touches: the
+// largest index + 1.
+int64_t extent(int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  if (rows == 0 || cols == 0) return 0;
+  return (rows - 1) * row_stride + (cols - 1) * col_stride + 1;
+}
+
+// Defence in depth: each pointer arrives with the number of elements its buffer holds from
+// that address on (Python reads it off the tensor's storage); no kernel touches more.
+void check_extents(const std::vector<const char*>& names, const std::vector<uintptr_t>& ptrs,
+                   const std::vector<int64_t>& needed, const std::vector<int64_t>& available) {
+  require(available.size() == names.size(), "expected " + std::to_string(names.size()) + " buffer extents, got " +
+                                                std::to_string(available.size()));
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (ptrs[i] == 0) continue;
+    require(available[i] >= needed[i], std::string(names[i]) + " holds " + std::to_string(available[i]) +
+                                           " elements but the kernel would touch " + std::to_string(needed[i]));
+  }
+}
+
 const void* as_ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 void* as_mut_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
@@ -97,9 +118,16 @@ LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t
 void latent_forward(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
                     uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs, uintptr_t prior_logvar,
                     int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed, uint64_t offset,
-                    uintptr_t z, uintptr_t kl, uintptr_t kl_per_dim, int num_threads) {
+                    uintptr_t z, uintptr_t kl, uintptr_t kl_per_dim, int num_threads,
+                    const std::vector<int64_t>& extents) {
   LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
                              prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
+  const int64_t n = batch * dim;
+  check_extents({"mu", "scale", "prior_mu", "prior_logvar", "eps", "z", "kl", "kl_per_dim"},
+                {mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim},
+                {n, n, extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
+                 batch, n},
+                extents);
   require(batch == 0 || kl != 0, "kl output must be non-null");
   require(batch == 0 || dim == 0 || samples == 0 || z != 0, "z output must be non-null");
   a.z = as_mut_ptr(z);
@@ -114,9 +142,17 @@ void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t s
                      uintptr_t prior_logvar, int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed,
                      uint64_t offset, uintptr_t grad_z, uintptr_t grad_kl, uintptr_t grad_kl_per_dim,
                      uintptr_t grad_mu, uintptr_t grad_scale, uintptr_t grad_prior_mu,
-                     uintptr_t grad_prior_logvar, int num_threads) {
+                     uintptr_t grad_prior_logvar, int num_threads, const std::vector<int64_t>& extents) {
   LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
                              prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
+  const int64_t n = batch * dim;
+  check_extents({"mu", "scale", "prior_mu", "prior_logvar", "eps", "grad_z", "grad_kl", "grad_kl_per_dim", "grad_mu",
+                 "grad_scale", "grad_prior_mu", "grad_prior_logvar"},
+                {mu, scale, prior_mu, prior_logvar, eps, grad_z, grad_kl, grad_kl_per_dim, grad_mu, grad_scale,
+                 grad_prior_mu, grad_prior_logvar},
+                {n, n, extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
+                 batch, n, n, n, n, n},
+                extents);
   require(batch == 0 || dim == 0 || (grad_mu != 0 && grad_scale != 0), "grad_mu and grad_scale must be non-null");
   require(prior_mu != 0 || (grad_prior_mu == 0 && grad_prior_logvar == 0), "prior gradients need a prior");
   a.grad_z = as_ptr(grad_z);
@@ -133,7 +169,7 @@ void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t s
 int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t x_rows, int64_t dim,
                                uintptr_t theta, uintptr_t x, uintptr_t logvar, int64_t lv_rs, int64_t lv_cs,
                                uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar,
-                               int num_threads) {
+                               int num_threads, const std::vector<int64_t>& extents) {
   check_dtype(dtype);
   check_threads(num_threads);
   require(likelihood >= 0 && likelihood <= 2, "likelihood code must be 0, 1 or 2");
@@ -146,6 +182,9 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   require(!gaussian || empty || logvar != 0, "the Gaussian likelihood needs logvar");
   require(gaussian || grad_logvar == 0, "grad_logvar is only for the Gaussian likelihood");
   require(grad_logvar == 0 || grad_theta != 0, "grad_logvar needs grad_theta");
+  check_extents({"theta", "x", "logvar", "log_prob", "grad_theta", "grad_logvar"},
+                {theta, x, logvar, log_prob, grad_theta, grad_logvar},
+                {rows * dim, x_rows * dim, extent(rows, dim, lv_rs, lv_cs), rows, rows * dim, rows * dim}, extents);
   ElementwiseLikelihoodArgs a;
   a.rows = rows;
   a.x_rows = x_rows;
@@ -163,13 +202,16 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
 }
 
 int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,
-                    uintptr_t target, uintptr_t log_prob, uintptr_t grad_logits, int num_threads) {
+                    uintptr_t target, uintptr_t log_prob, uintptr_t grad_logits, int num_threads,
+                    const std::vector<int64_t>& extents) {
   check_dtype(dtype);
   check_threads(num_threads);
   require(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
   require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
   require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
   require(rows == 0 || pixels == 0 || (logits != 0 && target != 0), "logits and target must be non-null");
+  check_extents({"logits", "target", "log_prob", "grad_logits"}, {logits, target, log_prob, grad_logits},
+                {rows * pixels * classes, x_rows * pixels, rows, rows * pixels * classes}, extents);
   CategoricalArgs a;
   a.rows = rows;
   a.x_rows = x_rows;

@@ -132,7 +132,34 @@ def test_fuzz_elementwise_likelihoods_against_reference(case, batch, dim, sample
     assert_matches_reference(got, expected, torch.float64, terms=max(dim, 1) * magnitude)
 
 
+@pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
+@settings(deadline=None)
+@given(batch=st.integers(0, 5), pixels=st.integers(0, 9), classes=st.integers(1, 40), samples=st.sampled_from([None, 2]),
+       scale=st.sampled_from([1e-3, 1.0, 50.0, 1e4]), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_categorical_against_reference(case, batch, pixels, classes, samples, scale, seed):
+    name, device = case
+    gen = torch.Generator().manual_seed(seed)
+    lead = (samples, batch) if samples else (batch,)
+    logits = torch.randn(*lead, pixels, classes, generator=gen, dtype=torch.float64) * scale
+    x = torch.randint(0, classes, (batch, pixels), generator=gen)
+    with vae_fast.use_backend(name):
+        got = vae_fast.categorical_log_prob(logits.to(device), x.to(device))
+    expected = ref.categorical_log_prob(logits, x, batch_dims=len(lead))
+    assert_matches_reference(got, expected, torch.float64, terms=max(pixels, 1) * max(1.0, scale))
+
+
 # ------------------------------------------------------------------ edge shapes and big offsets
+
+
+def test_very_long_rows():
+    # one row of 3 million pixels and a latent row of 100k dims (several tiles / column chunks)
+    logits = torch.randn(1, 3_000_000, dtype=torch.float64)
+    x = torch.rand(1, 3_000_000, dtype=torch.float64)
+    assert_matches_reference(vae_fast.continuous_bernoulli_log_prob(logits, x),
+                             ref.continuous_bernoulli_log_prob(logits, x), torch.float64, terms=3e6)
+    mu = torch.randn(2, 100_000, dtype=torch.float64)
+    lv = torch.randn(2, 100_000, dtype=torch.float64)
+    assert_matches_reference(vae_fast.gaussian_kl(mu, lv), ref.gaussian_kl(mu, lv), torch.float64, terms=1e5)
 
 
 @pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -265,3 +292,41 @@ def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     z0, z1 = result["z"]
     assert not torch.allclose(z0, z1)
+
+
+# ------------------------------------------------------------------ the C++ entry points check what they are given
+
+
+def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
+    from vae_fast import _backend
+
+    C = _backend._cpu_ext
+    if C is None:
+        pytest.skip("needs the C++ extension")
+    theta, x, out, grad = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4), torch.zeros(4, 8)
+    ok = (0, 0, 4, 4, 8, theta.data_ptr(), x.data_ptr(), 0, 0, 0, out.data_ptr(), grad.data_ptr(), 0, 1)
+    assert C.elementwise_likelihood(*ok, [32, 32, 0, 4, 32, 0]) == 0
+    with pytest.raises(ValueError, match="theta holds 31 elements but the kernel would touch 32"):
+        C.elementwise_likelihood(*ok, [31, 32, 0, 4, 32, 0])
+    with pytest.raises(ValueError, match="grad_theta holds 8 elements"):
+        C.elementwise_likelihood(*ok, [32, 32, 0, 4, 8, 0])
+    with pytest.raises(ValueError, match="expected 6 buffer extents"):
+        C.elementwise_likelihood(*ok, [32, 32])
+    with pytest.raises(ValueError, match="rows must be a multiple of x_rows"):
+        C.elementwise_likelihood(0, 0, 4, 3, 8, *ok[5:], [32, 32, 0, 4, 32, 0])
+    with pytest.raises(ValueError, match="dtype code"):
+        C.elementwise_likelihood(7, *ok[1:], [32, 32, 0, 4, 32, 0])
+    with pytest.raises(ValueError, match="sizes must be non-negative"):
+        C.elementwise_likelihood(0, 0, -4, 4, 8, *ok[5:], [32, 32, 0, 4, 32, 0])
+    mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
+    args = (0, 0, 2, 3, 1, mu.data_ptr(), mu.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 5, 0, z.data_ptr(), kl.data_ptr(), 0, 1)
+    C.latent_forward(*args, [6, 6, 0, 0, 0, 6, 2, 0])
+    with pytest.raises(ValueError, match="z holds 5 elements"):
+        C.latent_forward(*args, [6, 6, 0, 0, 0, 5, 2, 0])
+    with pytest.raises(ValueError, match="param code"):
+        C.latent_forward(0, 9, *args[2:], [6, 6, 0, 0, 0, 6, 2, 0])
+    logits, target = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64)
+    cat = (0, 2, 2, 3, 5, logits.data_ptr(), target.data_ptr(), kl.data_ptr(), 0, 1)
+    C.categorical(*cat, [30, 6, 2, 0])
+    with pytest.raises(ValueError, match="target holds 5 elements"):
+        C.categorical(*cat, [30, 5, 2, 0])

@@ -22,6 +22,14 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _extent(t: torch.Tensor | None) -> int:
+    """Elements the buffer behind ``t`` holds from ``t.data_ptr()`` on; the C++ side checks that no
+    kernel touches more (it never trusts the sizes and strides it is handed)."""
+    if t is None:
+        return 0
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
 def _strided(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.data_ptr(), t.stride(0), t.stride(1))
 
@@ -60,6 +68,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), torch.get_num_threads(),
+        [_extent(t) for t in (mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim)],
     )
     outs = (z, kl, kl_per_dim)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
@@ -82,6 +91,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
+        [_extent(t) for t in (mu, scale, prior_mu, prior_logvar, eps, grad_z, grad_kl, grad_kl_per_dim, grad_mu,
+                              grad_scale, grad_pm, grad_plv)],
     )
     outs = (grad_mu, grad_scale, grad_pm, grad_plv)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
@@ -99,6 +110,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     bad = _C.elementwise_likelihood(
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
         *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), torch.get_num_threads(),
+        [_extent(t) for t in (theta, x, logvar, log_prob, grad, grad_lv)],
     )
     outs = (log_prob, grad, grad_lv, bad)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
@@ -113,7 +125,7 @@ def categorical_log_prob(logits, target, want_grad):
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical(
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
-        log_prob.data_ptr(), _ptr(grad), torch.get_num_threads(),
+        log_prob.data_ptr(), _ptr(grad), torch.get_num_threads(), [_extent(t) for t in (logits, target, log_prob, grad)],
     )
     outs = (log_prob, grad, bad)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
