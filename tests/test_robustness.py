@@ -151,6 +151,20 @@ def test_fuzz_categorical_against_reference(case, batch, pixels, classes, sample
 # ------------------------------------------------------------------ edge shapes and big offsets
 
 
+@pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_zero_stride_views(case):
+    # expanded (stride-0) inputs are read correctly; torch has no negative strides to reject
+    name, device = case
+    row = torch.randn(1, 9, dtype=torch.float64)
+    logits, x = row.expand(5, 9), torch.rand(1, 9, dtype=torch.float64).expand(5, 9)
+    mu, lv = torch.randn(1, 4, dtype=torch.float64).expand(3, 4), torch.zeros(3, 1, dtype=torch.float64).expand(3, 4)
+    with vae_fast.use_backend(name):
+        got = vae_fast.bernoulli_log_prob(logits.to(device), x.to(device))
+        kl = vae_fast.gaussian_kl(mu.to(device), lv.to(device))
+    assert_matches_reference(got, ref.bernoulli_log_prob(logits, x), torch.float64, terms=9)
+    assert_matches_reference(kl, ref.gaussian_kl(mu, lv), torch.float64, terms=4)
+
+
 def test_very_long_rows():
     # one row of 3 million pixels and a latent row of 100k dims (several tiles / column chunks)
     logits = torch.randn(1, 3_000_000, dtype=torch.float64)
