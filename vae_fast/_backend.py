@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -27,7 +28,15 @@ _cpu_error: str | None = None
 try:
     from . import _C as _cpu_ext  # type: ignore[no-redef]
 except ImportError as exc:  # pragma: no cover - exercised by the fallback test in a subprocess
-    _cpu_error = f"{type(exc).__name__}: {exc}"
+    try:
+        _built = importlib.util.find_spec(f"{__package__}._C") is not None
+    except (ImportError, ValueError):
+        _built = True
+    if not _built:
+        # Python's own message here ("partially initialized module ... circular import") misleads
+        _cpu_error = "no compiled extension vae_fast/_C*.so was found (build it: pip install . or make test)"
+    else:
+        _cpu_error = f"{type(exc).__name__}: {exc}"
 
 _triton_error: str | None = None
 _triton_checked = False
