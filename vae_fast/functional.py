@@ -326,6 +326,27 @@ class ELBOResult(NamedTuple):
     z: torch.Tensor
 
 
+OBJECTIVES = ("elbo", "iwae", "iwae_dreg")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _importance_log_weights(log_lik, z, mu, scale, prior_mu, prior_logvar, param, stop_q_params):
+    """log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (K, B), from the K samples z (K, B, Z).
+
+    With ``stop_q_params`` the density log q is evaluated with detached (mu, sigma), so that
+    gradients reach the encoder only through z (the DReG estimator's pathwise term)."""
+    from .reference import logvar_from_scale
+
+    log_lik = log_lik if log_lik.dim() == 2 else log_lik.unsqueeze(0)
+    lv = logvar_from_scale(scale, param)
+    q_mu, q_lv = (mu.detach(), lv.detach()) if stop_q_params else (mu, lv)
+    log_q = -0.5 * (_LOG_2PI + q_lv + (z - q_mu) ** 2 * torch.exp(-q_lv)).sum(-1)
+    p_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
+    p_lv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar
+    log_p = -0.5 * (_LOG_2PI + p_lv + (z - p_mu) ** 2 * torch.exp(-p_lv)).sum(-1)
+    return log_lik + log_p - log_q
+
+
 def _check_nonnegative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -350,6 +371,7 @@ def elbo(
     reduction: str = "mean",
     eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    objective: str = "elbo",
 ) -> ELBOResult:
     """The VAE objective on fused kernels: ``ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z))``.
 
@@ -372,12 +394,24 @@ def elbo(
         prior_mu, prior_logvar: learned diagonal Gaussian prior (hierarchical VAEs).
         reduction: ``"mean"`` (per-example average), ``"sum"`` or ``"none"``.
         eps: explicit noise (tests, reproducibility); generator: seeds the in-kernel Philox noise.
+        objective: ``"elbo"``; ``"iwae"``: ``loss`` is minus the IWAE-K bound
+            log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) (Burda et al., 2016; K = ``num_samples``);
+            ``"iwae_dreg"``: the same loss value with the doubly-reparameterised gradient estimator
+            for the encoder (Tucker et al., 2019): the score-function part of log q is dropped and
+            sample k's pathwise gradient is weighted by its squared normalised weight; decoder
+            and prior parameters get the ordinary IWAE gradient. ``beta`` and ``free_bits`` apply
+            to the ELBO objective only. ``elbo``, ``log_likelihood`` and ``kl`` are reported as for
+            the ELBO objective.
     """
     check_tensor("x", x, floating=False)
     check_positive_int("num_samples", num_samples)
     beta = _check_nonnegative("beta", beta)
     free_bits = _check_nonnegative("free_bits", free_bits)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("objective", objective, OBJECTIVES)
+    if objective != "elbo" and (beta != 1.0 or free_bits > 0):
+        raise ValueError(f"beta and free_bits apply to objective='elbo' only, got objective={objective!r} with "
+                         f"beta={beta}, free_bits={free_bits}")
     if callable(likelihood):
         log_prob_fn = likelihood
     else:
@@ -389,15 +423,31 @@ def elbo(
         raise ValueError(f"mu has batch size {mu.shape[0]} but x has {x.shape[0]}")
 
     z, kl, kl_per_dim = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, True)
-    log_lik = log_prob_fn(decode(z), x)
+    if objective == "iwae_dreg" and z.requires_grad:
+        z_for_decoder = z.view(num_samples, *mu.shape) if num_samples == 1 else z
+        dreg_weights = []  # filled below, once the importance weights are known
+        z_for_decoder.register_hook(lambda grad: grad * dreg_weights[0])
+    else:
+        z_for_decoder = z
+    log_lik = log_prob_fn(decode(z_for_decoder if num_samples > 1 else z_for_decoder.view(mu.shape)), x)
     expected = (num_samples, x.shape[0]) if num_samples > 1 else (x.shape[0],)
     if not isinstance(log_lik, torch.Tensor) or tuple(log_lik.shape) != expected:
         got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__
         raise ValueError(f"the likelihood of decode(z) must have shape {expected}, got {got}; "
                          "check that decode returns the likelihood's parameters with x's shape")
+    if objective != "elbo":
+        log_w = _importance_log_weights(log_lik, z_for_decoder, mu, logvar, prior_mu, prior_logvar, param,
+                                        stop_q_params=objective == "iwae_dreg")
+        if objective == "iwae_dreg" and z.requires_grad:
+            normalised = torch.softmax(log_w.detach(), dim=0)  # (K, B)
+            dreg_weights.append(normalised.unsqueeze(-1))
+        iwae_loss = -(torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
     if num_samples > 1:
         log_lik = log_lik.mean(0)
 
+    if objective != "elbo":
+        return ELBOResult(loss=_reduce(iwae_loss, reduction), elbo=log_lik - kl, log_likelihood=log_lik, kl=kl,
+                          kl_per_dim=kl_per_dim, z=z)
     if free_bits > 0:
         batch_mean_kl = kl_per_dim.mean(0, keepdim=True)
         kl_term = torch.where(batch_mean_kl >= free_bits, kl_per_dim, torch.full_like(kl_per_dim, free_bits)).sum(-1)
