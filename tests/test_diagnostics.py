@@ -170,3 +170,44 @@ def test_objective_arguments():
         vae_fast.elbo(x, mu, lv, lambda z: z @ weight, objective="vimco")
     with pytest.raises(ValueError, match="beta and free_bits apply to objective='elbo' only"):
         vae_fast.elbo(x, mu, lv, lambda z: z @ weight, objective="iwae", num_samples=3, beta=0.5)
+
+
+def test_trained_amortised_encoder_finds_the_true_posterior_not_the_prior():
+    """ELBO = log p(x) - KL(q(z|x) || p(z|x)): training q (a linear encoder, whose family holds the
+    exact pPCA posterior) with the fused ELBO against a fixed decoder drives KL(q || p(z|x)) to ~0,
+    while KL(q || p(z)) converges to its non-zero analytic value E_x KL(p(z|x) || p(z))."""
+    from vae_fast import reference as ref
+
+    torch.manual_seed(0)
+    data_dim, latent, sigma2 = 6, 3, 0.3
+    q, _ = torch.linalg.qr(torch.randn(data_dim, latent, dtype=torch.float64))
+    weight = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    bias = torch.randn(data_dim, dtype=torch.float64)
+    m = weight.T @ weight + sigma2 * torch.eye(latent, dtype=torch.float64)
+    post_lv = torch.log(sigma2 / torch.diagonal(m))
+    data = torch.randn(4096, latent, dtype=torch.float64) @ weight.T + bias + math.sqrt(sigma2) * torch.randn(
+        4096, data_dim, dtype=torch.float64)
+    post_mu = torch.linalg.solve(m, weight.T @ (data - bias).T).T
+    encoder = torch.nn.Linear(data_dim, latent).double()
+    encoder_lv = torch.nn.Parameter(torch.zeros(latent, dtype=torch.float64))
+    steps = 2000
+    opt = torch.optim.Adam([*encoder.parameters(), encoder_lv], lr=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=1e-5)
+    log_sigma2 = torch.tensor(math.log(sigma2), dtype=torch.float64)
+    for _ in range(steps):
+        x = data[torch.randint(0, data.shape[0], (512,))]
+        mu = encoder(x)
+        loss = vae_fast.elbo(x, mu, encoder_lv.expand_as(mu), lambda z: (z @ weight.T + bias, log_sigma2),
+                             likelihood="gaussian", num_samples=4).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    with torch.no_grad():
+        mu, lv = encoder(data), encoder_lv.expand(data.shape[0], latent)
+        kl_to_posterior = ref.gaussian_kl(mu, lv, post_mu, post_lv.expand_as(mu)).mean().item()
+        kl_to_prior = ref.gaussian_kl(mu, lv).mean().item()
+        kl_to_prior_exact = ref.gaussian_kl(post_mu, post_lv.expand_as(mu)).mean().item()
+    assert kl_to_posterior < 1e-3
+    assert kl_to_prior_exact > 1.0  # the posterior is far from the prior ...
+    assert kl_to_prior == pytest.approx(kl_to_prior_exact, rel=1e-3)  # ... and q sits on the posterior
