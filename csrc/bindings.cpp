@@ -118,21 +118,22 @@ LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t
 void latent_forward(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
                     uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs, uintptr_t prior_logvar,
                     int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed, uint64_t offset,
-                    uintptr_t z, uintptr_t kl, uintptr_t kl_per_dim, int num_threads,
+                    uintptr_t z, uintptr_t kl, uintptr_t kl_per_dim, uintptr_t log_ratio, int num_threads,
                     const std::vector<int64_t>& extents) {
   LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
                              prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
   const int64_t n = batch * dim;
-  check_extents({"mu", "scale", "prior_mu", "prior_logvar", "eps", "z", "kl", "kl_per_dim"},
-                {mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim},
+  check_extents({"mu", "scale", "prior_mu", "prior_logvar", "eps", "z", "kl", "kl_per_dim", "log_ratio"},
+                {mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim, log_ratio},
                 {n, n, extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
-                 batch, n},
+                 batch, n, samples * batch},
                 extents);
   require(batch == 0 || kl != 0, "kl output must be non-null");
   require(batch == 0 || dim == 0 || samples == 0 || z != 0, "z output must be non-null");
   a.z = as_mut_ptr(z);
   a.kl = as_mut_ptr(kl);
   a.kl_per_dim = as_mut_ptr(kl_per_dim);
+  a.log_ratio = as_mut_ptr(log_ratio);
   py::gil_scoped_release no_gil;
   VF_DISPATCH(latent_forward, dtype, a);
 }

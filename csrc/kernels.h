@@ -35,6 +35,7 @@ struct LatentArgs {
   void* z = nullptr;
   void* kl = nullptr;
   void* kl_per_dim = nullptr;
+  void* log_ratio = nullptr;  // (samples, batch): log q(z_k|x) - log p(z_k) per sample and row; zeroed by the caller
   // backward inputs (each optional: a missing gradient is zero)
   const void* grad_z = nullptr;
   const void* grad_kl = nullptr;

@@ -42,6 +42,31 @@ def test_sample_and_kl_match_reference_with_given_eps(backend, param, prior, dty
 
 
 @pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("prior", [False, True])
+def test_log_ratio_output_matches_reference(backend, param, prior):
+    from vae_fast.functional import _latent
+
+    mu, s, pm, plv = make_inputs(4, 37, torch.float64, backend, prior=prior, seed=7)
+    eps = torch.randn(3, 4, 37, dtype=torch.float64).to(backend)
+    z, _, _, log_ratio = _latent(mu, s, pm, plv, param, eps, None, 3, False, want_log_ratio=True)
+    assert log_ratio.shape == (3, 4)
+    lv = ref.logvar_from_scale(f64(s), param)
+    pm64 = torch.zeros(37, dtype=torch.float64) if pm is None else f64(pm)
+    plv64 = torch.zeros(4, 1, dtype=torch.float64) if plv is None else f64(plv)
+    z_ref = ref.reparameterize(f64(mu), f64(s), f64(eps), param)
+    expected = ref.gaussian_log_density(z_ref, f64(mu), lv) - ref.gaussian_log_density(z_ref, pm64, plv64.expand(4, 37))
+    assert_matches_reference(log_ratio, expected, torch.float64, terms=37 * 100)
+    # and with in-kernel noise, on the fp32 path
+    mu32, s32 = mu.float(), s.float()
+    z, _, _, log_ratio = _latent(mu32, s32, None, None, param, None, None, 2, False, want_log_ratio=True)
+    z64 = z.double().cpu()
+    lv32 = ref.logvar_from_scale(f64(s32), param)
+    expected = ref.gaussian_log_density(z64, f64(mu32), lv32) - ref.gaussian_log_density(
+        z64, torch.zeros(37, dtype=torch.float64), torch.zeros(4, 37, dtype=torch.float64))
+    torch.testing.assert_close(log_ratio.double().cpu(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("param", PARAMS)
 def test_gradcheck_with_given_eps_and_learned_prior(backend, param):
     mu, s, pm, plv = make_inputs(3, 5, torch.float64, backend, prior=True)
     eps = torch.randn(2, 3, 5, dtype=torch.float64, device=backend)

@@ -338,12 +338,16 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     with pytest.raises(ValueError, match="sizes must be non-negative"):
         C.elementwise_likelihood(0, 0, -4, 4, 8, *ok[5:], [32, 32, 0, 4, 32, 0])
     mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
-    args = (0, 0, 2, 3, 1, mu.data_ptr(), mu.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 5, 0, z.data_ptr(), kl.data_ptr(), 0, 1)
-    C.latent_forward(*args, [6, 6, 0, 0, 0, 6, 2, 0])
+    ratio = torch.zeros(1, 2)
+    args = (0, 0, 2, 3, 1, mu.data_ptr(), mu.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 5, 0, z.data_ptr(), kl.data_ptr(), 0,
+            ratio.data_ptr(), 1)
+    C.latent_forward(*args, [6, 6, 0, 0, 0, 6, 2, 0, 2])
     with pytest.raises(ValueError, match="z holds 5 elements"):
-        C.latent_forward(*args, [6, 6, 0, 0, 0, 5, 2, 0])
+        C.latent_forward(*args, [6, 6, 0, 0, 0, 5, 2, 0, 2])
+    with pytest.raises(ValueError, match="log_ratio holds 1 elements"):
+        C.latent_forward(*args, [6, 6, 0, 0, 0, 6, 2, 0, 1])
     with pytest.raises(ValueError, match="param code"):
-        C.latent_forward(0, 9, *args[2:], [6, 6, 0, 0, 0, 6, 2, 0])
+        C.latent_forward(0, 9, *args[2:], [6, 6, 0, 0, 0, 6, 2, 0, 2])
     logits, target = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64)
     cat = (0, 2, 2, 3, 5, logits.data_ptr(), target.data_ptr(), kl.data_ptr(), 0, 1)
     C.categorical(*cat, [30, 6, 2, 0])

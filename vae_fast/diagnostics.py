@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .functional import LIKELIHOODS, _check_nonnegative, gaussian_kl, gaussian_sample_kl
+from .functional import LIKELIHOODS, _check_nonnegative, _latent, gaussian_kl, gaussian_sample_kl
 from ._validation import check_choice, check_positive_int, check_tensor
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -30,12 +30,6 @@ _LOG_2PI = math.log(2 * math.pi)
 def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mean, exp(logvar)) summed over the last dim."""
     return -0.5 * (_LOG_2PI + logvar + (z - mean) ** 2 * torch.exp(-logvar)).sum(-1)
-
-
-def _logvar(scale: torch.Tensor, param: str) -> torch.Tensor:
-    from .reference import logvar_from_scale
-
-    return logvar_from_scale(scale, param)
 
 
 @torch.no_grad()
@@ -58,7 +52,8 @@ def iwae_bound(
         log (1/k) sum_i p(x | z_i) p(z_i) / q(z_i | x),   z_i ~ q(z | x)
 
     It is a lower bound in expectation that increases with k toward log p(x). Samples are
-    drawn ``chunk_size`` at a time (default: all k) by the fused latent kernel; ``decode`` is
+    drawn ``chunk_size`` at a time (default: all k) by the fused latent kernel, which returns each
+    sample's log q(z|x) - log p(z) from the same pass; ``decode`` is
     called on ``(chunk, B, Z)`` and the likelihood's ``(chunk, B)`` log-probabilities are
     combined with a running max-shifted log-sum-exp, so memory is bounded by one chunk.
     """
@@ -70,19 +65,17 @@ def iwae_bound(
     if log_prob is None:
         check_choice("likelihood", likelihood, LIKELIHOODS)
     chunk = min(chunk_size or k, k)
-    lv = _logvar(logvar, param)
-    pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.expand_as(mu)
-    plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.expand_as(mu)
     running_max = None
     running_sum = None
     for start in range(0, k, chunk):
         size = min(chunk, k - start)
-        z, _ = gaussian_sample_kl(mu, logvar, param=param, num_samples=size, generator=generator,
-                                  prior_mu=prior_mu, prior_logvar=prior_logvar)
+        # the latent kernel returns each sample's log q(z|x) - log p(z) from the same pass as z
+        z, _, _, log_ratio = _latent(mu, logvar, prior_mu, prior_logvar, param, None, generator, size, False,
+                                     want_log_ratio=True)
         z = z if size > 1 else z.unsqueeze(0)
         log_px = log_prob(decode(z), x)
         log_px = log_px if log_px.dim() == 2 else log_px.unsqueeze(0)
-        log_w = log_px + _log_normal(z, pm, plv) - _log_normal(z, mu, lv)  # (size, B)
+        log_w = log_px - log_ratio  # (size, B)
         chunk_max = log_w.max(0).values
         if running_max is None:
             running_max, running_sum = chunk_max, torch.exp(log_w - chunk_max).sum(0)

@@ -49,7 +49,8 @@ def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tenso
     return t.expand(mu.shape).reshape(rows, mu.shape[-1])
 
 
-def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim):
+def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim,
+            want_log_ratio=False):
     # The checks are ordered so that the common call (two same-shape float tensors, no
     # prior, no eps) costs a handful of attribute reads: this runs every training step.
     check_tensor("mu", mu)
@@ -98,8 +99,8 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
         seed = _draw_seed(mu.device, generator)
     else:
         seed = torch.zeros((), dtype=torch.int64, device=mu.device)
-    z, kl, kl_per_dim = LatentFunction.apply(
-        mu2, logvar2, prior_mu, prior_logvar, eps, seed, param_code, samples, want_kl_per_dim)
+    z, kl, kl_per_dim, log_ratio = LatentFunction.apply(
+        mu2, logvar2, prior_mu, prior_logvar, eps, seed, param_code, samples, want_kl_per_dim, want_log_ratio)
     if samples == 1:
         z = z.view(mu.shape)
     elif flat:
@@ -109,6 +110,8 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
         kl_per_dim = kl_per_dim.view(mu.shape) if want_kl_per_dim else None
     elif not want_kl_per_dim:
         kl_per_dim = None
+    if want_log_ratio:
+        return z, kl, kl_per_dim, log_ratio.view(samples, *mu.shape[:-1])
     return z, kl, kl_per_dim
 
 

@@ -55,7 +55,8 @@ def _to(outs, dtype):
     return tuple(o if o is None or isinstance(o, int) else o.to(dtype) for o in outs)
 
 
-def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+                   want_log_ratio=False):
     out_dtype = mu.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
@@ -64,13 +65,14 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     z = _new_output(mu, (num_samples, batch, dim))
     kl = mu.new_empty((batch,))
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
+    log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # the kernel accumulates into it
     _C.latent_forward(
         _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
-        z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), torch.get_num_threads(),
-        [_extent(t) for t in (mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim)],
+        z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), _ptr(log_ratio), torch.get_num_threads(),
+        [_extent(t) for t in (mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim, log_ratio)],
     )
-    outs = (z, kl, kl_per_dim)
+    outs = (z, kl, kl_per_dim, log_ratio)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 

@@ -33,13 +33,20 @@ def _noise(mu, eps, seed, num_samples):
     return ref.latent_noise(int(seed), num_samples, batch, dim).to(mu.device)
 
 
-def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+                   want_log_ratio=False):
     name = _PARAM_NAMES[param]
     mu64, s64 = _f64(mu), _f64(scale)
     z = ref.reparameterize(mu64, s64, _noise(mu, eps, seed, num_samples), name)
     kl_dims = ref.gaussian_kl(mu64, s64, _f64(prior_mu), _f64(prior_logvar), name, reduce=False)
     kl_per_dim = kl_dims.to(mu.dtype) if want_kl_per_dim else None
-    return z.to(mu.dtype), kl_dims.sum(-1).to(mu.dtype), kl_per_dim
+    log_ratio = None
+    if want_log_ratio:
+        pm = torch.zeros_like(mu64) if prior_mu is None else _f64(prior_mu)
+        plv = torch.zeros_like(mu64) if prior_logvar is None else _f64(prior_logvar)
+        log_q = ref.gaussian_log_density(z, mu64, ref.logvar_from_scale(s64, name))
+        log_ratio = (log_q - ref.gaussian_log_density(z, pm, plv)).to(mu.dtype)
+    return z.to(mu.dtype), kl_dims.sum(-1).to(mu.dtype), kl_per_dim, log_ratio
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,

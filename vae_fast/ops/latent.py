@@ -4,7 +4,8 @@ Op schemas (``torch.ops.vae_fast``)::
 
     latent_forward(mu (B,Z), scale (B,Z), prior_mu?, prior_logvar?  [broadcastable to (B,Z)],
                    eps? (K,B,Z), seed () int64, param, num_samples K, want_kl_per_dim)
-        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or (0,)
+        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or (0,),
+           log_ratio (K,B) or (0,): log q(z_k|x) - log p(z_k) per sample, if want_log_ratio
     latent_backward(..., grad_z?, grad_kl?, grad_kl_per_dim?, param, K, want_prior_grad)
         -> grad_mu, grad_scale, grad_prior_mu (B,Z) or (0,), grad_prior_logvar (B,Z) or (0,)
 
@@ -19,7 +20,7 @@ from ._library import LIB, call, kernels_for, optional_contiguous, present, regi
 
 LIB.define(
     "latent_forward(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
-    "int param, int num_samples, bool want_kl_per_dim) -> (Tensor, Tensor, Tensor)"
+    "int param, int num_samples, bool want_kl_per_dim, bool want_log_ratio=False) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
     "latent_backward(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
@@ -33,11 +34,12 @@ def _expand_prior(prior: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor 
     return None if prior is None else prior.to(mu.dtype).expand(mu.shape)
 
 
-def _forward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+def _forward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+                    want_log_ratio=False):
     mu = mu.contiguous()
     return kernels_for(mu).latent_forward(
         mu, scale.contiguous(), _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu),
-        optional_contiguous(eps), seed, param, num_samples, want_kl_per_dim,
+        optional_contiguous(eps), seed, param, num_samples, want_kl_per_dim, want_log_ratio,
     )
 
 
@@ -56,10 +58,12 @@ register_kernel("latent_backward", _backward_kernel)
 
 
 @torch.library.register_fake("vae_fast::latent_forward")
-def _forward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+def _forward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+                  want_log_ratio=False):
     batch, dim = mu.shape
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else mu.new_empty(0)
-    return mu.new_empty((num_samples, batch, dim)), mu.new_empty((batch,)), kl_per_dim
+    log_ratio = mu.new_empty((num_samples, batch)) if want_log_ratio else mu.new_empty(0)
+    return mu.new_empty((num_samples, batch, dim)), mu.new_empty((batch,)), kl_per_dim, log_ratio
 
 
 @torch.library.register_fake("vae_fast::latent_backward")
@@ -88,35 +92,44 @@ def latent_gradients(saved, param, num_samples, needs_input_grad, grad_z, grad_k
 class LatentFunction(torch.autograd.Function):
     """Autograd wiring only: forward and backward are the ops above.
 
-    forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, K, want_kl_per_dim)
-        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or None/empty
+    forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, K, want_kl_per_dim, want_log_ratio)
+        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or None/empty, log_ratio (K,B) or None/empty
+
+    log_ratio (the IWAE log-weights' latent part) is for evaluation: it is not differentiable here
+    (``vae_fast.elbo(objective="iwae")`` forms differentiable log-weights from z).
     """
 
     @staticmethod
-    def forward(ctx, mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+    def forward(ctx, mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+                want_log_ratio=False):
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
-        z, kl, kl_per_dim = call(torch.ops.vae_fast.latent_forward.default, _forward_kernel,
-                                 mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim)
+        z, kl, kl_per_dim, log_ratio = call(
+            torch.ops.vae_fast.latent_forward.default, _forward_kernel, mu, scale, prior_mu, prior_logvar, eps, seed,
+            param, num_samples, want_kl_per_dim, want_log_ratio)
         ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
         ctx.param, ctx.num_samples = param, num_samples
-        return z, kl, kl_per_dim
+        if log_ratio is not None:
+            ctx.mark_non_differentiable(log_ratio)
+        return z, kl, kl_per_dim, log_ratio
 
     @staticmethod
-    def backward(ctx, grad_z, grad_kl, grad_kl_per_dim):
+    def backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio=None):
         grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
                                  grad_z, grad_kl, grad_kl_per_dim)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # The same backward on the op itself, so torch.ops.vae_fast.latent_forward is differentiable.
 def _setup_context(ctx, inputs, output):
-    mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, _ = inputs
+    mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples = inputs[:8]
     ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
     ctx.param, ctx.num_samples = param, num_samples
 
 
-def _op_backward(ctx, grad_z, grad_kl, grad_kl_per_dim):
-    return LatentFunction.backward(ctx, grad_z, grad_kl, grad_kl_per_dim)
+def _op_backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio):
+    grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
+                             grad_z, grad_kl, grad_kl_per_dim)
+    return (*grads, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("vae_fast::latent_forward", _op_backward, setup_context=_setup_context)

@@ -61,21 +61,25 @@ def _strided(t, fallback):
     return (fallback, 0, 0) if t is None else (t, t.stride(0), t.stride(1))
 
 
-def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim):
+def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+                   want_log_ratio=False):
     batch, dim = mu.shape
     z = mu.new_empty((num_samples, batch, dim))
     kl = mu.new_empty((batch,))
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
+    log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # accumulated per row block
     if batch == 0:
-        return z, kl, kl_per_dim
+        return z, kl, kl_per_dim, log_ratio
     _latent_forward[(batch,)](
         mu, scale, *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
         mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
+        kl if log_ratio is None else log_ratio,
         batch, dim, num_samples,
         PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
-        WANT_KL_PER_DIM=want_kl_per_dim, DIM_MULTIPLE_OF_4=dim % 4 == 0, ACC=_acc(mu.dtype),
+        WANT_KL_PER_DIM=want_kl_per_dim, WANT_LOG_RATIO=want_log_ratio, DIM_MULTIPLE_OF_4=dim % 4 == 0,
+        ACC=_acc(mu.dtype),
     )
-    return z, kl, kl_per_dim
+    return z, kl, kl_per_dim, log_ratio
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,

@@ -30,10 +30,10 @@ def latent_forward_kernel(
     prior_mu_ptr, pm_row_stride, pm_col_stride,
     prior_logvar_ptr, plv_row_stride, plv_col_stride,
     eps_ptr, seed_ptr,
-    z_ptr, kl_ptr, kl_per_dim_ptr,
+    z_ptr, kl_ptr, kl_per_dim_ptr, log_ratio_ptr,
     batch, dim, samples,
     PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, WANT_KL_PER_DIM: tl.constexpr,
-    DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    WANT_LOG_RATIO: tl.constexpr, DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # int64 before multiplying by strides: batch * dim * samples may exceed 2^31
     row = tl.program_id(0).to(tl.int64)
@@ -65,7 +65,15 @@ def latent_forward_kernel(
                 eps = philox_normal_aligned(seed, (k * batch + row) * dim + j0, BLOCK).to(ACC)
             else:
                 eps = philox_normal(seed, flat).to(ACC)
-            tl.store(z_ptr + flat, mu + sigma * eps, mask=mask)
+            z = mu + sigma * eps
+            tl.store(z_ptr + flat, z, mask=mask)
+            if WANT_LOG_RATIO:
+                # log q(z|x) - log p(z) = sum 1/2 [plv - lv - eps^2 + (z - pmu)^2 e^-plv]; this program
+                # is the row's only writer, so a load-add-store accumulates deterministically
+                pz = sigma * eps + diff  # z - prior mean
+                term = 0.5 * ((plv - logvar) - eps * eps + pz * pz * inv_prior_var)
+                ratio_ptr = log_ratio_ptr + k * batch + row
+                tl.store(ratio_ptr, tl.load(ratio_ptr) + tl.sum(tl.where(mask, term, 0.0), axis=0))
     tl.store(kl_ptr + row, tl.sum(kl_acc, axis=0))
 
 
