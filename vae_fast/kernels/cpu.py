@@ -27,6 +27,8 @@ def _extent(t: torch.Tensor | None) -> int:
     kernel touches more (it never trusts the sizes and strides it is handed)."""
     if t is None:
         return 0
+    if t.is_contiguous():  # holds at least numel() elements; cheaper than asking the storage
+        return t.numel()
     return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
