@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 
 import vae_fast  # noqa: E402
 from benchmarks import impls  # noqa: E402
+from benchmarks.timing import fwd_bwd_step  # noqa: E402
 
 CASES = [
     ("latent", (4096, 512)), ("latent", (65536, 512)),
@@ -83,13 +84,7 @@ def bench(fn, inputs):
     import triton.testing
 
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def step():
-        for leaf in leaves:
-            leaf.grad = None
-        fn(*inputs).backward()
-
-    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    ms = triton.testing.do_bench(fwd_bwd_step(fn, inputs, leaves), warmup=25, rep=100, return_mode="median")
     for leaf in leaves:
         leaf.grad = None
     torch.cuda.synchronize()
@@ -110,15 +105,11 @@ def copy_gbs():
 
 
 def launches_per_step(fn, inputs):
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    for leaf in leaves:
-        leaf.grad = None
-    fn(*inputs).backward()  # warm (autotuning, compilation)
+    step = fwd_bwd_step(fn, inputs)
+    step()  # warm (autotuning, compilation)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for leaf in leaves:
-            leaf.grad = None
-        fn(*inputs).backward()
+        step()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     # demangled ATen kernel names run to kilobytes: keep the kernel's own name

@@ -12,13 +12,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_fwd_bwd(step, inputs, leaves, *, device="cpu", budget_s=0.5, min_reps=5, max_reps=2000, warmup=3):
-    """Median seconds of ``step(*inputs).backward()`` (gradients reset between reps)."""
+def fwd_bwd_step(step, inputs, leaves=None):
+    """A closure running ``step(*inputs).backward()`` with the leaves' gradients reset first
+    (default leaves: the inputs that require grad)."""
+    if leaves is None:
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def once():
         for leaf in leaves:
             leaf.grad = None
         step(*inputs).backward()
+
+    return once
+
+
+def time_fwd_bwd(step, inputs, leaves, *, device="cpu", budget_s=0.5, min_reps=5, max_reps=2000, warmup=3):
+    """Median seconds of ``step(*inputs).backward()`` (gradients reset between reps)."""
+    once = fwd_bwd_step(step, inputs, leaves)
 
     for _ in range(warmup):
         once()

@@ -23,14 +23,7 @@ import torch
 
 from .functional import LIKELIHOODS, _check_nonnegative, _latent, gaussian_kl, gaussian_sample_kl
 from ._validation import check_choice, check_positive_int, check_tensor
-
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, exp(logvar)) summed over the last dim."""
-    return -0.5 * (_LOG_2PI + logvar + (z - mean) ** 2 * torch.exp(-logvar)).sum(-1)
-
+from .reference import gaussian_log_density
 
 @torch.no_grad()
 def iwae_bound(
@@ -119,7 +112,7 @@ def _log_aggregate_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tens
     out = []
     for start in range(0, z.shape[0], chunk):
         zc = z[start:start + chunk, None, :]  # (m, 1, Z) against (1, N, Z)
-        log_q = _log_normal(zc, mu[None], logvar[None])  # (m, N)
+        log_q = gaussian_log_density(zc, mu[None], logvar[None])  # (m, N)
         out.append(torch.logsumexp(log_q, dim=1) - math.log(n))
     return torch.cat(out)
 
@@ -135,7 +128,7 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, *, samples: int =
     z = z.reshape(-1, mu.shape[-1]) if samples > 1 else z
     mu_rep = mu.repeat(samples, 1)
     lv_rep = logvar.repeat(samples, 1)
-    log_q_cond = _log_normal(z, mu_rep, lv_rep)
+    log_q_cond = gaussian_log_density(z, mu_rep, lv_rep)
     log_q_agg = _log_aggregate_density(z, mu, logvar, chunk_size)
     return (log_q_cond - log_q_agg).mean()
 
@@ -149,5 +142,5 @@ def aggregate_kl(mu: torch.Tensor, logvar: torch.Tensor, *, samples: int = 1,
     z, _ = gaussian_sample_kl(mu, logvar, num_samples=samples, generator=generator)
     z = z.reshape(-1, mu.shape[-1]) if samples > 1 else z
     log_q_agg = _log_aggregate_density(z, mu, logvar, chunk_size)
-    log_p = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+    log_p = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
     return (log_q_agg - log_p).mean()

@@ -330,7 +330,6 @@ class ELBOResult(NamedTuple):
 
 
 OBJECTIVES = ("elbo", "iwae", "iwae_dreg")
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def _importance_log_weights(log_lik, z, mu, scale, prior_mu, prior_logvar, param, stop_q_params):
@@ -338,16 +337,14 @@ def _importance_log_weights(log_lik, z, mu, scale, prior_mu, prior_logvar, param
 
     With ``stop_q_params`` the density log q is evaluated with detached (mu, sigma), so that
     gradients reach the encoder only through z (the DReG estimator's pathwise term)."""
-    from .reference import logvar_from_scale
+    from .reference import gaussian_log_density, logvar_from_scale
 
     log_lik = log_lik if log_lik.dim() == 2 else log_lik.unsqueeze(0)
     lv = logvar_from_scale(scale, param)
     q_mu, q_lv = (mu.detach(), lv.detach()) if stop_q_params else (mu, lv)
-    log_q = -0.5 * (_LOG_2PI + q_lv + (z - q_mu) ** 2 * torch.exp(-q_lv)).sum(-1)
     p_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
     p_lv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar
-    log_p = -0.5 * (_LOG_2PI + p_lv + (z - p_mu) ** 2 * torch.exp(-p_lv)).sum(-1)
-    return log_lik + log_p - log_q
+    return log_lik + gaussian_log_density(z, p_mu, p_lv) - gaussian_log_density(z, q_mu, q_lv)
 
 
 def _check_nonnegative(name: str, value) -> float:

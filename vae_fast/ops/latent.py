@@ -126,10 +126,8 @@ def _setup_context(ctx, inputs, output):
     ctx.param, ctx.num_samples = param, num_samples
 
 
-def _op_backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio):
-    grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
-                             grad_z, grad_kl, grad_kl_per_dim)
-    return (*grads, None, None, None, None, None, None)
+def _op_backward(ctx, grad_z, grad_kl, grad_kl_per_dim, grad_log_ratio):
+    return LatentFunction.backward(ctx, grad_z, grad_kl, grad_kl_per_dim, grad_log_ratio)
 
 
 torch.library.register_autograd("vae_fast::latent_forward", _op_backward, setup_context=_setup_context)
