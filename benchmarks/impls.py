@@ -114,6 +114,63 @@ def elbo_eager(mu, logvar, logits, x):
     return -(log_lik - kl).mean()
 
 
+# ------------------------------------------------------------------ discretised logistic mixture (PixelCNN++ / NVAE)
+
+
+def dmol_inputs(shape, device, dtype=torch.float32):
+    """shape (B, C, H, W, M): a packed decoder output (B, M + 3C M, H, W) and 8-bit images in [-1, 1]."""
+    batch, channels, height, width, mixtures = shape
+    gen = torch.Generator().manual_seed(3)
+    packed = mixtures + channels * 3 * mixtures
+    params = (0.5 * torch.randn(batch, packed, height, width, generator=gen)).to(device, dtype).requires_grad_()
+    x = (torch.randint(0, 256, (batch, channels, height, width), generator=gen) / 127.5 - 1).to(device, dtype)
+    return params, x, mixtures
+
+
+def dmol_fused(params, x, mixtures):
+    return -vae_fast.dmol_packed_log_prob(x, params, mixtures).mean()
+
+
+def dmol_eager(params, x, mixtures):
+    """NVAE's DiscMixLogistic.log_prob (Vahdat & Kautz 2020; PixelCNN++'s loss in NCHW), as published:
+    every term is a full (B, 3, M, H, W) temporary, kept for backward."""
+    num_mix, max_val = mixtures, 255.0
+    batch, _, height, width = params.shape
+    logit_probs = params[:, :num_mix]
+    l = params[:, num_mix:].view(batch, 3, 3 * num_mix, height, width)
+    means = l[:, :, :num_mix]
+    log_scales = torch.clamp(l[:, :, num_mix:2 * num_mix], min=-7.0)
+    coeffs = torch.tanh(l[:, :, 2 * num_mix:3 * num_mix])
+    samples = x.unsqueeze(4).expand(-1, -1, -1, -1, num_mix).permute(0, 1, 4, 2, 3)
+    mean1 = means[:, 0]
+    mean2 = means[:, 1] + coeffs[:, 0] * samples[:, 0]
+    mean3 = means[:, 2] + coeffs[:, 1] * samples[:, 0] + coeffs[:, 2] * samples[:, 1]
+    means = torch.cat([mean1.unsqueeze(1), mean2.unsqueeze(1), mean3.unsqueeze(1)], dim=1)
+    centered = samples - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered + 1.0 / max_val)
+    cdf_plus = torch.sigmoid(plus_in)
+    min_in = inv_stdv * (centered - 1.0 / max_val)
+    cdf_min = torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)
+    cdf_delta = cdf_plus - cdf_min
+    mid_in = inv_stdv * centered
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    log_prob_mid_safe = torch.where(cdf_delta > 1e-5, torch.log(torch.clamp(cdf_delta, min=1e-10)),
+                                    log_pdf_mid - math.log(max_val / 2))
+    log_probs = torch.where(samples < -0.999, log_cdf_plus,
+                            torch.where(samples > 0.99, log_one_minus_cdf_min, log_prob_mid_safe))
+    log_probs = torch.sum(log_probs, 1) + F.log_softmax(logit_probs, dim=1)
+    return -torch.logsumexp(log_probs, dim=1).reshape(batch, -1).sum(-1).mean()
+
+
+def dmol_bytes(shape, itemsize=4):
+    batch, channels, height, width, mixtures = shape
+    params = batch * (mixtures + channels * 3 * mixtures) * height * width
+    return itemsize * (2 * params + batch * channels * height * width)  # read params and x, write the gradient
+
+
 # ------------------------------------------------------------------ bytes that must move (for GB/s)
 
 

@@ -8,6 +8,8 @@
 #include <pybind11/stl.h>
 #include <sys/mman.h>
 
+#include <array>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -227,6 +229,83 @@ int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int
   return VF_DISPATCH(categorical, dtype, a);
 }
 
+// One DMOL operand: (pointer, row stride, channel stride, mixture stride) in elements; pixels contiguous.
+using DmolView = std::array<int64_t, 4>;
+
+int64_t dmol_extent(const DmolView& v, int64_t rows, int64_t channels, int64_t mixtures, int64_t pixels) {
+  if (rows == 0 || channels == 0 || mixtures == 0 || pixels == 0) return 0;
+  return (rows - 1) * v[1] + (channels - 1) * v[2] + (mixtures - 1) * v[3] + pixels;
+}
+
+template <typename Operand>
+Operand dmol_operand(const DmolView& v, const char* name) {
+  require(v[1] >= 0 && v[2] >= 0 && v[3] >= 0, std::string(name) + " strides must be non-negative");
+  Operand o;
+  o.ptr = reinterpret_cast<decltype(o.ptr)>(static_cast<uintptr_t>(v[0]));
+  o.row_stride = v[1];
+  o.channel_stride = v[2];
+  o.mixture_stride = v[3];
+  return o;
+}
+
+int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t mixtures, int64_t pixels,
+             uintptr_t x, const DmolView& logit_probs, const DmolView& means, const DmolView& log_scales,
+             const DmolView& coeffs, bool coeffs_tanh, double half_bin, double log_scale_min, uintptr_t log_prob,
+             const DmolView& grad_logit_probs, const DmolView& grad_means, const DmolView& grad_log_scales,
+             const DmolView& grad_coeffs, int num_threads, const std::vector<int64_t>& extents) {
+  check_dtype(dtype);
+  check_threads(num_threads);
+  require(rows >= 0 && x_rows >= 0 && pixels >= 0 && channels >= 1 && mixtures >= 1,
+          "need rows, x_rows, pixels >= 0 and channels, mixtures >= 1");
+  require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
+  require(half_bin > 0 && half_bin <= 1, "half_bin must be in (0, 1]");
+  require(!std::isnan(log_scale_min), "log_scale_min must not be NaN");
+  const bool has_coeffs = coeffs[0] != 0;
+  require(!has_coeffs || channels == 3, "coeffs need exactly 3 channels");
+  const bool want_grad = grad_means[0] != 0;
+  require(want_grad == (grad_logit_probs[0] != 0) && want_grad == (grad_log_scales[0] != 0) &&
+              (!has_coeffs || want_grad == (grad_coeffs[0] != 0)),
+          "gradient outputs must be all given or all absent");
+  require(has_coeffs || grad_coeffs[0] == 0, "grad_coeffs needs coeffs");
+  const bool empty = rows == 0 || pixels == 0;
+  require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
+  require(empty || (x != 0 && logit_probs[0] != 0 && means[0] != 0 && log_scales[0] != 0),
+          "x, logit_probs, means and log_scales must be non-null");
+  DmolArgs a;
+  a.logit_probs = dmol_operand<DmolOperand>(logit_probs, "logit_probs");
+  a.means = dmol_operand<DmolOperand>(means, "means");
+  a.log_scales = dmol_operand<DmolOperand>(log_scales, "log_scales");
+  a.coeffs = dmol_operand<DmolOperand>(coeffs, "coeffs");
+  a.grad_logit_probs = dmol_operand<DmolGrad>(grad_logit_probs, "grad_logit_probs");
+  a.grad_means = dmol_operand<DmolGrad>(grad_means, "grad_means");
+  a.grad_log_scales = dmol_operand<DmolGrad>(grad_log_scales, "grad_log_scales");
+  a.grad_coeffs = dmol_operand<DmolGrad>(grad_coeffs, "grad_coeffs");
+  const auto per_channel = [&](const DmolView& v) { return dmol_extent(v, rows, channels, mixtures, pixels); };
+  const auto shared = [&](const DmolView& v) { return dmol_extent(v, rows, 1, mixtures, pixels); };
+  check_extents({"x", "logit_probs", "means", "log_scales", "coeffs", "log_prob", "grad_logit_probs", "grad_means",
+                 "grad_log_scales", "grad_coeffs"},
+                {x, uintptr_t(logit_probs[0]), uintptr_t(means[0]), uintptr_t(log_scales[0]), uintptr_t(coeffs[0]),
+                 log_prob, uintptr_t(grad_logit_probs[0]), uintptr_t(grad_means[0]), uintptr_t(grad_log_scales[0]),
+                 uintptr_t(grad_coeffs[0])},
+                {x_rows * channels * pixels, shared(logit_probs), per_channel(means), per_channel(log_scales),
+                 per_channel(coeffs), rows, shared(grad_logit_probs), per_channel(grad_means),
+                 per_channel(grad_log_scales), per_channel(grad_coeffs)},
+                extents);
+  a.rows = rows;
+  a.x_rows = x_rows;
+  a.channels = channels;
+  a.mixtures = mixtures;
+  a.pixels = pixels;
+  a.x = as_ptr(x);
+  a.coeffs_tanh = coeffs_tanh;
+  a.half_bin = half_bin;
+  a.log_scale_min = log_scale_min;
+  a.log_prob = as_mut_ptr(log_prob);
+  a.num_threads = num_threads;
+  py::gil_scoped_release no_gil;
+  return VF_DISPATCH(dmol, dtype, a);
+}
+
 // Asks the kernel to back [ptr, ptr + nbytes) with transparent huge pages where it can.
 // Fresh multi-megabyte output buffers otherwise cost one page fault per 4 KiB on first
 // touch: for a 48 MiB gradient that is ~12k faults, slower than the kernel writing it.
@@ -255,5 +334,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("latent_backward", &latent_backward);
   m.def("elementwise_likelihood", &elementwise_likelihood);
   m.def("categorical", &categorical);
+  m.def("dmol", &dmol);
   m.def("advise_hugepages", &advise_hugepages, "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer");
 }

@@ -73,8 +73,34 @@ struct CategoricalArgs {
   int num_threads = 1;
 };
 
+// Discretised logistic mixture (PixelCNN++): per row r and pixel p, log sum_m pi_m prod_c mass_cm.
+// Parameters are read through (row, channel, mixture) element strides with pixels contiguous, so
+// the slices of a packed decoder output need no copies; the gradients are written through their
+// own strides (into separate tensors or into one packed gradient buffer).
+struct DmolOperand {
+  const void* ptr = nullptr;
+  int64_t row_stride = 0, channel_stride = 0, mixture_stride = 0;
+};
+struct DmolGrad {
+  void* ptr = nullptr;
+  int64_t row_stride = 0, channel_stride = 0, mixture_stride = 0;
+};
+
+struct DmolArgs {
+  int64_t rows = 0, x_rows = 0, channels = 1, mixtures = 1, pixels = 0;
+  const void* x = nullptr;  // (x_rows, channels, pixels) contiguous, in [-1, 1]
+  DmolOperand logit_probs, means, log_scales, coeffs;  // coeffs: 3 channels only, may be absent
+  bool coeffs_tanh = false;   // coefficient = tanh(coeffs) (packed PixelCNN++ / NVAE output)
+  double half_bin = 1.0 / 255.0;
+  double log_scale_min = -7.0;
+  void* log_prob = nullptr;  // (rows,)
+  DmolGrad grad_logit_probs, grad_means, grad_log_scales, grad_coeffs;  // all null or all set (coeffs if given)
+  int num_threads = 1;
+};
+
 // Per-ISA entry points. Each returns the number of out-of-support x values seen
-// (x outside [0, 1] for the Bernoulli family, target outside [0, classes)).
+// (x outside [0, 1] for the Bernoulli family, target outside [0, classes), x outside
+// [-1, 1] for the logistic mixture).
 #define VF_DECLARE_ISA(isa)                                                        \
   namespace isa {                                                                  \
   void latent_forward_f32(const LatentArgs&);                                      \
@@ -85,6 +111,8 @@ struct CategoricalArgs {
   int64_t elementwise_likelihood_f64(const ElementwiseLikelihoodArgs&);            \
   int64_t categorical_f32(const CategoricalArgs&);                                 \
   int64_t categorical_f64(const CategoricalArgs&);                                 \
+  int64_t dmol_f32(const DmolArgs&);                                               \
+  int64_t dmol_f64(const DmolArgs&);                                               \
   }
 VF_DECLARE_ISA(avx512)
 VF_DECLARE_ISA(avx2)

@@ -47,6 +47,27 @@ inline T log1p_nonneg(T t) {
   return (u == T(1)) ? t : vlog(u) * (t / safe_den);
 }
 
+// e^y - 1 for y <= 0 from one exp and one log (Kahan's trick: the rounding of e^y is
+// divided back out, so tiny |y| keep their digits). libmvec has no expm1 on older glibc.
+template <typename T>
+inline T expm1_nonpos(T y) {
+  const T u = vexp(y);
+  const T u_minus_1 = u - T(1);
+  const bool tiny = u == T(1);
+  const bool saturated = u_minus_1 == T(-1);
+  const T safe_log = (tiny || saturated) ? T(1) : vlog(u);
+  return tiny ? y : saturated ? T(-1) : u_minus_1 * (y / safe_log);
+}
+
+// log sigmoid(y) and sigmoid(-y), sharing t = e^-|y| (no overflow for any y).
+template <typename T>
+inline void log_sigmoid_and_complement(T y, T& log_sig, T& sig_neg) {
+  const T t = vexp(-std::fabs(y));
+  const T inv_one_plus_t = T(1) / (T(1) + t);
+  log_sig = (y < T(0) ? y : T(0)) - log1p_nonneg(t);
+  sig_neg = y >= T(0) ? t * inv_one_plus_t : inv_one_plus_t;
+}
+
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kLog2Pi = 1.8378770664093454836;
 

@@ -8,10 +8,14 @@ from ._backend import BACKENDS, backend, use_backend
 from ._validation import set_validate_args
 from .functional import (
     LIKELIHOODS,
+    DMOLParams,
     ELBOResult,
     bernoulli_log_prob,
     categorical_log_prob,
     continuous_bernoulli_log_prob,
+    discretized_logistic_mixture_log_prob,
+    dmol_from_packed,
+    dmol_packed_log_prob,
     elbo,
     gaussian_kl,
     gaussian_log_prob,
@@ -29,4 +33,5 @@ __all__ = [
     "BACKENDS", "backend", "use_backend", "set_validate_args", "set_inplace_backward", "LIKELIHOODS", "ELBOResult", "KLWarmup",
     "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
     "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood", "iwae_bound", "diagnostics",
+    "DMOLParams", "discretized_logistic_mixture_log_prob", "dmol_from_packed", "dmol_packed_log_prob",
 ]

@@ -133,3 +133,40 @@ def categorical_log_prob(logits, target, want_grad):
     )
     outs = (log_prob, grad, bad)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
+
+
+def _dmol_view(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    # (N, M, P) -> (ptr, row, 0, mixture); (N, C, M, P) -> (ptr, row, channel, mixture); pixels contiguous
+    if t is None:
+        return (0, 0, 0, 0)
+    if t.dim() == 3:
+        return (t.data_ptr(), t.stride(0), 0, t.stride(1))
+    return (t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
+
+
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads):
+    """Discretised logistic mixture over (N, ., P) views with unit pixel stride; ``grads`` is None or
+    four views (logit_probs, means, log_scales, coeffs-or-None) of the same shapes to fill."""
+    out_dtype = means.dtype
+    dtype = _compute_dtype(out_dtype)
+    if dtype != out_dtype:  # half precision: fp32 copies in, fp32 gradients copied back
+        x, logit_probs, means, log_scales, coeffs = (_cast(t, dtype) for t in (x, logit_probs, means, log_scales, coeffs))
+        targets = grads
+        grads = None if grads is None else tuple(None if g is None else torch.empty(g.shape, dtype=dtype) for g in grads)
+    rows, channels, mixtures, pixels = means.shape
+    log_prob = means.new_empty((rows,))
+    grads4 = (None, None, None, None) if grads is None else grads
+    operands = (logit_probs, means, log_scales, coeffs)
+    bad = _C.dmol(
+        _DTYPE_CODE[dtype], rows, x.shape[0], channels, mixtures, pixels, x.data_ptr(),
+        *(_dmol_view(t) for t in operands), bool(coeffs_tanh), 1.0 / (2**num_bits - 1), float(log_scale_min),
+        log_prob.data_ptr(), *(_dmol_view(g) for g in grads4), torch.get_num_threads(),
+        [_extent(t) for t in (x, *operands, log_prob, *grads4)],
+    )
+    if dtype != out_dtype:
+        if grads is not None:
+            for target, g in zip(targets, grads):
+                if g is not None:
+                    target.copy_(g)
+        log_prob = log_prob.to(out_dtype)
+    return log_prob, bad

@@ -113,3 +113,24 @@ def categorical_log_prob(logits, target, want_grad):
         grad = (torch.autograd.grad(log_prob.sum(), logits64)[0].to(logits.dtype)
                 if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else None))
     return log_prob.detach().to(logits.dtype), grad, (~valid).sum().cpu()
+
+
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads):
+    """Views (N, M, P) / (N, C, M, P) as in the C++ backend; fills ``grads`` (four views or None)."""
+    leaves = [None if t is None else _f64(t).requires_grad_(grads is not None) for t in (logit_probs, means, log_scales, coeffs)]
+    x_rows = _x_rows(x, means.shape[0]).double()
+    with _autograd_inside_op():
+        coeff_values = leaves[3]
+        if coeff_values is not None and coeffs_tanh:
+            coeff_values = torch.tanh(coeff_values)
+        # the reference takes (B, C, H, W) images: view the P pixels as H = 1, W = P
+        log_prob = ref.discretized_logistic_mixture_log_prob(
+            x_rows.unsqueeze(2), leaves[0].unsqueeze(2), leaves[1].unsqueeze(3), leaves[2].unsqueeze(3),
+            None if coeff_values is None else coeff_values.unsqueeze(3), num_bits=num_bits, log_scale_min=log_scale_min)
+        if grads is not None:
+            wanted = [t for t in leaves if t is not None]
+            values = torch.autograd.grad(log_prob.sum(), wanted) if log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+            for target, value in zip([g for g in grads if g is not None], values):
+                target.copy_(value)
+    bad = ((x < -1) | (x > 1)).sum().cpu()
+    return log_prob.detach().to(means.dtype), bad

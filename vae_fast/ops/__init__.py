@@ -1,11 +1,11 @@
 """torch.library registration of the fused ops (``torch.ops.vae_fast.*``) and their autograd.
 
-Each family lives in one module: ``latent`` (sampling + KL) and ``likelihood``
-(reconstruction terms). The ops are defined with ``torch.library.Library`` and
+Each family lives in one module: ``latent`` (sampling + KL), ``likelihood``
+(reconstruction terms) and ``dmol`` (discretised logistic mixtures). The ops are defined with ``torch.library.Library`` and
 given fake (meta) kernels, so ``torch.compile(fullgraph=True)`` traces through
 them; the public functions wrap them in a thin ``autograd.Function`` (about half
 the per-call overhead of ``torch.library.custom_op`` at small shapes, see
 benchmarks/bench_dispatch.py). The same backward is also registered on the ops
 themselves, so ``torch.ops.vae_fast.*`` is differentiable and ``opcheck``-clean.
 """
-from . import latent, likelihood  # noqa: F401  (registers the ops)
+from . import dmol, latent, likelihood  # noqa: F401  (registers the ops)

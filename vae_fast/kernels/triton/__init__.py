@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..._backend import triton_interpreting
 from .latent import latent_backward_kernel, latent_forward_kernel
+from .dmol import dmol_kernel
 from .likelihood import categorical_kernel, elementwise_kernel
 
 MAX_CATEGORICAL_CLASSES = 16384
@@ -141,3 +142,45 @@ def categorical_log_prob(logits, target, want_grad):
             num_warps=4,
         )
     return partial.sum(1).to(logits.dtype), grad, invalid.sum(dtype=torch.int64)
+
+
+def _dmol_view(t, fallback):
+    # (pointer, row, channel, mixture) strides of an (N, M, P) or (N, C, M, P) view
+    if t is None:
+        return (fallback, 0, 0, 0)
+    if t.dim() == 3:
+        return (t, t.stride(0), 0, t.stride(1))
+    return (t, t.stride(0), t.stride(1), t.stride(2))
+
+
+MAX_DMOL_MIXTURES = 256
+
+
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads):
+    rows, channels, mixtures, pixels = means.shape
+    if mixtures > MAX_DMOL_MIXTURES:
+        raise ValueError(f"means: the Triton mixture kernel supports at most {MAX_DMOL_MIXTURES} components "
+                         f"(one tile per pixel block), got {mixtures}")
+    mix_block = triton.next_power_of_2(mixtures)
+    pixel_block = max(1, min(triton.next_power_of_2(max(pixels, 1)), max(16, 2048 // mix_block)))
+    if triton_interpreting():
+        pixel_block = min(pixel_block, 16)
+    num_blocks = triton.cdiv(pixels, pixel_block)
+    acc_dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
+    partial = means.new_empty((rows, num_blocks), dtype=acc_dtype)
+    invalid = torch.zeros((rows, num_blocks), dtype=torch.int32, device=means.device)
+    grads4 = (None, None, None, None) if grads is None else grads
+    if rows > 0 and pixels > 0:
+        l_view = _dmol_view(logit_probs, means)
+        gl_view = _dmol_view(grads4[0], means)
+        dmol_kernel[(rows, num_blocks)](
+            x, l_view[0], l_view[1], l_view[3], *_dmol_view(means, means), *_dmol_view(log_scales, means),
+            *_dmol_view(coeffs, means), partial, invalid,
+            gl_view[0], gl_view[1], gl_view[3], *_dmol_view(grads4[1], means), *_dmol_view(grads4[2], means),
+            *_dmol_view(grads4[3], means),
+            x.shape[0], mixtures, pixels, num_blocks,
+            CHANNELS=channels, HAS_COEFFS=coeffs is not None, COEFF_TANH=bool(coeffs_tanh), WANT_GRAD=grads is not None,
+            HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
+            MIX=mix_block, PIX=pixel_block, num_warps=4,
+        )
+    return partial.sum(1).to(means.dtype), invalid.sum(dtype=torch.int64)

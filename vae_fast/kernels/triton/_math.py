@@ -111,3 +111,30 @@ def continuous_bernoulli_log_norm(l, t):
     log_c = tl.where(use_series, LN2 + u * series, closed)
     dlog_c = tl.where(use_series, 2.0 * l * dseries, dclosed)
     return log_c, dlog_c
+
+
+@triton.jit
+def expm1_nonpos(y):
+    """e^y - 1 for y <= 0 (Kahan: divide the rounding of e^y back out; as csrc/vf_math.h)."""
+    u = tl.exp(y)
+    u_minus_1 = u - 1.0
+    tiny = u == 1.0
+    saturated = u_minus_1 == -1.0
+    safe_log = tl.where(tiny | saturated, 1.0, tl.log(u))
+    return tl.where(tiny, y, tl.where(saturated, -1.0, u_minus_1 * (y / safe_log)))
+
+
+@triton.jit
+def log_sigmoid_and_complement(y):
+    """(log sigmoid(y), sigmoid(-y)) sharing t = e^-|y|."""
+    t = tl.exp(-tl.abs(y))
+    inv_one_plus_t = 1.0 / (1.0 + t)
+    log_sig = tl.minimum(y, 0.0) - log1p_nonneg(t)
+    return log_sig, tl.where(y >= 0.0, t * inv_one_plus_t, inv_one_plus_t)
+
+
+@triton.jit
+def tanh_via_expm1(y):
+    em = expm1_nonpos(-2.0 * tl.abs(y))
+    value = -em / (2.0 + em)
+    return tl.where(y < 0.0, -value, value)
