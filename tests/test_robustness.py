@@ -148,6 +148,34 @@ def test_fuzz_categorical_against_reference(case, batch, pixels, classes, sample
     assert_matches_reference(got, expected, torch.float64, terms=max(pixels, 1) * max(1.0, scale))
 
 
+@pytest.mark.parametrize("case", KERNEL_BACKENDS, ids=lambda c: f"{c[0]}-{c[1]}")
+@settings(deadline=None)
+@given(batch=st.integers(0, 3), channels=st.sampled_from([1, 2, 3]), coupled=st.booleans(), mixtures=st.integers(1, 5),
+       pixels=st.integers(1, 19), samples=st.sampled_from([None, 2]), log_scale_shift=st.sampled_from([-8.0, -3.0, 0.0, 6.0]),
+       num_bits=st.sampled_from([1, 5, 8, 12]), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_discretized_logistic_mixture_against_reference(case, batch, channels, coupled, mixtures, pixels, samples,
+                                                             log_scale_shift, num_bits, seed):
+    name, device = case
+    gen = torch.Generator().manual_seed(seed)
+    lead = (samples, batch) if samples else (batch,)
+    levels = 2**num_bits - 1
+    x = torch.randint(0, levels + 1, (batch, channels, 1, pixels), generator=gen).double() * (2 / levels) - 1
+    logits = torch.randn(*lead, mixtures, 1, pixels, generator=gen, dtype=torch.float64) * 3
+    means = torch.randn(*lead, channels, mixtures, 1, pixels, generator=gen, dtype=torch.float64)
+    log_scales = torch.randn(*lead, channels, mixtures, 1, pixels, generator=gen, dtype=torch.float64) * 2 + log_scale_shift
+    coeffs = torch.tanh(torch.randn_like(means)) if coupled and channels == 3 else None
+    with vae_fast.use_backend(name):
+        got = vae_fast.discretized_logistic_mixture_log_prob(
+            x.to(device), logits.to(device), means.to(device), log_scales.to(device),
+            None if coeffs is None else coeffs.to(device), num_bits=num_bits)
+    flat = [None if t is None else t.reshape(-1, *t.shape[len(lead):]) for t in (logits, means, log_scales, coeffs)]
+    expected = ref.discretized_logistic_mixture_log_prob(
+        x.repeat(len(flat[0]) // max(batch, 1) if batch else 1, 1, 1, 1), *flat, num_bits=num_bits).reshape(lead)
+    # far-tail log masses reach -(x - mean) / s ~ e^8: compare relative to that size
+    magnitude = max(1.0, math.exp(-min(log_scale_shift - 4, 0.0)) if log_scale_shift > -7 else math.exp(7))
+    assert_matches_reference(got, expected, torch.float64, terms=channels * pixels * magnitude)
+
+
 # ------------------------------------------------------------------ edge shapes and big offsets
 
 
@@ -353,3 +381,20 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     C.categorical(*cat, [30, 6, 2, 0])
     with pytest.raises(ValueError, match="target holds 5 elements"):
         C.categorical(*cat, [30, 5, 2, 0])
+    # discretised logistic mixture: operands are (pointer, row, channel, mixture strides)
+    xs, lp, dm = torch.zeros(2, 3, 4), torch.zeros(2, 2, 4), torch.zeros(2, 3, 2, 4)
+    view = (dm.data_ptr(), 24, 8, 4)
+    none = (0, 0, 0, 0)
+    dmol = (0, 2, 2, 3, 2, 4, xs.data_ptr(), (lp.data_ptr(), 8, 0, 4), view, view, none, False, 1 / 255, -7.0,
+            kl.data_ptr(), none, none, none, none, 1)
+    C.dmol(*dmol, [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="means holds 47 elements but the kernel would touch 48"):
+        C.dmol(*dmol, [24, 16, 47, 48, 0, 2, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="coeffs need exactly 3 channels"):
+        C.dmol(0, 2, 2, 2, 2, 4, *dmol[6:10], view, *dmol[11:], [16, 16, 48, 48, 48, 2, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="gradient outputs must be all given or all absent"):
+        C.dmol(*dmol[:15], none, view, none, none, 1, [24, 16, 48, 48, 0, 2, 0, 48, 0, 0])
+    with pytest.raises(ValueError, match="half_bin"):
+        C.dmol(*dmol[:12], 0.0, *dmol[13:], [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="strides must be non-negative"):
+        C.dmol(*dmol[:8], (dm.data_ptr(), -24, 8, 4), *dmol[9:], [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])

@@ -223,7 +223,7 @@ def discretized_logistic_mixture_log_prob(
         lowest, F.logsigmoid(plus), torch.where(highest, F.logsigmoid(-minus), log_sigmoid_difference(safe_plus, minus))
     )
     log_mix = torch.log_softmax(logit_probs, dim=1) + log_mass.sum(1)  # (B, M, H, W)
-    return torch.logsumexp(log_mix, dim=1).reshape(x.shape[0], -1).sum(-1)
+    return torch.logsumexp(log_mix, dim=1).flatten(1).sum(-1)
 
 
 # --------------------------------------------------------------------------------------
