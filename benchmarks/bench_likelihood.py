@@ -26,3 +26,13 @@ def test_categorical(run_fwd_bwd, impl):
     shape = (64, 3, 32, 32, 256)
     run_fwd_bwd(implementations("categorical")[impl], impls.likelihood_inputs(shape, "cpu", "categorical"),
                 f"categorical {shape}")
+
+
+@pytest.mark.parametrize("impl", ["vae_fast", "eager", "torch.compile"])
+def test_dmol(run_fwd_bwd, impl):
+    """Discretised logistic mixture, B x C x H x W = 16 x 3 x 32 x 32, M = 10, packed NVAE-style output;
+    eager = NVAE's DiscMixLogistic.log_prob."""
+    shape = (16, 3, 32, 32, 10)
+    fns = {"vae_fast": impls.dmol_fused, "eager": impls.dmol_eager,
+           "torch.compile": torch.compile(impls.dmol_eager, dynamic=False)}
+    run_fwd_bwd(fns[impl], impls.dmol_inputs(shape, "cpu"), f"dmol {shape}")

@@ -32,11 +32,12 @@ CASES = [
     ("continuous_bernoulli", (32768, 3072)), ("gaussian", (32768, 3072)),
     ("categorical", (64, 3, 32, 32, 256)), ("categorical", (256, 3, 32, 32, 256)),
     ("elbo_loss", (4096, 128, 3072)),
+    ("dmol", (16, 3, 32, 32, 10)), ("dmol", (128, 3, 32, 32, 10)),
 ]
 QUICK = {("latent", (4096, 512)), ("bernoulli", (32768, 3072)), ("categorical", (64, 3, 32, 32, 256))}
 # torch.compile takes tens of seconds per case: compare against it where it matters most
 COMPILE = {("latent", (4096, 512)), ("bernoulli", (32768, 3072)), ("continuous_bernoulli", (32768, 3072)),
-           ("categorical", (64, 3, 32, 32, 256))}
+           ("categorical", (64, 3, 32, 32, 256)), ("dmol", (128, 3, 32, 32, 10))}
 
 
 def parse_args(argv=None):
@@ -71,6 +72,11 @@ def make_case(op, shape, device):
                "eager": impls.elbo_eager}
         batch, latent, pixels = shape
         nbytes = impls.latent_bytes((batch, latent)) + impls.likelihood_bytes((batch, pixels), "bernoulli")
+    elif op == "dmol":
+        inputs = impls.dmol_inputs(shape, device)
+        fns = {"vae_fast": impls.dmol_fused, "vae_fast no check": without_check(impls.dmol_fused),
+               "eager": impls.dmol_eager}
+        nbytes = impls.dmol_bytes(shape)
     else:
         inputs = impls.likelihood_inputs(shape, device, op)
         fused = impls.likelihood_step(impls.FUSED_LIKELIHOOD[op])

@@ -30,6 +30,7 @@ LATENT_SHAPES = [(128, 32), (1024, 256), (4096, 512)]
 PIXEL_SHAPES = [(128, 784), (1024, 3072), (4096, 3072)]
 CATEGORICAL_SHAPES = [(64, 3, 32, 32, 256)]
 ELBO_SHAPES = [(128, 32, 784), (1024, 64, 3072), (4096, 128, 3072)]
+DMOL_SHAPES = [(16, 3, 32, 32, 10), (64, 3, 32, 32, 10)]  # B, C, H, W, mixtures
 
 
 def machine_name() -> str:
@@ -87,6 +88,10 @@ def collect(quick: bool):
                  {"vae_fast": impls.likelihood_step(impls.FUSED_LIKELIHOOD["categorical"]),
                   "eager": impls.likelihood_step(impls.EAGER_LIKELIHOOD["categorical"])},
                  impls.likelihood_bytes(shape, "categorical"), with_compile=with_compile, budget=budget)
+    for shape in (DMOL_SHAPES[:1] if quick else DMOL_SHAPES):
+        run_case(rows, "dmol", shape, lambda: impls.dmol_inputs(shape, "cpu"),
+                 {"vae_fast": impls.dmol_fused, "eager": impls.dmol_eager}, impls.dmol_bytes(shape),
+                 with_compile=with_compile, budget=budget)
     for shape in (ELBO_SHAPES[:1] if quick else ELBO_SHAPES):
         run_case(rows, "elbo_loss", shape, lambda: impls.elbo_inputs(shape, "cpu"),
                  {"vae_fast": impls.elbo_fused, "eager": impls.elbo_eager}, 0,

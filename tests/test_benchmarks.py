@@ -39,3 +39,22 @@ def test_cpu_report_helpers_measure_something():
     assert time_fwd_bwd(impls.latent_fused, inputs, inputs[:2], budget_s=0.01) > 0
     # the fused latent op saves mu, logvar and the 8-byte seed; eager saves more
     assert saved_bytes(impls.latent_fused, inputs) < saved_bytes(impls.latent_eager, inputs)
+
+
+@pytest.mark.parametrize("op,shape", [("latent", (8, 4)), ("bernoulli", (4, 6)), ("categorical", (2, 3, 2, 2, 5)),
+                                      ("elbo_loss", (4, 3, 6)), ("dmol", (2, 3, 2, 2, 2))])
+def test_gpu_roofline_cases_run_at_small_shapes_on_cpu(op, shape):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_roofline
+    from benchmarks.timing import fwd_bwd_step
+
+    assert op in {o for o, _ in gpu_roofline.CASES}
+    inputs, fns, nbytes = gpu_roofline.make_case(op, shape, "cpu")
+    assert nbytes > 0 or op == "elbo_loss"
+    values = {name: fn(*inputs) for name, fn in fns.items()}
+    for value in values.values():  # the same loss (up to the noise draws of the latent ops)
+        if op in ("latent", "elbo_loss"):
+            assert torch.isfinite(value)
+            continue
+        torch.testing.assert_close(value, values["eager"], rtol=1e-4, atol=1e-3 * abs(values["eager"].item()))
+    fwd_bwd_step(fns["vae_fast"], inputs)()

@@ -53,6 +53,9 @@ def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
     return out
 
 
+new_output = _new_output  # for the op layer's own output buffers (ops/dmol.py)
+
+
 def _to(outs, dtype):
     return tuple(o if o is None or isinstance(o, int) else o.to(dtype) for o in outs)
 

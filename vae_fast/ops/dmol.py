@@ -51,11 +51,17 @@ def packed_views(params: torch.Tensor, num_mixtures: int, channels: int):
     return params[:, :m], rest[:, :, :m], rest[:, :, m:2 * m], coeffs
 
 
+def _new_gradient(kernels, t: torch.Tensor) -> torch.Tensor:
+    """A contiguous buffer of t's shape; the CPU backend backs large ones with huge pages."""
+    new_output = getattr(kernels, "new_output", None)
+    return t.new_empty(t.shape) if new_output is None else new_output(t, t.shape)
+
+
 def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad):
+    kernels = kernels_for(means)
     operands = [_unit_pixel_stride(t) for t in (logit_probs, means, log_scales, coeffs)]
-    grads = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                  for t in operands) if want_grad else None
-    log_prob, bad = kernels_for(means).dmol_log_prob(
+    grads = tuple(None if t is None else _new_gradient(kernels, t) for t in operands) if want_grad else None
+    log_prob, bad = kernels.dmol_log_prob(
         x.to(means.dtype).contiguous(), *operands, num_bits, log_scale_min, False, grads)
     return (log_prob, *(grads if grads is not None else (None,) * 4), bad)
 
@@ -63,9 +69,10 @@ def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_
 def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_grad):
     params = params.contiguous()
     channels = x.shape[1]
-    grad = torch.empty_like(params) if want_grad else None
+    kernels = kernels_for(params)
+    grad = _new_gradient(kernels, params) if want_grad else None
     grads = packed_views(grad, num_mixtures, channels) if want_grad else None
-    log_prob, bad = kernels_for(params).dmol_log_prob(
+    log_prob, bad = kernels.dmol_log_prob(
         x.to(params.dtype).contiguous(), *packed_views(params, num_mixtures, channels), num_bits, log_scale_min,
         True, grads)
     return log_prob, grad, bad
