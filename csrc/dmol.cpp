@@ -148,7 +148,7 @@ int64_t dmol_impl(const DmolArgs& a) {
   const int64_t tiles_per_row = (P + kTile - 1) / kTile;
   const int64_t work_items = a.rows * tiles_per_row;
   const T* __restrict x_all = static_cast<const T*>(a.x);
-  const T hb = T(a.half_bin), ls_min = T(a.log_scale_min);
+  const T hb = T(a.half_bin), ls_min = T(a.log_scale_min), grad_scale = T(a.grad_scale);
   std::vector<T> partial(work_items);
   int64_t bad = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(+ : bad) if (work_items * kTile * M * C > kParallelGrain)
@@ -241,7 +241,8 @@ int64_t dmol_impl(const DmolArgs& a) {
       }
       partial[item] = tile_sum;
 
-      // pass 3: scale the derivatives (still in cache) by the responsibilities
+      // pass 3: scale the derivatives (still in cache) by the responsibilities (times grad_scale,
+      // the caller's expected upstream gradient)
       if constexpr (WANT_GRAD) {
         for (int64_t m = 0; m < M; ++m) {
           T* __restrict resp = mix_buf.data() + m * kTile;
@@ -249,8 +250,9 @@ int64_t dmol_impl(const DmolArgs& a) {
           T* __restrict g_logit = operand<T>(a.grad_logit_probs, r, 0, m, p0);
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
-            resp[i] *= sum_mix[i];
-            g_logit[i] = resp[i] - prior[i] * sum_logit[i];
+            const T r_m = resp[i] * sum_mix[i];
+            g_logit[i] = (r_m - prior[i] * sum_logit[i]) * grad_scale;
+            resp[i] = r_m * grad_scale;
           }
           for (int64_t c = 0; c < C; ++c) {
             T* __restrict g_mean = operand<T>(a.grad_means, r, c, m, p0);

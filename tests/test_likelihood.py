@@ -265,3 +265,55 @@ def test_torch_compile_fullgraph(kernel_backend):
     eager.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grads, (logits.grad, lv.grad))
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 3.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_expected_upstream_gradient_is_prescaled_and_backward_rescales_otherwise(backend, reduction, loss_scale):
+    # with loss = -log_p.mean() the kernel's gradient, written times -1/B, is returned as is;
+    # any other upstream (x3) is rescaled
+    # the kernels guess a negative log-likelihood loss (upstream -1/B for "mean", -1 for "sum").
+    # Big enough for the CPU fast path (>= 2^18 elements) on the C++ backend; small elsewhere
+    width = 4096 if vae_fast.backend(backend) == "cpu" else 8
+    logits = torch.randn(64, width, dtype=torch.float64, device=backend, requires_grad=True)
+    x = torch.rand(64, width, dtype=torch.float64, device=backend)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = -loss_scale * vae_fast.bernoulli_log_prob(logits, x, reduction=reduction)
+    loss.backward()
+    expected_scale = -loss_scale / (64 if reduction == "mean" else 1)
+    expected = expected_scale * (x - torch.sigmoid(logits.detach()))
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-12, atol=1e-15)
+    if backend == "cpu" and loss_scale == 1.0 and vae_fast.backend("cpu") == "cpu":
+        assert logits.grad.data_ptr() == saved[0].data_ptr()  # no scaling pass, no copy
+
+
+def test_expected_upstream_through_elbo_with_samples_matches_plain_autograd(backend):
+    gen = torch.Generator().manual_seed(3)
+    mu = torch.randn(32, 4, generator=gen, dtype=torch.float64).to(backend).requires_grad_()
+    logvar = torch.zeros(32, 4, dtype=torch.float64, device=backend, requires_grad=True)
+    width = 8192 if vae_fast.backend(backend) == "cpu" else 16
+    weight = torch.randn(4, width, generator=gen, dtype=torch.float64).to(backend)
+    x = torch.bernoulli(torch.rand(32, width, generator=gen, dtype=torch.float64)).to(backend)
+    eps = torch.randn(2, 32, 4, generator=gen, dtype=torch.float64).to(backend)
+    for reduction in ("mean", "sum", "none"):
+        mu.grad = None
+        result = vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, num_samples=2, eps=eps, reduction=reduction)
+        result.loss.sum().backward()
+        z = mu.detach().requires_grad_() + eps
+        log_lik = ref.bernoulli_log_prob(z @ weight, x.expand(2, -1, -1), batch_dims=2).mean(0)
+        loss = -(log_lik - ref.gaussian_kl(z[0] * 0 + mu.detach(), logvar.detach()))
+        loss = {"mean": loss.mean(), "sum": loss.sum(), "none": loss.sum()}[reduction]
+        (expected,) = torch.autograd.grad(loss, z)
+        torch.testing.assert_close(mu.grad, expected.sum(0) + mu.detach() * (1 if reduction != "mean" else 1 / 32),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_with_grad_scale(kernel_backend):
+    dev = kernel_backend
+    theta = torch.randn(4, 6, device=dev, requires_grad=True)
+    x = torch.rand(2, 6, device=dev)
+    torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default, (theta, x, None, 0, True, False, -0.25))
+    logits = torch.randn(4, 3, 5, device=dev, requires_grad=True)
+    target = torch.randint(0, 5, (2, 3), device=dev)
+    torch.library.opcheck(torch.ops.vae_fast.categorical_log_prob.default, (logits, target, True, 0.5))

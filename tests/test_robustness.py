@@ -351,7 +351,7 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     if C is None:
         pytest.skip("needs the C++ extension")
     theta, x, out, grad = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4), torch.zeros(4, 8)
-    ok = (0, 0, 4, 4, 8, theta.data_ptr(), x.data_ptr(), 0, 0, 0, out.data_ptr(), grad.data_ptr(), 0, 1)
+    ok = (0, 0, 4, 4, 8, theta.data_ptr(), x.data_ptr(), 0, 0, 0, out.data_ptr(), grad.data_ptr(), 0, 1.0, 1)
     assert C.elementwise_likelihood(*ok, [32, 32, 0, 4, 32, 0]) == 0
     with pytest.raises(ValueError, match="theta holds 31 elements but the kernel would touch 32"):
         C.elementwise_likelihood(*ok, [31, 32, 0, 4, 32, 0])
@@ -365,6 +365,9 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
         C.elementwise_likelihood(7, *ok[1:], [32, 32, 0, 4, 32, 0])
     with pytest.raises(ValueError, match="sizes must be non-negative"):
         C.elementwise_likelihood(0, 0, -4, 4, 8, *ok[5:], [32, 32, 0, 4, 32, 0])
+    for bad_scale in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="grad_scale must be finite and non-zero"):
+            C.elementwise_likelihood(*ok[:13], bad_scale, 1, [32, 32, 0, 4, 32, 0])
     mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
     ratio = torch.zeros(1, 2)
     args = (0, 0, 2, 3, 1, mu.data_ptr(), mu.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 5, 0, z.data_ptr(), kl.data_ptr(), 0,
@@ -377,7 +380,7 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     with pytest.raises(ValueError, match="param code"):
         C.latent_forward(0, 9, *args[2:], [6, 6, 0, 0, 0, 6, 2, 0, 2])
     logits, target = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64)
-    cat = (0, 2, 2, 3, 5, logits.data_ptr(), target.data_ptr(), kl.data_ptr(), 0, 1)
+    cat = (0, 2, 2, 3, 5, logits.data_ptr(), target.data_ptr(), kl.data_ptr(), 0, 1.0, 1)
     C.categorical(*cat, [30, 6, 2, 0])
     with pytest.raises(ValueError, match="target holds 5 elements"):
         C.categorical(*cat, [30, 5, 2, 0])
@@ -386,14 +389,14 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     view = (dm.data_ptr(), 24, 8, 4)
     none = (0, 0, 0, 0)
     dmol = (0, 2, 2, 3, 2, 4, xs.data_ptr(), (lp.data_ptr(), 8, 0, 4), view, view, none, False, 1 / 255, -7.0,
-            kl.data_ptr(), none, none, none, none, 1)
+            kl.data_ptr(), none, none, none, none, 1.0, 1)
     C.dmol(*dmol, [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="means holds 47 elements but the kernel would touch 48"):
         C.dmol(*dmol, [24, 16, 47, 48, 0, 2, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="coeffs need exactly 3 channels"):
         C.dmol(0, 2, 2, 2, 2, 4, *dmol[6:10], view, *dmol[11:], [16, 16, 48, 48, 48, 2, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="gradient outputs must be all given or all absent"):
-        C.dmol(*dmol[:15], none, view, none, none, 1, [24, 16, 48, 48, 0, 2, 0, 48, 0, 0])
+        C.dmol(*dmol[:15], none, view, none, none, 1.0, 1, [24, 16, 48, 48, 0, 2, 0, 48, 0, 0])
     with pytest.raises(ValueError, match="half_bin"):
         C.dmol(*dmol[:12], 0.0, *dmol[13:], [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="strides must be non-negative"):

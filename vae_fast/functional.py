@@ -174,6 +174,17 @@ def gaussian_kl(
 # --------------------------------------------------------------------------------------
 
 
+def _expected_grad(reduction: str, rows: int, given: float | None) -> float:
+    """The upstream gradient each row's log-likelihood most likely receives: log-likelihoods are
+    maximised, so the guess is a negative log-likelihood loss, ``-log_p.mean()`` (-1/N per row; also
+    for reduction="none") or ``-log_p.sum()`` (-1). The kernels pre-scale their gradients by it, so
+    that backward is free when the guess holds (CPU); any other upstream costs the usual scaling
+    pass (see ops/likelihood.py)."""
+    if given is not None:
+        return given
+    return -1.0 if reduction == "sum" or rows == 0 else -1.0 / rows
+
+
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     check_choice("reduction", reduction, REDUCTIONS)
     if reduction == "sum":
@@ -203,7 +214,8 @@ def _check_x(x, theta_name: str, theta: torch.Tensor) -> None:
     check_same_device((theta_name, "x"), (theta, x))
 
 
-def _elementwise(likelihood: str, theta_name: str, theta, x, logvar, reduction: str) -> torch.Tensor:
+def _elementwise(likelihood: str, theta_name: str, theta, x, logvar, reduction: str,
+                 expected_grad: float | None = None) -> torch.Tensor:
     check_tensor(theta_name, theta)
     _check_x(x, theta_name, x if theta is None else theta)
     lead_ndim = _lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
@@ -213,31 +225,34 @@ def _elementwise(likelihood: str, theta_name: str, theta, x, logvar, reduction: 
         check_broadcastable("logvar", logvar, theta.shape, theta_name)
     log_prob = ElementwiseLogProb.apply(
         theta.reshape(rows, dim), x.reshape(x.shape[0], dim), logvar, ELEMENTWISE_LIKELIHOODS[likelihood],
-        theta.shape, lead_ndim,
+        theta.shape, lead_ndim, _expected_grad(reduction, rows, expected_grad),
     )
     return _reduce(log_prob.reshape(theta.shape[:lead_ndim]), reduction)
 
 
-def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none",
+                       _expected_upstream: float | None = None) -> torch.Tensor:
     """Bernoulli log-likelihood from logits, fused with its gradient.
 
     ``sum_j x_j l_j - softplus(l_j)`` over the event dims (x may hold grey values in [0, 1],
     like ``binary_cross_entropy_with_logits``). logits ``(B, ...)`` or ``(K, B, ...)``, x ``(B, ...)``;
     returns ``(B,)`` or ``(K, B)`` for ``reduction="none"``.
     """
-    return _elementwise("bernoulli", "logits", logits, x, None, reduction)
+    return _elementwise("bernoulli", "logits", logits, x, None, reduction, _expected_upstream)
 
 
-def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none",
+                                  _expected_upstream: float | None = None) -> torch.Tensor:
     """Continuous Bernoulli log-likelihood (Loaiza-Ganem & Cunningham, 2019), normaliser included.
 
     Bernoulli term plus ``log C(lambda)``, ``C = l / tanh(l/2)`` in logits (a series near l = 0
     keeps it exact at lambda = 1/2). Shapes as :func:`bernoulli_log_prob`.
     """
-    return _elementwise("continuous_bernoulli", "logits", logits, x, None, reduction)
+    return _elementwise("continuous_bernoulli", "logits", logits, x, None, reduction, _expected_upstream)
 
 
-def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduction: str = "none") -> torch.Tensor:
+def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduction: str = "none",
+                      _expected_upstream: float | None = None) -> torch.Tensor:
     """Diagonal Gaussian log-likelihood ``-1/2 sum_j [log 2 pi + lv_j + (x_j - mean_j)^2 e^-lv_j]``.
 
     ``logvar``: a float (fixed), a 0-d tensor (learned scalar) or any tensor broadcastable to
@@ -251,10 +266,11 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduct
         logvar = torch.tensor(float(logvar), dtype=mean.dtype, device=mean.device)
     check_tensor("logvar", logvar)
     check_same_device(("mean", "logvar"), (mean, logvar))
-    return _elementwise("gaussian", "mean", mean, x, logvar, reduction)
+    return _elementwise("gaussian", "mean", mean, x, logvar, reduction, _expected_upstream)
 
 
-def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none",
+                         _expected_upstream: float | None = None) -> torch.Tensor:
     """Categorical log-likelihood per example, e.g. 256-way 8-bit pixels.
 
     logits ``(B, *pixels, C)`` or ``(K, B, *pixels, C)``; integer ``x`` ``(B, *pixels)`` in [0, C).
@@ -269,7 +285,8 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: st
     lead_ndim = _lead_ndim("logits", logits.shape[:-1], x.shape, "x's shape followed by C:")
     rows = math.prod(logits.shape[:lead_ndim])
     pixels = math.prod(x.shape[1:])
-    log_prob = CategoricalLogProb.apply(logits.reshape(rows, pixels, logits.shape[-1]), x.reshape(x.shape[0], pixels))
+    log_prob = CategoricalLogProb.apply(logits.reshape(rows, pixels, logits.shape[-1]), x.reshape(x.shape[0], pixels),
+                                        _expected_grad(reduction, rows, _expected_upstream))
     return _reduce(log_prob.reshape(logits.shape[:lead_ndim]), reduction)
 
 
@@ -358,6 +375,7 @@ def discretized_logistic_mixture_log_prob(
     num_bits: int = 8,
     log_scale_min: float = -7.0,
     reduction: str = "none",
+    _expected_upstream: float | None = None,
 ) -> torch.Tensor:
     """Discretised mixture of logistics (PixelCNN++, Salimans et al. 2017), fused with its gradient.
 
@@ -413,7 +431,7 @@ def discretized_logistic_mixture_log_prob(
         x.reshape(batch, channels, pixels), logit_probs.reshape(rows, mixtures, pixels),
         means.reshape(rows, channels, mixtures, pixels), log_scales.reshape(rows, channels, mixtures, pixels),
         None if coeffs is None else coeffs.reshape(rows, channels, mixtures, pixels), int(num_bits),
-        float(log_scale_min))
+        float(log_scale_min), _expected_grad(reduction, rows, _expected_upstream))
     return _reduce(log_prob.reshape(lead_shape), reduction)
 
 
@@ -425,6 +443,7 @@ def dmol_packed_log_prob(
     num_bits: int = 8,
     log_scale_min: float = -7.0,
     reduction: str = "none",
+    _expected_upstream: float | None = None,
 ) -> torch.Tensor:
     """:func:`discretized_logistic_mixture_log_prob` of a packed decoder output, read in place.
 
@@ -452,7 +471,7 @@ def dmol_packed_log_prob(
     rows, pixels = math.prod(params.shape[:lead]), math.prod(spatial)
     log_prob = DmolPackedLogProb.apply(
         x.reshape(batch, channels, pixels), params.reshape(rows, expected, pixels), num_mixtures, int(num_bits),
-        float(log_scale_min))
+        float(log_scale_min), _expected_grad(reduction, rows, _expected_upstream))
     return _reduce(log_prob.reshape(params.shape[:lead]), reduction)
 
 
@@ -475,33 +494,43 @@ def register_likelihood(name: str):
     return decorate
 
 
-@register_likelihood("bernoulli")
-def _bernoulli(logits, x):
-    return bernoulli_log_prob(logits, x)
+# The built-in likelihoods take the upstream gradient elbo() expects for each row, so that their
+# kernels can pre-scale the gradient and backward can skip its scaling pass.
+def _builtin_likelihood(name: str):
+    def decorate(fn):
+        fn.takes_expected_upstream = True
+        return register_likelihood(name)(fn)
+
+    return decorate
 
 
-@register_likelihood("continuous_bernoulli")
-def _continuous_bernoulli(logits, x):
-    return continuous_bernoulli_log_prob(logits, x)
+@_builtin_likelihood("bernoulli")
+def _bernoulli(logits, x, expected_upstream=None):
+    return bernoulli_log_prob(logits, x, _expected_upstream=expected_upstream)
 
 
-@register_likelihood("gaussian")
-def _gaussian(output, x):
+@_builtin_likelihood("continuous_bernoulli")
+def _continuous_bernoulli(logits, x, expected_upstream=None):
+    return continuous_bernoulli_log_prob(logits, x, _expected_upstream=expected_upstream)
+
+
+@_builtin_likelihood("gaussian")
+def _gaussian(output, x, expected_upstream=None):
     mean, logvar = output if isinstance(output, (tuple, list)) else (output, 0.0)
-    return gaussian_log_prob(mean, x, logvar)
+    return gaussian_log_prob(mean, x, logvar, _expected_upstream=expected_upstream)
 
 
-@register_likelihood("categorical")
-def _categorical(logits, x):
-    return categorical_log_prob(logits, x)
+@_builtin_likelihood("categorical")
+def _categorical(logits, x, expected_upstream=None):
+    return categorical_log_prob(logits, x, _expected_upstream=expected_upstream)
 
 
-@register_likelihood("dmol")
-def _dmol(output, x):
+@_builtin_likelihood("dmol")
+def _dmol(output, x, expected_upstream=None):
     # a packed decoder output (read in place) or (logit_probs, means, log_scales[, coeffs])
     if isinstance(output, torch.Tensor):
-        return dmol_packed_log_prob(x, output)
-    return discretized_logistic_mixture_log_prob(x, *output)
+        return dmol_packed_log_prob(x, output, _expected_upstream=expected_upstream)
+    return discretized_logistic_mixture_log_prob(x, *output, _expected_upstream=expected_upstream)
 
 
 class ELBOResult(NamedTuple):
@@ -622,7 +651,14 @@ def elbo(
         z_for_decoder.register_hook(lambda grad: grad * dreg_weights[0])
     else:
         z_for_decoder = z
-    log_lik = log_prob_fn(decode(z_for_decoder if num_samples > 1 else z_for_decoder.view(mu.shape)), x)
+    decoded = decode(z_for_decoder if num_samples > 1 else z_for_decoder.view(mu.shape))
+    if getattr(log_prob_fn, "takes_expected_upstream", False):
+        # d loss / d log p(x | z_k) for each row under the ELBO objective: -1/(B K) ("mean"), -1/K ("sum")
+        batch = x.shape[0]
+        upstream = {"mean": -1.0 / max(batch * num_samples, 1), "sum": -1.0 / num_samples}.get(reduction)
+        log_lik = log_prob_fn(decoded, x, upstream if objective == "elbo" else None)
+    else:
+        log_lik = log_prob_fn(decoded, x)
     expected = (num_samples, x.shape[0]) if num_samples > 1 else (x.shape[0],)
     if not isinstance(log_lik, torch.Tensor) or tuple(log_lik.shape) != expected:
         got = tuple(log_lik.shape) if isinstance(log_lik, torch.Tensor) else type(log_lik).__name__

@@ -105,7 +105,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
     out_dtype = theta.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
@@ -116,14 +116,14 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     grad_lv = _new_output(theta) if want_logvar_grad else None
     bad = _C.elementwise_likelihood(
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
-        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), torch.get_num_threads(),
+        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(grad_scale), torch.get_num_threads(),
         [_extent(t) for t in (theta, x, logvar, log_prob, grad, grad_lv)],
     )
     outs = (log_prob, grad, grad_lv, bad)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
-def categorical_log_prob(logits, target, want_grad):
+def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
     out_dtype = logits.dtype
     dtype = _compute_dtype(out_dtype)
     logits = _cast(logits, dtype)
@@ -132,7 +132,8 @@ def categorical_log_prob(logits, target, want_grad):
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical(
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
-        log_prob.data_ptr(), _ptr(grad), torch.get_num_threads(), [_extent(t) for t in (logits, target, log_prob, grad)],
+        log_prob.data_ptr(), _ptr(grad), float(grad_scale), torch.get_num_threads(),
+        [_extent(t) for t in (logits, target, log_prob, grad)],
     )
     outs = (log_prob, grad, bad)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
@@ -147,9 +148,11 @@ def _dmol_view(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return (t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
 
 
-def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads):
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
+                  grad_scale=1.0):
     """Discretised logistic mixture over (N, ., P) views with unit pixel stride; ``grads`` is None or
-    four views (logit_probs, means, log_scales, coeffs-or-None) of the same shapes to fill."""
+    four views (logit_probs, means, log_scales, coeffs-or-None) of the same shapes to fill (with the
+    gradients times ``grad_scale``)."""
     out_dtype = means.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:  # half precision: fp32 copies in, fp32 gradients copied back
@@ -163,7 +166,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
     bad = _C.dmol(
         _DTYPE_CODE[dtype], rows, x.shape[0], channels, mixtures, pixels, x.data_ptr(),
         *(_dmol_view(t) for t in operands), bool(coeffs_tanh), 1.0 / (2**num_bits - 1), float(log_scale_min),
-        log_prob.data_ptr(), *(_dmol_view(g) for g in grads4), torch.get_num_threads(),
+        log_prob.data_ptr(), *(_dmol_view(g) for g in grads4), float(grad_scale), torch.get_num_threads(),
         [_extent(t) for t in (x, *operands, log_prob, *grads4)],
     )
     if dtype != out_dtype:

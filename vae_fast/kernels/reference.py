@@ -91,31 +91,32 @@ def _num_invalid(x, likelihood):
     return ((x < 0) | (x > 1)).sum().cpu()
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
     theta64 = _f64(theta).requires_grad_(want_grad)
     lv64 = None if logvar is None else _f64(logvar).requires_grad_(want_logvar_grad)
     with _autograd_inside_op():
         log_prob = _ELEMENTWISE[likelihood](theta64, _x_rows(x, theta.shape[0]).double(), lv64 if lv64 is not None else 0.0)
         wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
-        grads = list(torch.autograd.grad(log_prob.sum(), wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+        grads = list(torch.autograd.grad(log_prob.sum() * grad_scale, wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
     grad = grads.pop(0).to(theta.dtype) if want_grad else None
     grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta).contiguous() if want_logvar_grad else None
     return log_prob.detach().to(theta.dtype), grad, grad_lv, _num_invalid(x, likelihood)
 
 
-def categorical_log_prob(logits, target, want_grad):
+def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
     classes = logits.shape[-1]
     valid = (target >= 0) & (target < classes)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logits64 = _f64(logits).requires_grad_(want_grad)
     with _autograd_inside_op():
         log_prob = ref.categorical_log_prob(logits64, _x_rows(safe_target, logits.shape[0]))
-        grad = (torch.autograd.grad(log_prob.sum(), logits64)[0].to(logits.dtype)
+        grad = (torch.autograd.grad(log_prob.sum() * grad_scale, logits64)[0].to(logits.dtype)
                 if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else None))
     return log_prob.detach().to(logits.dtype), grad, (~valid).sum().cpu()
 
 
-def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads):
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
+                  grad_scale=1.0):
     """Views (N, M, P) / (N, C, M, P) as in the C++ backend; fills ``grads`` (four views or None)."""
     leaves = [None if t is None else _f64(t).requires_grad_(grads is not None) for t in (logit_probs, means, log_scales, coeffs)]
     x_rows = _x_rows(x, means.shape[0]).double()
@@ -129,7 +130,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             None if coeff_values is None else coeff_values.unsqueeze(3), num_bits=num_bits, log_scale_min=log_scale_min)
         if grads is not None:
             wanted = [t for t in leaves if t is not None]
-            values = torch.autograd.grad(log_prob.sum(), wanted) if log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+            values = torch.autograd.grad(log_prob.sum() * grad_scale, wanted) if log_prob.numel() else [torch.zeros_like(t) for t in wanted]
             for target, value in zip([g for g in grads if g is not None], values):
                 target.copy_(value)
     bad = ((x < -1) | (x > 1)).sum().cpu()

@@ -3,18 +3,19 @@
 Op schemas (``torch.ops.vae_fast``), pixels flattened to P = H * W::
 
     dmol_log_prob(x (Bx,C,P), logit_probs (N,M,P), means (N,C,M,P), log_scales (N,C,M,P),
-                  coeffs? (N,3,M,P), num_bits, log_scale_min, want_grad)
+                  coeffs? (N,3,M,P), num_bits, log_scale_min, want_grad, grad_scale=1.0)
         -> log_prob (N,), grad_logit_probs, grad_means, grad_log_scales, grad_coeffs
            (each the input's shape, or (0,)), num_invalid () int64
     dmol_packed_log_prob(x (Bx,C,P), params (N, M + C*(2M or 3M), P), num_mixtures, num_bits,
-                         log_scale_min, want_grad)
+                         log_scale_min, want_grad, grad_scale=1.0)
         -> log_prob (N,), grad_params (params' shape or (0,)), num_invalid () int64
 
 Row r is scored against x row r % Bx (K decoder samples share x). The packed op reads the
 PixelCNN++/NVAE decoder output in place (logits, then per channel M means, M log-scales and,
 for 3 channels, M raw coefficients squashed with tanh inside the kernel) and writes its
 gradient in the same layout, so no slice, copy or tanh of the parameters is materialised.
-Backward scales the saved gradient by the per-row upstream gradient.
+Backward scales the saved gradient by the per-row upstream gradient (gradients carry
+``grad_scale``, the expected upstream gradient, as in ops/likelihood.py).
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ import torch
 
 from .._validation import raise_if_invalid
 from ._library import LIB, call, kernels_for, register_kernel
-from .likelihood import _check_not_consumed, _scale_rows, _scale_saved_rows
+from .likelihood import _check_not_consumed, _scale_rows, _scale_saved_rows, expected_upstream
 
 LIB.define(
     "dmol_log_prob(Tensor x, Tensor logit_probs, Tensor means, Tensor log_scales, Tensor? coeffs, int num_bits, "
-    "float log_scale_min, bool want_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float log_scale_min, bool want_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
     "dmol_packed_log_prob(Tensor x, Tensor params, int num_mixtures, int num_bits, float log_scale_min, "
-    "bool want_grad) -> (Tensor, Tensor, Tensor)"
+    "bool want_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -57,16 +58,16 @@ def _new_gradient(kernels, t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape) if new_output is None else new_output(t, t.shape)
 
 
-def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad):
+def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, grad_scale=1.0):
     kernels = kernels_for(means)
     operands = [_unit_pixel_stride(t) for t in (logit_probs, means, log_scales, coeffs)]
     grads = tuple(None if t is None else _new_gradient(kernels, t) for t in operands) if want_grad else None
     log_prob, bad = kernels.dmol_log_prob(
-        x.to(means.dtype).contiguous(), *operands, num_bits, log_scale_min, False, grads)
+        x.to(means.dtype).contiguous(), *operands, num_bits, log_scale_min, False, grads, grad_scale)
     return (log_prob, *(grads if grads is not None else (None,) * 4), bad)
 
 
-def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_grad):
+def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_grad, grad_scale=1.0):
     params = params.contiguous()
     channels = x.shape[1]
     kernels = kernels_for(params)
@@ -74,7 +75,7 @@ def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_g
     grads = packed_views(grad, num_mixtures, channels) if want_grad else None
     log_prob, bad = kernels.dmol_log_prob(
         x.to(params.dtype).contiguous(), *packed_views(params, num_mixtures, channels), num_bits, log_scale_min,
-        True, grads)
+        True, grads, grad_scale)
     return log_prob, grad, bad
 
 
@@ -83,7 +84,7 @@ register_kernel("dmol_packed_log_prob", _dmol_packed_kernel)
 
 
 @torch.library.register_fake("vae_fast::dmol_log_prob")
-def _dmol_fake(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad):
+def _dmol_fake(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, grad_scale=1.0):
     def grad_like(t):
         return t.new_empty(t.shape) if want_grad and t is not None else means.new_empty(0)
 
@@ -92,7 +93,7 @@ def _dmol_fake(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_mi
 
 
 @torch.library.register_fake("vae_fast::dmol_packed_log_prob")
-def _dmol_packed_fake(x, params, num_mixtures, num_bits, log_scale_min, want_grad):
+def _dmol_packed_fake(x, params, num_mixtures, num_bits, log_scale_min, want_grad, grad_scale=1.0):
     grad = params.new_empty(params.shape) if want_grad else params.new_empty(0)
     return params.new_empty(params.shape[:1]), grad, params.new_empty((), dtype=torch.int64)
 
@@ -105,11 +106,12 @@ class DmolLogProb(torch.autograd.Function):
     Saved for backward: only the gradients of the parameters that need one."""
 
     @staticmethod
-    def forward(ctx, x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min):
+    def forward(ctx, x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_grad=1.0):
         want_grad = any(ctx.needs_input_grad[1:5])
+        ctx.grad_scale = expected_upstream(means.device, expected_grad)
         log_prob, *grads, num_invalid = call(
             torch.ops.vae_fast.dmol_log_prob.default, _dmol_kernel, x, logit_probs, means, log_scales, coeffs,
-            num_bits, log_scale_min, want_grad)
+            num_bits, log_scale_min, want_grad, ctx.grad_scale)
         raise_if_invalid(num_invalid, _SUPPORT)
         kept = [g if want_grad and needed else None for g, needed in zip(grads, ctx.needs_input_grad[1:5])]
         ctx.save_for_backward(*kept)
@@ -119,7 +121,7 @@ class DmolLogProb(torch.autograd.Function):
     def backward(ctx, grad_out):
         _check_not_consumed(ctx)
         grads = [None if g is None else _scale_saved_rows(ctx, g, grad_out) for g in ctx.saved_tensors]
-        return (None, *grads, None, None)
+        return (None, *grads, None, None, None)
 
 
 class DmolPackedLogProb(torch.autograd.Function):
@@ -127,11 +129,12 @@ class DmolPackedLogProb(torch.autograd.Function):
     gradient buffer of params' size."""
 
     @staticmethod
-    def forward(ctx, x, params, num_mixtures, num_bits, log_scale_min):
+    def forward(ctx, x, params, num_mixtures, num_bits, log_scale_min, expected_grad=1.0):
         want_grad = ctx.needs_input_grad[1]
+        ctx.grad_scale = expected_upstream(params.device, expected_grad)
         log_prob, grad, num_invalid = call(
             torch.ops.vae_fast.dmol_packed_log_prob.default, _dmol_packed_kernel, x, params, num_mixtures, num_bits,
-            log_scale_min, want_grad)
+            log_scale_min, want_grad, ctx.grad_scale)
         raise_if_invalid(num_invalid, _SUPPORT)
         ctx.save_for_backward(grad if want_grad else None)
         return log_prob
@@ -140,32 +143,36 @@ class DmolPackedLogProb(torch.autograd.Function):
     def backward(ctx, grad_out):
         _check_not_consumed(ctx)
         (grad,) = ctx.saved_tensors
-        return None, (None if grad is None else _scale_saved_rows(ctx, grad, grad_out)), None, None, None
+        return None, (None if grad is None else _scale_saved_rows(ctx, grad, grad_out)), None, None, None, None
 
 
 # Op-level autograd (for direct torch.ops.vae_fast.* users and opcheck).
 def _dmol_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:5])
+    ctx.grad_scale = inputs[8] if len(inputs) > 8 else 1.0
 
 
 def _dmol_backward(ctx, grad_out, *_unused):
+    grad_out = grad_out / ctx.grad_scale  # the saved gradients carry the requested scale
     grads = []
     for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:5]):
         if needed and g.numel() == 0:
             raise RuntimeError("vae_fast.dmol_log_prob: call with want_grad=True to differentiate")
         grads.append(_scale_rows(g, grad_out) if needed else None)
-    return (None, *grads, None, None, None)
+    return (None, *grads, None, None, None, None)
 
 
 def _dmol_packed_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.grad_scale = inputs[6] if len(inputs) > 6 else 1.0
 
 
 def _dmol_packed_backward(ctx, grad_out, _grad, _invalid):
     (grad,) = ctx.saved_tensors
     if ctx.needs_input_grad[1] and grad.numel() == 0:
         raise RuntimeError("vae_fast.dmol_packed_log_prob: call with want_grad=True to differentiate")
-    return None, (_scale_rows(grad, grad_out) if ctx.needs_input_grad[1] else None), None, None, None, None
+    upstream = grad_out / ctx.grad_scale
+    return None, (_scale_rows(grad, upstream) if ctx.needs_input_grad[1] else None), None, None, None, None, None
 
 
 torch.library.register_autograd("vae_fast::dmol_log_prob", _dmol_backward, setup_context=_dmol_setup)

@@ -2,16 +2,21 @@
 
 Op schemas (``torch.ops.vae_fast``)::
 
-    elementwise_log_prob(theta (N,D), x (Bx,D), logvar? (N,D) view, likelihood, want_grad, want_logvar_grad)
+    elementwise_log_prob(theta (N,D), x (Bx,D), logvar? (N,D) view, likelihood, want_grad, want_logvar_grad,
+                         grad_scale=1.0)
         -> log_prob (N,), grad_theta (N,D) or (0,), grad_logvar (N,D) or (0,), num_invalid () int64
-    categorical_log_prob(logits (N,P,C), target (Bx,P) int64, want_grad)
+    categorical_log_prob(logits (N,P,C), target (Bx,P) int64, want_grad, grad_scale=1.0)
         -> log_prob (N,), grad_logits (N,P,C) or (0,), num_invalid () int64
 
 Row r of theta is scored against row r % Bx of x (K decoder samples share x).
 Backward multiplies the saved gradient by the per-row upstream gradient: a scale,
-not a second sweep over the data.
+not a second sweep over the data. With ``grad_scale`` the kernels write the gradient already
+multiplied by the upstream gradient the caller expects; when that arrives (CPU), backward
+returns the saved buffer untouched (see ``_upstream_factor``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,21 +25,23 @@ from ._library import ELEMENTWISE_LIKELIHOODS, LIB, call, kernels_for, register_
 
 LIB.define(
     "elementwise_log_prob(Tensor theta, Tensor x, Tensor? logvar, int likelihood, bool want_grad, "
-    "bool want_logvar_grad) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool want_logvar_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-LIB.define("categorical_log_prob(Tensor logits, Tensor target, bool want_grad) -> (Tensor, Tensor, Tensor)")
+LIB.define(
+    "categorical_log_prob(Tensor logits, Tensor target, bool want_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)")
 
 
-def _elementwise_kernel(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+def _elementwise_kernel(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
     theta = theta.contiguous()
     logvar = None if logvar is None else logvar.to(theta.dtype).expand(theta.shape)
     return kernels_for(theta).elementwise_log_prob(
-        theta, x.to(theta.dtype).contiguous(), logvar, likelihood, want_grad, want_logvar_grad and logvar is not None)
+        theta, x.to(theta.dtype).contiguous(), logvar, likelihood, want_grad, want_logvar_grad and logvar is not None,
+        grad_scale)
 
 
-def _categorical_kernel(logits, target, want_grad):
+def _categorical_kernel(logits, target, want_grad, grad_scale=1.0):
     logits = logits.contiguous()
-    return kernels_for(logits).categorical_log_prob(logits, target.to(torch.int64).contiguous(), want_grad)
+    return kernels_for(logits).categorical_log_prob(logits, target.to(torch.int64).contiguous(), want_grad, grad_scale)
 
 
 register_kernel("elementwise_log_prob", _elementwise_kernel)
@@ -44,14 +51,14 @@ _LIKELIHOOD_NAMES = {code: name for name, code in ELEMENTWISE_LIKELIHOODS.items(
 
 
 @torch.library.register_fake("vae_fast::elementwise_log_prob")
-def _elementwise_fake(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+def _elementwise_fake(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
     grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
     grad_lv = theta.new_empty(theta.shape) if want_logvar_grad and logvar is not None else theta.new_empty(0)
     return theta.new_empty(theta.shape[:1]), grad, grad_lv, theta.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("vae_fast::categorical_log_prob")
-def _categorical_fake(logits, target, want_grad):
+def _categorical_fake(logits, target, want_grad, grad_scale=1.0):
     grad = logits.new_empty(logits.shape) if want_grad else logits.new_empty(0)
     return logits.new_empty(logits.shape[:1]), grad, logits.new_empty((), dtype=torch.int64)
 
@@ -85,11 +92,42 @@ def _check_not_consumed(ctx) -> None:
             "more than once (retain_graph=True, gradcheck)")
 
 
+# Expected upstream gradients: the kernels write d log p / d theta already multiplied by the
+# upstream gradient the caller expects (e.g. -1/B per row under `loss = -log_p.mean()`;
+# vae_fast.elbo and reduction="mean"/"sum" know it). If backward receives that value, the
+# saved buffer is the answer and backward is free; otherwise it is rescaled by
+# grad_out / expected. Checking costs a pass over B values and, on CUDA, a host sync, so it is
+# done on CPU and only for gradients big enough for the skipped pass to matter.
+_SKIP_CHECK_MIN_ELEMENTS = 1 << 18
+_SKIP_CHECK_ULPS = 4
+
+
+def expected_upstream(device: torch.device, expected: float) -> float:
+    """The gradient scale to request from the kernels: ``expected`` on CPU, else 1 (a CUDA
+    backward always makes its scaling pass; pre-scaling there would only add work)."""
+    return expected if device.type == "cpu" and expected != 0.0 and math.isfinite(expected) else 1.0
+
+
+def _upstream_factor(saved_grad: torch.Tensor, grad_out: torch.Tensor, expected: float):
+    """None if grad_out equals ``expected`` in every row (to a few ulps: autograd and Python round
+    1/(B K) differently), else the per-row factor to apply to the saved gradient."""
+    if (saved_grad.device.type == "cpu" and saved_grad.numel() >= _SKIP_CHECK_MIN_ELEMENTS
+            and not torch.compiler.is_compiling()):
+        tolerance = _SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps * abs(expected)
+        if bool(((grad_out - expected).abs() <= tolerance).all()):
+            return None
+    return grad_out if expected == 1.0 else grad_out / expected
+
+
 def _scale_saved_rows(ctx, saved_grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    expected = getattr(ctx, "grad_scale", 1.0)
+    factor = _upstream_factor(saved_grad, grad_out, expected)
     if not _inplace_backward or torch.compiler.is_compiling():
-        return _scale_rows(saved_grad, grad_out)
+        return saved_grad.clone() if factor is None else _scale_rows(saved_grad, factor)
     ctx.grad_consumed = True
-    return saved_grad.mul_(grad_out.reshape(-1, *([1] * (saved_grad.dim() - 1))))
+    if factor is None:
+        return saved_grad
+    return saved_grad.mul_(factor.reshape(-1, *([1] * (saved_grad.dim() - 1))))
 
 
 class ElementwiseLogProb(torch.autograd.Function):
@@ -99,13 +137,14 @@ class ElementwiseLogProb(torch.autograd.Function):
     Raises ValueError if x lies outside the likelihood's support (counted in the kernel)."""
 
     @staticmethod
-    def forward(ctx, theta, x, logvar, likelihood, theta_shape, lead_ndim):
+    def forward(ctx, theta, x, logvar, likelihood, theta_shape, lead_ndim, expected_grad=1.0):
         want_grad = ctx.needs_input_grad[0]
         want_lv = logvar is not None and ctx.needs_input_grad[2]
         lv_rows = None if logvar is None else logvar.expand(theta_shape).reshape(theta.shape)
+        ctx.grad_scale = expected_upstream(theta.device, expected_grad)
         log_prob, grad, grad_lv, num_invalid = call(
             torch.ops.vae_fast.elementwise_log_prob.default, _elementwise_kernel, theta, x, lv_rows, likelihood,
-            want_grad, want_lv)
+            want_grad, want_lv, ctx.grad_scale)
         if likelihood != ELEMENTWISE_LIKELIHOODS["gaussian"]:
             raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {_LIKELIHOOD_NAMES[likelihood]} likelihood")
         if want_lv:
@@ -126,19 +165,22 @@ class ElementwiseLogProb(torch.autograd.Function):
         grad, grad_lv = ctx.saved_tensors
         grad_logvar = None
         if grad_lv is not None:
-            grad_logvar = _scale_rows(grad_lv, grad_out).reshape(ctx.lv_grad_shape).sum_to_size(ctx.lv_shape)
+            upstream = grad_out if ctx.grad_scale == 1.0 else grad_out / ctx.grad_scale
+            grad_logvar = _scale_rows(grad_lv, upstream).reshape(ctx.lv_grad_shape).sum_to_size(ctx.lv_shape)
         grad_theta = None if grad is None else _scale_saved_rows(ctx, grad, grad_out)
-        return grad_theta, None, grad_logvar, None, None, None
+        return grad_theta, None, grad_logvar, None, None, None, None
 
 
 class CategoricalLogProb(torch.autograd.Function):
     """logits (N, P, C), target (Bx, P) -> log_prob (N,); raises ValueError for targets outside [0, C)."""
 
     @staticmethod
-    def forward(ctx, logits, target):
+    def forward(ctx, logits, target, expected_grad=1.0):
         want_grad = ctx.needs_input_grad[0]
+        ctx.grad_scale = expected_upstream(logits.device, expected_grad)
         log_prob, grad, num_invalid = call(
-            torch.ops.vae_fast.categorical_log_prob.default, _categorical_kernel, logits, target, want_grad)
+            torch.ops.vae_fast.categorical_log_prob.default, _categorical_kernel, logits, target, want_grad,
+            ctx.grad_scale)
         raise_if_invalid(num_invalid, f"x must hold class indices in [0, {logits.shape[-1]})")
         ctx.save_for_backward(grad if want_grad else None)
         return log_prob
@@ -147,19 +189,21 @@ class CategoricalLogProb(torch.autograd.Function):
     def backward(ctx, grad_out):
         _check_not_consumed(ctx)
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else _scale_saved_rows(ctx, grad, grad_out)), None
+        return (None if grad is None else _scale_saved_rows(ctx, grad, grad_out)), None, None
 
 
 # Op-level autograd (for direct torch.ops.vae_fast.* users and opcheck).
 def _elementwise_setup(ctx, inputs, output):
-    theta, x, logvar, likelihood, want_grad, want_lv = inputs
+    theta, x, logvar, likelihood, want_grad, want_lv = inputs[:6]
     _, grad, grad_lv, _ = output
     ctx.save_for_backward(grad, grad_lv)
     ctx.lv_shape = None if logvar is None else logvar.shape
+    ctx.grad_scale = inputs[6] if len(inputs) > 6 else 1.0
 
 
 def _elementwise_backward(ctx, grad_out, _grad, _grad_lv, _invalid):
     grad, grad_lv = ctx.saved_tensors
+    grad_out = grad_out / ctx.grad_scale  # the saved gradients carry the requested scale
     if ctx.needs_input_grad[0] and grad.numel() == 0:
         raise RuntimeError("vae_fast.elementwise_log_prob: call with want_grad=True to differentiate w.r.t. theta")
     grad_theta = _scale_rows(grad, grad_out) if ctx.needs_input_grad[0] else None
@@ -168,18 +212,19 @@ def _elementwise_backward(ctx, grad_out, _grad, _grad_lv, _invalid):
         if grad_lv.numel() == 0:
             raise RuntimeError("vae_fast.elementwise_log_prob: call with want_logvar_grad=True to differentiate w.r.t. logvar")
         grad_logvar = _scale_rows(grad_lv, grad_out).sum_to_size(ctx.lv_shape)
-    return grad_theta, None, grad_logvar, None, None, None
+    return grad_theta, None, grad_logvar, None, None, None, None
 
 
 def _categorical_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.grad_scale = inputs[3] if len(inputs) > 3 else 1.0
 
 
 def _categorical_backward(ctx, grad_out, _grad, _invalid):
     (grad,) = ctx.saved_tensors
     if ctx.needs_input_grad[0] and grad.numel() == 0:
         raise RuntimeError("vae_fast.categorical_log_prob: call with want_grad=True to differentiate w.r.t. logits")
-    return (_scale_rows(grad, grad_out) if ctx.needs_input_grad[0] else None), None, None
+    return (_scale_rows(grad, grad_out / ctx.grad_scale) if ctx.needs_input_grad[0] else None), None, None, None
 
 
 torch.library.register_autograd("vae_fast::elementwise_log_prob", _elementwise_backward, setup_context=_elementwise_setup)

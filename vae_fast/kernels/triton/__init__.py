@@ -54,6 +54,12 @@ _latent_backward = _tuned(latent_backward_kernel, _ROW_CONFIGS, ["dim", "samples
 _elementwise = _tuned(elementwise_kernel, _ROW_CONFIGS, ["dim", "LIKELIHOOD", "WANT_GRAD"])
 
 
+def _scaled(t, grad_scale):
+    # The ops request pre-scaled gradients (grad_scale != 1) only on CPU, where backward can then
+    # skip its scaling pass; a CUDA backward always scales, so this in-place pass never runs there.
+    return t if t is None or grad_scale == 1.0 else t.mul_(grad_scale)
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -106,7 +112,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     return grad_mu, grad_scale, grad_pm, grad_plv
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
     rows, dim = theta.shape
     log_prob = theta.new_empty((rows,))
     grad = torch.empty_like(theta) if want_grad else None
@@ -119,10 +125,10 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
             x.shape[0], dim,
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
         )
-    return log_prob, grad, grad_lv, invalid.sum(dtype=torch.int64)
+    return log_prob, _scaled(grad, grad_scale), _scaled(grad_lv, grad_scale), invalid.sum(dtype=torch.int64)
 
 
-def categorical_log_prob(logits, target, want_grad):
+def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
     rows, pixels, classes = logits.shape
     if classes > MAX_CATEGORICAL_CLASSES:
         raise ValueError(
@@ -141,7 +147,7 @@ def categorical_log_prob(logits, target, want_grad):
             WANT_GRAD=want_grad, ACC=_acc(logits.dtype), PIXELS=pixel_block, CLASSES=class_block,
             num_warps=4,
         )
-    return partial.sum(1).to(logits.dtype), grad, invalid.sum(dtype=torch.int64)
+    return partial.sum(1).to(logits.dtype), _scaled(grad, grad_scale), invalid.sum(dtype=torch.int64)
 
 
 def _dmol_view(t, fallback):
@@ -156,7 +162,8 @@ def _dmol_view(t, fallback):
 MAX_DMOL_MIXTURES = 256
 
 
-def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads):
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
+                  grad_scale=1.0):
     rows, channels, mixtures, pixels = means.shape
     if mixtures > MAX_DMOL_MIXTURES:
         raise ValueError(f"means: the Triton mixture kernel supports at most {MAX_DMOL_MIXTURES} components "
@@ -183,4 +190,6 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
             MIX=mix_block, PIX=pixel_block, num_warps=4,
         )
+    for g in grads4 if grad_scale != 1.0 else ():
+        _scaled(g, grad_scale)
     return partial.sum(1).to(means.dtype), invalid.sum(dtype=torch.int64)
