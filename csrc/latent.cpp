@@ -4,13 +4,15 @@
 //
 // Math (per latent dim; lv = log sigma^2, d = lv - prior_logvar, diff = mu - prior_mu):
 //   KL      = 1/2 (e^d - 1 - d) + 1/2 diff^2 e^-plv
-//           = exp(d - ln 2) - 1/2 (1 + d) + 1/2 diff^2 e^-plv   (finite in fp32 up to d = 89)
+//           = exp(d - ln 2) - 1/2 (1 + d) + 1/2 diff^2 e^-plv   (finite in fp32 up to d = 89;
+//             without a prior exp(d - ln 2) = (sigma sqrt(1/2))^2)
 //   dKL/dlv = exp(d - ln 2) - 1/2
 //   dKL/dmu = diff e^-plv = -dKL/dprior_mu,   dKL/dplv = -dKL/dlv - 1/2 diff^2 e^-plv
 // and, per sample (the IWAE log-weight's latent part; the 1/2 log 2 pi terms cancel):
 //   log q(z|x) - log p(z) = sum_j 1/2 [plv - lv - eps^2 + (diff + sigma eps)^2 e^-plv]
 // Compiled once per instruction set (see CMakeLists.txt); VF_ISA names the namespace.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels.h"
 #include "vf_math.h"
@@ -54,6 +56,19 @@ inline void scale_terms(T s, T& sigma, T& logvar, T& dsigma, T& dlogvar) {
   }
 }
 
+// 1/2 sigma^2 / prior variance = exp(d - ln 2), d = lv - prior_logvar. Without a prior it is
+// (sigma sqrt(1/2))^2 from the sigma already at hand: one exp fewer per element, and still
+// finite wherever exp(lv - ln 2) is (sigma sqrt(1/2) squares to at most FLT_MAX there).
+template <typename T, bool HAS_PRIOR>
+inline T half_variance_ratio(T sigma, T d) {
+  if constexpr (HAS_PRIOR) {
+    return vexp(d - T(kLn2));
+  } else {
+    const T s = sigma * T(0.70710678118654752440);
+    return s * s;
+  }
+}
+
 // The kernels walk the (batch, dim) plane in tiles that are contiguous in memory and
 // in the noise stream: several whole rows when dim is small (so that even dim = 32
 // fills the vector loops), or column slices of one row when dim is large. Threads
@@ -89,9 +104,13 @@ inline const T* noise_tile(const LatentArgs& a, int64_t k, int64_t start, int64_
   const int64_t flat = k * a.batch * a.dim + start;
   if (a.eps != nullptr) return static_cast<const T*>(a.eps) + flat;
   philox_normal_block(a.seed, a.offset + uint64_t(flat), n, normal);
+  if constexpr (std::is_same_v<T, float>) {
+    return normal;
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) buffer[i] = T(normal[i]);
-  return buffer;
+    for (int64_t i = 0; i < n; ++i) buffer[i] = T(normal[i]);
+    return buffer;
+  }
 }
 
 // Runs body(tile) for every tile of a row block, in column order.
@@ -137,7 +156,7 @@ void forward_impl(const LatentArgs& a) {
         const T inv_prior_var = HAS_PRIOR ? vexp(-plv) : T(1);
         const T d = lv - plv;
         sigma[i] = sig;
-        kl[i] = vexp(d - T(kLn2)) - T(0.5) * (T(1) + d) + T(0.5) * diff * diff * inv_prior_var;
+        kl[i] = half_variance_ratio<T, HAS_PRIOR>(sig, d) - T(0.5) * (T(1) + d) + T(0.5) * diff * diff * inv_prior_var;
         ratio_base[i] = -T(0.5) * d;  // 1/2 (plv - lv)
         ratio_term[i] = inv_prior_var;
       }
@@ -226,7 +245,7 @@ void backward_impl(const LatentArgs& a) {
         const T plv = HAS_PRIOR ? prior_logvar[i] : T(0);
         const T diff = HAS_PRIOR ? mu_t[i] - prior_mu[i] : mu_t[i];
         const T inv_prior_var = HAS_PRIOR ? vexp(-plv) : T(1);
-        const T dkl_dlv = vexp(lv - plv - T(kLn2)) - T(0.5);
+        const T dkl_dlv = half_variance_ratio<T, HAS_PRIOR>(sig, lv - plv) - T(0.5);
         const T dkl_dmu = diff * inv_prior_var;
         grad_mu[start + i] = sum_gz[i] + g_kl[i] * dkl_dmu;
         grad_scale[start + i] = sum_gz_eps[i] * dsig + g_kl[i] * dkl_dlv * dlv;

@@ -119,6 +119,7 @@ struct U32Vec {
   static V mul_even(V a, V b) { return _mm512_mul_epu32(a, b); }
   static V shr64(V a) { return _mm512_srli_epi64(a, 32); }
   static V shl64(V a) { return _mm512_slli_epi64(a, 32); }
+  static V odd_from(V a, V b) { return _mm512_mask_blend_epi32(__mmask16(0xAAAA), a, b); }  // odd lanes of b
 };
 #elif defined(__AVX2__)
 struct U32Vec {
@@ -134,6 +135,7 @@ struct U32Vec {
   static V mul_even(V a, V b) { return _mm256_mul_epu32(a, b); }
   static V shr64(V a) { return _mm256_srli_epi64(a, 32); }
   static V shl64(V a) { return _mm256_slli_epi64(a, 32); }
+  static V odd_from(V a, V b) { return _mm256_blend_epi32(a, b, 0xAA); }
 };
 #else  // SSE2: part of every x86-64 CPU
 struct U32Vec {
@@ -149,19 +151,22 @@ struct U32Vec {
   static V mul_even(V a, V b) { return _mm_mul_epu32(a, b); }
   static V shr64(V a) { return _mm_srli_epi64(a, 32); }
   static V shl64(V a) { return _mm_slli_epi64(a, 32); }
+  static V odd_from(V a, V b) {  // SSE2 has no 32-bit blend
+    const V odd_mask = _mm_set1_epi64x(int64_t(0xFFFFFFFF00000000ull));
+    return _mm_or_si128(_mm_andnot_si128(odd_mask, a), _mm_and_si128(odd_mask, b));
+  }
 };
 #endif
 
-// (hi, lo) 32-bit halves of multiplier * x in every lane.
+// (hi, lo) 32-bit halves of multiplier * x in every lane: mul_epu32 multiplies the even
+// lanes; the odd lanes are shifted down, multiplied, and the halves blended back in place.
 inline void mulhilo(typename U32Vec::V multiplier, typename U32Vec::V x, typename U32Vec::V& hi,
                     typename U32Vec::V& lo) {
   using O = U32Vec;
-  const typename O::V low_half = O::splat64(0x00000000FFFFFFFFull);
-  const typename O::V high_half = O::splat64(0xFFFFFFFF00000000ull);
   const typename O::V even = O::mul_even(x, multiplier);           // products of lanes 0, 2, ...
   const typename O::V odd = O::mul_even(O::shr64(x), multiplier);  // products of lanes 1, 3, ...
-  lo = O::vor(O::vand(even, low_half), O::shl64(odd));
-  hi = O::vor(O::shr64(even), O::vand(odd, high_half));
+  lo = O::odd_from(even, O::shl64(odd));
+  hi = O::odd_from(O::shr64(even), odd);
 }
 
 // Philox-4x32-10 of counters (c0[i], c1[i], 0, 0), i < n rounded up to the vector
