@@ -6,13 +6,13 @@
 // running CPU supports (each kernel file is compiled once per ISA).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <sys/mman.h>
 
 #include <array>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
+#include "buffer_pool.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -314,22 +314,22 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
   return VF_DISPATCH(dmol, dtype, a);
 }
 
-// Asks the kernel to back [ptr, ptr + nbytes) with transparent huge pages where it can.
-// Fresh multi-megabyte output buffers otherwise cost one page fault per 4 KiB on first
-// touch: for a 48 MiB gradient that is ~12k faults, slower than the kernel writing it.
-// Advisory only (MADV_HUGEPAGE): nothing changes where THP is off or the range is small.
-bool advise_hugepages(uintptr_t ptr, int64_t nbytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (ptr + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (ptr + uintptr_t(nbytes)) & ~(kHuge - 1);
-  if (nbytes <= 0 || end <= begin) return false;
-  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
-#else
-  (void)ptr;
-  (void)nbytes;
-  return false;
-#endif
+// A float tensor of `shape` on a pooled buffer, as a DLPack capsule for torch.from_dlpack. A
+// capsule that is never consumed still returns its buffer (the DLPack capsule protocol: the
+// consumer renames it "used_dltensor" and takes over the deleter).
+py::object pooled_tensor(int dtype, const std::vector<int64_t>& shape) {
+  DLManagedTensor* managed = pooled_dlpack_tensor(dtype, shape.data(), int32_t(shape.size()));
+  PyObject* capsule = PyCapsule_New(managed, "dltensor", [](PyObject* self) {
+    if (PyCapsule_IsValid(self, "dltensor")) {
+      auto* unconsumed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(self, "dltensor"));
+      unconsumed->deleter(unconsumed);
+    }
+  });
+  if (capsule == nullptr) {
+    managed->deleter(managed);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(capsule);
 }
 
 }  // namespace
@@ -343,5 +343,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("elementwise_likelihood", &elementwise_likelihood);
   m.def("categorical", &categorical);
   m.def("dmol", &dmol);
-  m.def("advise_hugepages", &advise_hugepages, "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer");
+  m.def("pooled_tensor", &pooled_tensor, "DLPack capsule of a float32 (0) / float64 (1) tensor on a pooled buffer");
+  m.def("buffer_cache_bytes", []() { return BufferPool::instance().cached_bytes(); });
+  m.def("buffer_cache_limit", []() { return BufferPool::instance().limit(); });
+  m.def("set_buffer_cache_limit", [](size_t bytes) { BufferPool::instance().set_limit(bytes); });
+  m.def("release_buffer_cache", []() { BufferPool::instance().trim(); });
 }

@@ -110,3 +110,56 @@ def test_wheel_contains_the_extension_and_works_in_a_fresh_virtualenv(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wheel ok" in result.stdout
+
+
+needs_extension = pytest.mark.skipif(vae_fast._backend._cpu_ext is None, reason="needs the C++ extension")
+
+
+@needs_extension
+def test_large_outputs_come_from_the_buffer_cache_and_behave_like_torch_tensors():
+    # 1024 x 1024 float32 = 4 MiB: the likelihood's gradient buffer is pooled
+    from vae_fast import reference as ref
+
+    C = vae_fast._backend._cpu_ext
+    vae_fast.release_buffer_cache()
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1024, 1024, generator=gen, requires_grad=True)
+    x = torch.rand(1024, 1024, generator=gen)
+    expected = torch.autograd.grad(-ref.bernoulli_log_prob(logits.double(), x.double()).mean(), logits)[0].double()
+    with vae_fast.use_backend("cpu"):
+        for _ in range(2):  # two backward passes accumulate into the (pooled) .grad
+            (-vae_fast.bernoulli_log_prob(logits, x).mean()).backward()
+        torch.testing.assert_close(logits.grad.double(), 2 * expected, rtol=1e-5, atol=1e-9)
+        logits.grad.zero_()  # in-place ops on a pooled tensor
+        (-vae_fast.bernoulli_log_prob(logits, x).mean()).backward()
+        torch.testing.assert_close(logits.grad.double(), expected, rtol=1e-5, atol=1e-9)
+        logits.grad = None  # freed: back to the cache, not to the OS
+        cached = vae_fast.buffer_cache_bytes()
+        assert cached >= 4 << 20
+        (-vae_fast.bernoulli_log_prob(logits, x).mean()).backward()
+        assert vae_fast.buffer_cache_bytes() == cached - (4 << 20)  # the new gradient reuses a cached buffer
+        logits.grad = None
+    vae_fast.release_buffer_cache()
+    assert vae_fast.buffer_cache_bytes() == 0
+    try:
+        vae_fast.set_buffer_cache_limit(0)
+        C.pooled_tensor(0, [1024, 1024])  # an unconsumed capsule still returns its buffer
+        assert vae_fast.buffer_cache_bytes() == 0  # ... straight to the OS with a zero limit
+    finally:
+        vae_fast.set_buffer_cache_limit(1 << 30)
+    assert torch.from_dlpack(C.pooled_tensor(1, [3, 5])).shape == (3, 5)
+    with pytest.raises(ValueError, match="negative size"):
+        C.pooled_tensor(0, [2, -1])
+    with pytest.raises(ValueError, match="dtype code"):
+        C.pooled_tensor(3, [2])
+    with pytest.raises(ValueError, match="nbytes must be a non-negative int"):
+        vae_fast.set_buffer_cache_limit(-1)
+
+
+@needs_extension
+def test_buffer_cache_limit_from_the_environment():
+    ok = run_python("import vae_fast; print(vae_fast._backend._cpu_ext.buffer_cache_limit())",
+                    {"VAE_FAST_BUFFER_CACHE_MB": "3"})
+    assert ok.returncode == 0 and ok.stdout.strip() == str(3 << 20), ok.stderr
+    bad = run_python("import vae_fast", {"VAE_FAST_BUFFER_CACHE_MB": "lots"})
+    assert bad.returncode != 0 and "VAE_FAST_BUFFER_CACHE_MB must be a non-negative integer" in bad.stderr

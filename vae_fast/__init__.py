@@ -4,7 +4,8 @@ ELBO = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z)) = log p(x) - KL(q(z|x) || p(z|x
 The latent block (sampling + KL) and the reconstruction term each run as one fused
 kernel: Triton on CUDA, C++ on CPU, with :mod:`vae_fast.reference` as the oracle.
 """
-from ._backend import BACKENDS, backend, use_backend
+from ._backend import (BACKENDS, backend, buffer_cache_bytes, release_buffer_cache, set_buffer_cache_limit,
+                       use_backend)
 from ._validation import set_validate_args
 from .functional import (
     LIKELIHOODS,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "backend", "use_backend", "set_validate_args", "set_inplace_backward", "LIKELIHOODS", "ELBOResult", "KLWarmup",
+    "buffer_cache_bytes", "release_buffer_cache", "set_buffer_cache_limit",
     "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
     "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood", "iwae_bound", "diagnostics",
     "DMOLParams", "discretized_logistic_mixture_log_prob", "dmol_from_packed", "dmol_packed_log_prob",

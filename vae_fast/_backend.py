@@ -118,3 +118,40 @@ def cpu_extension():
     """The loaded ``vae_fast._C`` module (raises ImportError if it failed to import)."""
     _require("cpu")
     return _cpu_ext
+
+
+# ----------------------------------------------------------------------------------------
+# The C++ backend's cache of large output buffers (csrc/buffer_pool.h)
+# ----------------------------------------------------------------------------------------
+
+
+def buffer_cache_bytes() -> int:
+    """Bytes of freed kernel output buffers the CPU backend keeps for reuse (0 without the
+    extension). Outputs of 4 MiB and more (gradients of decoder-sized tensors, z) come from
+    this cache, so a training step does not fault in and zero them afresh."""
+    return 0 if _cpu_ext is None else int(_cpu_ext.buffer_cache_bytes())
+
+
+def set_buffer_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed output buffers for reuse (default 1 GiB; also
+    ``VAE_FAST_BUFFER_CACHE_MB``); 0 returns every freed buffer to the OS at once. Releases the
+    current cache."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    if _cpu_ext is not None:
+        _cpu_ext.set_buffer_cache_limit(nbytes)
+
+
+def release_buffer_cache() -> None:
+    """Return every cached (currently unused) output buffer to the OS, like
+    ``torch.cuda.empty_cache()`` does for the CUDA caching allocator."""
+    if _cpu_ext is not None:
+        _cpu_ext.release_buffer_cache()
+
+
+_cache_mb = os.environ.get("VAE_FAST_BUFFER_CACHE_MB")
+if _cache_mb is not None:
+    try:
+        set_buffer_cache_limit(int(_cache_mb) << 20)
+    except ValueError as exc:
+        raise ValueError(f"VAE_FAST_BUFFER_CACHE_MB must be a non-negative integer (MiB), got {_cache_mb!r}") from exc

@@ -6,6 +6,8 @@ float32 and written back in the input dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._backend import cpu_extension
@@ -40,17 +42,22 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-_HUGE_PAGE_MIN_BYTES = 4 << 20
+_POOL_MIN_BYTES = 4 << 20
 
 
 def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
-    """An uninitialised buffer like ``t`` (or of ``shape``) for a kernel to fill; large ones get
-    transparent huge pages, so that first touch costs a fault per 2 MiB instead of per 4 KiB."""
-    out = torch.empty_like(t) if shape is None else t.new_empty(shape)
-    nbytes = out.numel() * out.element_size()
-    if nbytes >= _HUGE_PAGE_MIN_BYTES:
-        _C.advise_hugepages(out.data_ptr(), nbytes)
-    return out
+    """An uninitialised buffer like ``t`` (or of ``shape``) for a kernel to fill.
+
+    Buffers of 4 MiB and more come from the extension's buffer pool (csrc/buffer_pool.h): mapped
+    once, on transparent huge pages, and reused after torch frees them, so a training step does
+    not pay again for faulting in and zeroing its multi-megabyte outputs (glibc maps every
+    allocation above 32 MiB afresh). See :func:`vae_fast.release_buffer_cache`.
+    """
+    shape = t.shape if shape is None else tuple(shape)
+    nbytes = math.prod(shape) * t.element_size()
+    if nbytes >= _POOL_MIN_BYTES and t.dtype in _DTYPE_CODE:
+        return torch.from_dlpack(_C.pooled_tensor(_DTYPE_CODE[t.dtype], list(shape)))
+    return t.new_empty(shape)
 
 
 new_output = _new_output  # for the op layer's own output buffers (ops/dmol.py)
