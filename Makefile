@@ -39,7 +39,8 @@ test-asan: $(DEPS_STAMP)
 	VAE_FAST_SANITIZE=1 VAE_FAST_BUILD_TYPE=Debug $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	rm -f $(BUILD_STAMP)
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-		VAE_FAST_BACKEND=cpu $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider tests/test_latent.py tests/test_likelihood.py tests/test_elbo.py
+		VAE_FAST_BACKEND=cpu $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider tests/test_latent.py tests/test_likelihood.py tests/test_elbo.py \
+		tests/test_dmol.py "tests/test_backend.py::test_large_outputs_come_from_the_buffer_cache_and_behave_like_torch_tensors"
 
 bench: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.report --quick
