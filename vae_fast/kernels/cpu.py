@@ -53,7 +53,8 @@ def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
     not pay again for faulting in and zeroing its multi-megabyte outputs (glibc maps every
     allocation above 32 MiB afresh). See :func:`vae_fast.release_buffer_cache`.
     """
-    shape = t.shape if shape is None else tuple(shape)
+    if shape is None:
+        shape = t.shape
     nbytes = math.prod(shape) * t.element_size()
     if nbytes >= _POOL_MIN_BYTES and t.dtype in _DTYPE_CODE:
         return torch.from_dlpack(_C.pooled_tensor(_DTYPE_CODE[t.dtype], list(shape)))
@@ -74,6 +75,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     if dtype != out_dtype:
         mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
+    n = batch * dim  # mu, scale (and eps) arrive contiguous; the outputs are made here
     z = _new_output(mu, (num_samples, batch, dim))
     kl = mu.new_empty((batch,))
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
@@ -82,7 +84,8 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), _ptr(log_ratio), torch.get_num_threads(),
-        [_extent(t) for t in (mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim, log_ratio)],
+        [mu.numel(), scale.numel(), _extent(prior_mu), _extent(prior_logvar), _extent(eps), num_samples * n, batch,
+         n if want_kl_per_dim else 0, num_samples * batch if want_log_ratio else 0],
     )
     outs = (z, kl, kl_per_dim, log_ratio)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
@@ -96,6 +99,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
             _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
     batch, dim = mu.shape
+    n = batch * dim
     grad_mu = _new_output(mu)
     grad_scale = _new_output(mu)
     grad_pm = torch.empty_like(mu) if want_prior_grad else None
@@ -105,8 +109,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
-        [_extent(t) for t in (mu, scale, prior_mu, prior_logvar, eps, grad_z, grad_kl, grad_kl_per_dim, grad_mu,
-                              grad_scale, grad_pm, grad_plv)],
+        [mu.numel(), scale.numel(), _extent(prior_mu), _extent(prior_logvar), _extent(eps), _extent(grad_z),
+         _extent(grad_kl), _extent(grad_kl_per_dim), n, n, n if want_prior_grad else 0, n if want_prior_grad else 0],
     )
     outs = (grad_mu, grad_scale, grad_pm, grad_plv)
     return _to(outs, out_dtype) if dtype != out_dtype else outs
