@@ -23,7 +23,8 @@ import torch
 
 from .._validation import raise_if_invalid
 from ._library import LIB, call, kernels_for, register_kernel
-from .likelihood import _check_not_consumed, _scale_rows, _scale_saved_rows, expected_upstream
+from .likelihood import (_check_not_consumed, _scale_rows, _scale_saved_rows, expected_upstream,
+                         register_saved_gradient_autograd)
 
 LIB.define(
     "dmol_log_prob(Tensor x, Tensor logit_probs, Tensor means, Tensor log_scales, Tensor? coeffs, int num_bits, "
@@ -162,19 +163,5 @@ def _dmol_backward(ctx, grad_out, *_unused):
     return (None, *grads, None, None, None, None)
 
 
-def _dmol_packed_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.grad_scale = inputs[6] if len(inputs) > 6 else 1.0
-
-
-def _dmol_packed_backward(ctx, grad_out, _grad, _invalid):
-    (grad,) = ctx.saved_tensors
-    if ctx.needs_input_grad[1] and grad.numel() == 0:
-        raise RuntimeError("vae_fast.dmol_packed_log_prob: call with want_grad=True to differentiate")
-    upstream = grad_out / ctx.grad_scale
-    return None, (_scale_rows(grad, upstream) if ctx.needs_input_grad[1] else None), None, None, None, None, None
-
-
 torch.library.register_autograd("vae_fast::dmol_log_prob", _dmol_backward, setup_context=_dmol_setup)
-torch.library.register_autograd("vae_fast::dmol_packed_log_prob", _dmol_packed_backward,
-                                setup_context=_dmol_packed_setup)
+register_saved_gradient_autograd("dmol_packed_log_prob", grad_index=1, scale_index=6, num_inputs=7)

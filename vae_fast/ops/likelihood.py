@@ -215,18 +215,27 @@ def _elementwise_backward(ctx, grad_out, _grad, _grad_lv, _invalid):
     return grad_theta, None, grad_logvar, None, None, None, None
 
 
-def _categorical_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.grad_scale = inputs[3] if len(inputs) > 3 else 1.0
+def register_saved_gradient_autograd(op: str, grad_index: int, scale_index: int, num_inputs: int) -> None:
+    """Op-level autograd for an op whose second output is the per-row gradient of its first with
+    respect to input ``grad_index`` (present when called with want_grad=True), written multiplied
+    by the op's ``grad_scale`` input (input ``scale_index``)."""
 
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.grad_scale = inputs[scale_index] if len(inputs) > scale_index else 1.0
 
-def _categorical_backward(ctx, grad_out, _grad, _invalid):
-    (grad,) = ctx.saved_tensors
-    if ctx.needs_input_grad[0] and grad.numel() == 0:
-        raise RuntimeError("vae_fast.categorical_log_prob: call with want_grad=True to differentiate w.r.t. logits")
-    return (_scale_rows(grad, grad_out / ctx.grad_scale) if ctx.needs_input_grad[0] else None), None, None, None
+    def backward(ctx, grad_out, *_unused):
+        (grad,) = ctx.saved_tensors
+        grads = [None] * num_inputs
+        if ctx.needs_input_grad[grad_index]:
+            if grad.numel() == 0:
+                raise RuntimeError(f"vae_fast.{op}: call with want_grad=True to differentiate")
+            grads[grad_index] = _scale_rows(grad, grad_out / ctx.grad_scale)
+        return tuple(grads)
+
+    torch.library.register_autograd(f"vae_fast::{op}", backward, setup_context=setup)
 
 
 torch.library.register_autograd("vae_fast::elementwise_log_prob", _elementwise_backward, setup_context=_elementwise_setup)
-torch.library.register_autograd("vae_fast::categorical_log_prob", _categorical_backward, setup_context=_categorical_setup)
+register_saved_gradient_autograd("categorical_log_prob", grad_index=0, scale_index=3, num_inputs=4)
 
