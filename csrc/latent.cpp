@@ -166,8 +166,16 @@ void forward_impl(const LatentArgs& a) {
         const T d = lv - plv;
         sigma[i] = sig;
         kl[i] = half_variance_ratio<T, HAS_PRIOR>(sig, d) - T(0.5) * (T(1) + d) + T(0.5) * diff * diff * inv_prior_var;
-        ratio_base[i] = -T(0.5) * d;  // 1/2 (plv - lv)
-        ratio_term[i] = inv_prior_var;
+      }
+      if (log_ratio_out != nullptr) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          T sig, lv, unused_dsig, unused_dlv;
+          scale_terms<T, P>(s_t[i], sig, lv, unused_dsig, unused_dlv);
+          const T plv = HAS_PRIOR ? prior_logvar[i] : T(0);
+          ratio_base[i] = T(0.5) * (plv - lv);
+          ratio_term[i] = HAS_PRIOR ? vexp(-plv) : T(1);  // 1 / prior variance
+        }
       }
       if (kl_dim_out != nullptr) std::copy(kl, kl + n, kl_dim_out + start);
       for (int64_t r = 0; r < tile.rows; ++r) {
