@@ -255,6 +255,10 @@ def test_bad_input_raises_naming_the_argument(backend):
         fn(x[:, :1], logits, means[:, :1], log_scales[:, :1], coeffs[:, :1])
     with pytest.raises(ValueError, match="num_bits"):
         fn(x, logits, means, log_scales, coeffs, num_bits=0)
+    with pytest.raises(ValueError, match="log_scale_min must be a finite float or -inf"):
+        fn(x, logits, means, log_scales, coeffs, log_scale_min=math.nan)
+    with pytest.raises(TypeError, match="log_scale_min must be a float"):
+        vae_fast.dmol_packed_log_prob(x, torch.zeros(2, 20, 2, 2, device=backend), log_scale_min="low")
     with pytest.raises(TypeError, match="means must be a floating-point"):
         fn(x, logits, means.long(), log_scales, coeffs)
     with pytest.raises(ValueError, match=r"params must have shape \(B, M \* 10"):

@@ -356,6 +356,13 @@ def _check_dmol_x(x: torch.Tensor, like: torch.Tensor, name: str, num_bits) -> N
         raise ValueError(f"num_bits must be in [1, 30], got {num_bits}")
 
 
+def _check_log_scale_min(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"log_scale_min must be a float (or -inf to disable the clamp), got {type(value).__name__}")
+    if value != value or value == math.inf:
+        raise ValueError(f"log_scale_min must be a finite float or -inf, got {value}")
+
+
 def _dmol_lead_ndim(name: str, shape, expected_tail, x_batch: int) -> int:
     for lead in (1, 2):
         if len(shape) == lead + len(expected_tail) and tuple(shape[lead:]) == tuple(expected_tail) and \
@@ -424,8 +431,7 @@ def discretized_logistic_mixture_log_prob(
     tensors = (logit_probs, means, log_scales, coeffs)
     check_same_device(("x", *names), (x, *tensors))
     check_same_dtype(names, tensors)
-    if isinstance(log_scale_min, bool) or not isinstance(log_scale_min, (int, float)) or log_scale_min != log_scale_min:
-        raise TypeError(f"log_scale_min must be a float (or -inf), got {log_scale_min!r}")
+    _check_log_scale_min(log_scale_min)
     rows, pixels = math.prod(lead_shape), math.prod(spatial)
     log_prob = DmolLogProb.apply(
         x.reshape(batch, channels, pixels), logit_probs.reshape(rows, mixtures, pixels),
@@ -466,8 +472,7 @@ def dmol_packed_log_prob(
     check_positive_int("num_mixtures", num_mixtures)
     expected = _dmol_packed_channels(num_mixtures, channels)
     lead = _dmol_lead_ndim("params", params.shape, (expected, *spatial), batch)
-    if isinstance(log_scale_min, bool) or not isinstance(log_scale_min, (int, float)) or log_scale_min != log_scale_min:
-        raise TypeError(f"log_scale_min must be a float (or -inf), got {log_scale_min!r}")
+    _check_log_scale_min(log_scale_min)
     rows, pixels = math.prod(params.shape[:lead]), math.prod(spatial)
     log_prob = DmolPackedLogProb.apply(
         x.reshape(batch, channels, pixels), params.reshape(rows, expected, pixels), num_mixtures, int(num_bits),
