@@ -23,7 +23,7 @@ from ._validation import (
 )
 from .ops._library import ELEMENTWISE_LIKELIHOODS, SCALE_PARAMS
 from .ops.latent import LatentFunction
-from .ops.dmol import DmolLogProb, DmolPackedLogProb
+from .ops.dmol import DmolLogProb, DmolPackedLogProb, packed_views
 from .ops.likelihood import CategoricalLogProb, ElementwiseLogProb
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -332,8 +332,6 @@ def dmol_from_packed(params: torch.Tensor, num_mixtures: int, channels: int) -> 
                          f"num_mixtures={num_mixtures}, channels={channels}, got {tuple(params.shape)}")
     lead, spatial = params.shape[:-3], params.shape[-2:]
     flat = params.reshape(-1, expected, spatial[0] * spatial[1])
-    from .ops.dmol import packed_views
-
     logits, means, log_scales, coeffs = packed_views(flat, num_mixtures, channels)
     m = num_mixtures
     return DMOLParams(
