@@ -1,8 +1,8 @@
 // Discretised mixture of logistics (PixelCNN++, Salimans et al. 2017) fused with its
 // gradient: one pass over the decoder's parameters gives each example's log-likelihood
 // and d log p / d (logit_probs, means, log_scales, coeffs); nothing mixture-sized is
-// allocated beyond those gradients (a tile of 64 pixels x M components lives on the
-// thread's stack of buffers).
+// allocated beyond those gradients (each thread keeps two M x 64 buffers for its current
+// tile of 64 pixels, which stay in L1 while the tile's derivatives are rescaled).
 //
 // Per pixel, channel c, component m, with s = e^-log_scale, hb = half bin width:
 //   p = s (x - mean + hb),  q = s (x - mean - hb),  d = p - q = 2 hb s
@@ -18,6 +18,7 @@
 // responsibilities r = softmax(a) and pi = softmax(logit):
 //   d/dlogit_m = r_m - pi_m,  d/dmean_cm = r_m d log mass_cm / d mean_cm  (log_scale alike),
 //   and through mean_g = mean + c0 x_r, mean_b = mean + c1 x_r + c2 x_g the coefficients.
+// All gradients are written multiplied by grad_scale (the caller's expected upstream gradient).
 #include <algorithm>
 #include <limits>
 #include <vector>
