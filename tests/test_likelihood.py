@@ -317,3 +317,25 @@ def test_opcheck_with_grad_scale(kernel_backend):
     logits = torch.randn(4, 3, 5, device=dev, requires_grad=True)
     target = torch.randint(0, 5, (2, 3), device=dev)
     torch.library.opcheck(torch.ops.vae_fast.categorical_log_prob.default, (logits, target, True, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_row_rescale_skips_rows_whose_factor_is_one(dtype):
+    # the Triton backend applies grad_out / expected in place, deciding per row on the device
+    # whether there is anything to do (no host sync); rows within 4 ulps of 1 are not touched
+    if not _backend._triton_available():
+        pytest.skip("needs triton")
+    from vae_fast.kernels import triton as triton_kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eps = torch.finfo(dtype).eps
+    grad = torch.arange(5 * 37, dtype=dtype, device=device).reshape(5, 37) + 0.5
+    before = grad.clone()
+    factor = torch.tensor([1.0, 1.0 + eps, 2.0, -0.5, math.nan], dtype=dtype, device=device)
+    out = triton_kernels.scale_rows_inplace(grad, factor, 4 * eps)
+    assert out.data_ptr() == grad.data_ptr()
+    assert torch.equal(out[:2], before[:2])  # untouched
+    torch.testing.assert_close(out[2:4], before[2:4] * factor[2:4, None], rtol=0, atol=0)
+    assert torch.isnan(out[4]).all()  # a NaN upstream gradient propagates
+    empty = torch.empty(0, 5, dtype=dtype, device=device)
+    assert triton_kernels.scale_rows_inplace(empty, factor[:0], 4 * eps).shape == (0, 5)

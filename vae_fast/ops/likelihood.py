@@ -11,8 +11,8 @@ Op schemas (``torch.ops.vae_fast``)::
 Row r of theta is scored against row r % Bx of x (K decoder samples share x).
 Backward multiplies the saved gradient by the per-row upstream gradient: a scale,
 not a second sweep over the data. With ``grad_scale`` the kernels write the gradient already
-multiplied by the upstream gradient the caller expects; when that arrives (CPU), backward
-returns the saved buffer untouched (see ``_upstream_factor``).
+multiplied by the upstream gradient the caller expects; when that arrives, backward leaves
+the saved buffer untouched (see ``_scale_saved_rows``).
 """
 from __future__ import annotations
 
@@ -95,22 +95,23 @@ def _check_not_consumed(ctx) -> None:
 # Expected upstream gradients: the kernels write d log p / d theta already multiplied by the
 # upstream gradient the caller expects (e.g. -1/B per row under `loss = -log_p.mean()`;
 # vae_fast.elbo and reduction="mean"/"sum" know it). If backward receives that value, the
-# saved buffer is the answer and backward is free; otherwise it is rescaled by
-# grad_out / expected. Checking costs a pass over B values and, on CUDA, a host sync, so it is
-# done on CPU and only for gradients big enough for the skipped pass to matter.
+# saved buffer is the answer and backward makes no pass over it; otherwise it is rescaled by
+# grad_out / expected. "Receives that value" means to a few ulps (autograd and Python round
+# 1/(B K) differently). The C++ backend checks on the host (a pass over B values, only for
+# gradients big enough for the skipped pass to matter); the Triton backend decides per row
+# on the device, inside its rescaling kernel, so CUDA needs no host sync for it.
 _SKIP_CHECK_MIN_ELEMENTS = 1 << 18
 _SKIP_CHECK_ULPS = 4
 
 
 def expected_upstream(device: torch.device, expected: float) -> float:
-    """The gradient scale to request from the kernels: ``expected`` on CPU, else 1 (a CUDA
-    backward always makes its scaling pass; pre-scaling there would only add work)."""
-    return expected if device.type == "cpu" and expected != 0.0 and math.isfinite(expected) else 1.0
+    """The gradient scale to request from the kernels (1 where ``expected`` is unusable)."""
+    return expected if expected != 0.0 and math.isfinite(expected) else 1.0
 
 
-def _upstream_factor(saved_grad: torch.Tensor, grad_out: torch.Tensor, expected: float):
-    """None if grad_out equals ``expected`` in every row (to a few ulps: autograd and Python round
-    1/(B K) differently), else the per-row factor to apply to the saved gradient."""
+def _host_checked_factor(saved_grad: torch.Tensor, grad_out: torch.Tensor, expected: float):
+    """None if grad_out equals ``expected`` in every row (checked on CPU tensors only: elsewhere
+    it would be a host sync), else the per-row factor to apply to the saved gradient."""
     if (saved_grad.device.type == "cpu" and saved_grad.numel() >= _SKIP_CHECK_MIN_ELEMENTS
             and not torch.compiler.is_compiling()):
         tolerance = _SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps * abs(expected)
@@ -121,10 +122,14 @@ def _upstream_factor(saved_grad: torch.Tensor, grad_out: torch.Tensor, expected:
 
 def _scale_saved_rows(ctx, saved_grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     expected = getattr(ctx, "grad_scale", 1.0)
-    factor = _upstream_factor(saved_grad, grad_out, expected)
     if not _inplace_backward or torch.compiler.is_compiling():
-        return saved_grad.clone() if factor is None else _scale_rows(saved_grad, factor)
+        return _scale_rows(saved_grad, grad_out if expected == 1.0 else grad_out / expected)
     ctx.grad_consumed = True
+    scale_rows_inplace = getattr(kernels_for(saved_grad), "scale_rows_inplace", None)
+    if scale_rows_inplace is not None:  # Triton: rows whose factor is 1 are skipped on the device
+        factor = grad_out if expected == 1.0 else grad_out / expected
+        return scale_rows_inplace(saved_grad, factor, _SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps)
+    factor = _host_checked_factor(saved_grad, grad_out, expected)
     if factor is None:
         return saved_grad
     return saved_grad.mul_(factor.reshape(-1, *([1] * (saved_grad.dim() - 1))))

@@ -17,7 +17,7 @@ import triton.language as tl
 from ..._backend import triton_interpreting
 from .latent import latent_backward_kernel, latent_forward_kernel
 from .dmol import dmol_kernel
-from .likelihood import categorical_kernel, elementwise_kernel
+from .likelihood import categorical_kernel, elementwise_kernel, scale_rows_kernel
 
 MAX_CATEGORICAL_CLASSES = 16384
 
@@ -54,10 +54,23 @@ _latent_backward = _tuned(latent_backward_kernel, _ROW_CONFIGS, ["dim", "samples
 _elementwise = _tuned(elementwise_kernel, _ROW_CONFIGS, ["dim", "LIKELIHOOD", "WANT_GRAD"])
 
 
-def _scaled(t, grad_scale):
-    # The ops request pre-scaled gradients (grad_scale != 1) only on CPU, where backward can then
-    # skip its scaling pass; a CUDA backward always scales, so this in-place pass never runs there.
-    return t if t is None or grad_scale == 1.0 else t.mul_(grad_scale)
+_scale_tensors: dict = {}
+
+
+def _grad_scale_tensor(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-element tensor holding the gradient scale in the accumulation dtype (a float kernel
+    argument would be rounded to float32), cached: on CUDA, creating it is a kernel launch."""
+    key = (float(value), dtype, device)
+    t = _scale_tensors.get(key)
+    if t is None:
+        if len(_scale_tensors) > 256:  # one per batch size and dtype in practice
+            _scale_tensors.clear()
+        t = _scale_tensors[key] = torch.full((1,), float(value), dtype=dtype, device=device)
+    return t
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _acc(dtype: torch.dtype):
@@ -122,10 +135,11 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         _elementwise[(rows,)](
             theta, x, *_strided(logvar, theta), log_prob,
             grad if want_grad else theta, grad_lv if want_logvar_grad else theta, invalid,
+            _grad_scale_tensor(grad_scale, _acc_dtype(theta.dtype), theta.device),
             x.shape[0], dim,
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
         )
-    return log_prob, _scaled(grad, grad_scale), _scaled(grad_lv, grad_scale), invalid.sum(dtype=torch.int64)
+    return log_prob, grad, grad_lv, invalid.sum(dtype=torch.int64)
 
 
 def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
@@ -143,11 +157,12 @@ def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
     if rows > 0 and pixels > 0:
         categorical_kernel[(rows, num_blocks)](
             logits, target, partial, grad if want_grad else logits, invalid,
+            _grad_scale_tensor(grad_scale, _acc_dtype(logits.dtype), logits.device),
             target.shape[0], pixels, classes, num_blocks,
             WANT_GRAD=want_grad, ACC=_acc(logits.dtype), PIXELS=pixel_block, CLASSES=class_block,
             num_warps=4,
         )
-    return partial.sum(1).to(logits.dtype), _scaled(grad, grad_scale), invalid.sum(dtype=torch.int64)
+    return partial.sum(1).to(logits.dtype), grad, invalid.sum(dtype=torch.int64)
 
 
 def _dmol_view(t, fallback):
@@ -183,6 +198,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
         dmol_kernel[(rows, num_blocks)](
             x, l_view[0], l_view[1], l_view[3], *_dmol_view(means, means), *_dmol_view(log_scales, means),
             *_dmol_view(coeffs, means), partial, invalid,
+            _grad_scale_tensor(grad_scale, _acc_dtype(means.dtype), means.device),
             gl_view[0], gl_view[1], gl_view[3], *_dmol_view(grads4[1], means), *_dmol_view(grads4[2], means),
             *_dmol_view(grads4[3], means),
             x.shape[0], mixtures, pixels, num_blocks,
@@ -190,6 +206,17 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
             MIX=mix_block, PIX=pixel_block, num_warps=4,
         )
-    for g in grads4 if grad_scale != 1.0 else ():
-        _scaled(g, grad_scale)
     return partial.sum(1).to(means.dtype), invalid.sum(dtype=torch.int64)
+
+
+def scale_rows_inplace(grad: torch.Tensor, factor: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """grad (N, ...) contiguous: row r multiplied in place by factor[r], rows whose factor is 1
+    to within ``tolerance`` left untouched. The skip is decided on the device: no host sync, and
+    the expected upstream gradient costs no pass over the gradient."""
+    rows = grad.shape[0]
+    row_len = grad.numel() // rows if rows else 0
+    if rows and row_len:
+        block = 16 if triton_interpreting() else 1024
+        scale_rows_kernel[(rows, triton.cdiv(row_len, block))](
+            grad, factor.to(_acc_dtype(grad.dtype)).contiguous(), row_len, TOLERANCE=float(tolerance), BLOCK=block, num_warps=4)
+    return grad

@@ -16,13 +16,14 @@ from ._math import LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
 @triton.jit
 def elementwise_kernel(
     theta_ptr, x_ptr, logvar_ptr, lv_row_stride, lv_col_stride,
-    log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr,
+    log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr, grad_scale_ptr,
     x_rows, dim,
     LIKELIHOOD: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_LOGVAR_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * dim may exceed 2^31
     x_row = row % x_rows                 # K decoder samples share one x
+    grad_scale = tl.load(grad_scale_ptr).to(ACC)  # the expected upstream gradient (ops/likelihood.py)
     total = tl.zeros([BLOCK], dtype=ACC)
     invalid = tl.zeros([BLOCK], dtype=tl.int32)
     for j0 in range(0, dim, BLOCK):
@@ -39,7 +40,7 @@ def elementwise_kernel(
             value = -0.5 * (scaled_sq + lv + LOG_2PI)
             grad = diff * inv_var
             if WANT_LOGVAR_GRAD:
-                tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0), mask=mask)
+                tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0) * grad_scale, mask=mask)
         else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
             invalid += tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, 0)
             t = tl.exp(-tl.abs(theta))
@@ -54,14 +55,14 @@ def elementwise_kernel(
                 grad += dlog_c
         total += tl.where(mask, value, 0.0)
         if WANT_GRAD:
-            tl.store(grad_ptr + offs, grad, mask=mask)
+            tl.store(grad_ptr + offs, grad * grad_scale, mask=mask)
     tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
     tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
 
 
 @triton.jit
 def categorical_kernel(
-    logits_ptr, target_ptr, partial_ptr, grad_ptr, invalid_ptr,
+    logits_ptr, target_ptr, partial_ptr, grad_ptr, invalid_ptr, grad_scale_ptr,
     x_rows, pixels, classes, num_pixel_blocks,
     WANT_GRAD: tl.constexpr, ACC: tl.constexpr, PIXELS: tl.constexpr, CLASSES: tl.constexpr,
 ):
@@ -87,7 +88,22 @@ def categorical_kernel(
     log_prob = tl.where(pix_mask, target_logit - lse, 0.0)
     # 3. gradient of log p: onehot - softmax, written from the same tile
     if WANT_GRAD:
+        grad_scale = tl.load(grad_scale_ptr).to(ACC)
         grad = tl.where(is_target, 1.0, 0.0) - tl.exp(logits - lse[:, None])
-        tl.store(grad_ptr + offs, grad, mask=tile_mask)
+        tl.store(grad_ptr + offs, grad * grad_scale, mask=tile_mask)
     tl.store(partial_ptr + row * num_pixel_blocks + block, tl.sum(log_prob, axis=0))
     tl.store(invalid_ptr + row * num_pixel_blocks + block, tl.sum(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def scale_rows_kernel(grad_ptr, factor_ptr, row_len, TOLERANCE: tl.constexpr, BLOCK: tl.constexpr):
+    """grad[r, :] *= factor[r], except where factor[r] is 1 to within TOLERANCE: then the block
+    does nothing, reads nothing (a device-side decision, no host sync)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    factor = tl.load(factor_ptr + row)
+    if (tl.abs(factor - 1.0) > TOLERANCE) | (factor != factor):  # a NaN upstream gradient propagates
+        mask = cols < row_len
+        offs = row * row_len + cols
+        values = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        tl.store(grad_ptr + offs, (values * factor).to(grad_ptr.dtype.element_ty), mask=mask)
