@@ -1,5 +1,6 @@
 #include "buffer_pool.h"
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <new>
@@ -15,9 +16,15 @@ size_t round_up(size_t bytes) { return (bytes + kHugePage - 1) / kHugePage * kHu
 }  // namespace
 
 BufferPool& BufferPool::instance() {
-  static BufferPool* pool = new BufferPool();  // intentionally leaked (see the header)
+  static BufferPool* pool = [] {
+    auto* created = new BufferPool();  // intentionally leaked (see the header)
+    pthread_atfork(nullptr, nullptr, [] { BufferPool::instance().reset_after_fork(); });
+    return created;
+  }();
   return *pool;
 }
+
+void BufferPool::reset_after_fork() { new (&mutex_) std::mutex(); }
 
 void* BufferPool::acquire(size_t bytes, size_t* capacity) {
   const size_t size = round_up(bytes == 0 ? 1 : bytes);

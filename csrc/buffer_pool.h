@@ -55,6 +55,9 @@ class BufferPool {
   size_t limit();
   void set_limit(size_t limit);
   void trim();  // unmap every free buffer
+  // In a child after fork(): the mutex may have been held by a parent thread that does not
+  // exist here; start over with a fresh one (the cached buffers were copied and stay usable).
+  void reset_after_fork();
 
  private:
   BufferPool() = default;

@@ -163,3 +163,26 @@ def test_buffer_cache_limit_from_the_environment():
     assert ok.returncode == 0 and ok.stdout.strip() == str(3 << 20), ok.stderr
     bad = run_python("import vae_fast", {"VAE_FAST_BUFFER_CACHE_MB": "lots"})
     assert bad.returncode != 0 and "VAE_FAST_BUFFER_CACHE_MB must be a non-negative integer" in bad.stderr
+
+
+@needs_extension
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_buffer_cache_works_in_a_forked_child():
+    # DataLoader workers fork: a child must be able to use (and refill) the inherited cache
+    logits = torch.randn(1024, 1024)
+    x = torch.rand(1024, 1024)
+    with vae_fast.use_backend("cpu"):
+        logits.requires_grad_()
+        (-vae_fast.bernoulli_log_prob(logits, x).mean()).backward()
+        logits.grad = None  # a 4 MiB buffer now sits in the cache
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            code = 1
+            try:
+                torch.set_num_threads(1)  # OpenMP thread pools do not survive fork
+                (-vae_fast.bernoulli_log_prob(logits, x).mean()).backward()
+                code = 0 if torch.isfinite(logits.grad).all() else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
