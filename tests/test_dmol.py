@@ -51,7 +51,7 @@ def reference_with_grads(x, logit_probs, means, log_scales, coeffs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("channels,coeffs,mixtures", [(3, True, 3), (3, False, 1), (1, False, 4), (2, False, 2)])
+@pytest.mark.parametrize("channels,coeffs,mixtures", [(3, True, 3), (3, True, 10), (3, False, 1), (1, False, 4), (2, False, 2)])
 @pytest.mark.parametrize("samples", [None, 2])
 def test_dmol_matches_reference(backend, dtype, channels, coeffs, mixtures, samples):
     args = make_dmol(2, channels, mixtures, (3, 5), dtype, backend, coeffs=coeffs, samples=samples)
