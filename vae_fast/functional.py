@@ -178,8 +178,8 @@ def _expected_grad(reduction: str, rows: int, given: float | None) -> float:
     """The upstream gradient each row's log-likelihood most likely receives: log-likelihoods are
     maximised, so the guess is a negative log-likelihood loss, ``-log_p.mean()`` (-1/N per row; also
     for reduction="none") or ``-log_p.sum()`` (-1). The kernels pre-scale their gradients by it, so
-    that backward is free when the guess holds (CPU); any other upstream costs the usual scaling
-    pass (see ops/likelihood.py)."""
+    that backward makes no pass over the gradient when the guess holds; any other upstream costs
+    the usual scaling pass (see ops/likelihood.py)."""
     if given is not None:
         return given
     return -1.0 if reduction == "sum" or rows == 0 else -1.0 / rows

@@ -54,7 +54,7 @@ def packed_views(params: torch.Tensor, num_mixtures: int, channels: int):
 
 
 def _new_gradient(kernels, t: torch.Tensor) -> torch.Tensor:
-    """A contiguous buffer of t's shape; the CPU backend backs large ones with huge pages."""
+    """A contiguous buffer of t's shape; the CPU backend serves large ones from its buffer cache."""
     new_output = getattr(kernels, "new_output", None)
     return t.new_empty(t.shape) if new_output is None else new_output(t, t.shape)
 
@@ -109,7 +109,7 @@ class DmolLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_grad=1.0):
         want_grad = any(ctx.needs_input_grad[1:5])
-        ctx.grad_scale = expected_upstream(means.device, expected_grad)
+        ctx.grad_scale = expected_upstream(expected_grad)
         log_prob, *grads, num_invalid = call(
             torch.ops.vae_fast.dmol_log_prob.default, _dmol_kernel, x, logit_probs, means, log_scales, coeffs,
             num_bits, log_scale_min, want_grad, ctx.grad_scale)
@@ -132,7 +132,7 @@ class DmolPackedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, params, num_mixtures, num_bits, log_scale_min, expected_grad=1.0):
         want_grad = ctx.needs_input_grad[1]
-        ctx.grad_scale = expected_upstream(params.device, expected_grad)
+        ctx.grad_scale = expected_upstream(expected_grad)
         log_prob, grad, num_invalid = call(
             torch.ops.vae_fast.dmol_packed_log_prob.default, _dmol_packed_kernel, x, params, num_mixtures, num_bits,
             log_scale_min, want_grad, ctx.grad_scale)

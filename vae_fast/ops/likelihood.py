@@ -104,7 +104,7 @@ _SKIP_CHECK_MIN_ELEMENTS = 1 << 18
 _SKIP_CHECK_ULPS = 4
 
 
-def expected_upstream(device: torch.device, expected: float) -> float:
+def expected_upstream(expected: float) -> float:
     """The gradient scale to request from the kernels (1 where ``expected`` is unusable)."""
     return expected if expected != 0.0 and math.isfinite(expected) else 1.0
 
@@ -146,7 +146,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         want_lv = logvar is not None and ctx.needs_input_grad[2]
         lv_rows = None if logvar is None else logvar.expand(theta_shape).reshape(theta.shape)
-        ctx.grad_scale = expected_upstream(theta.device, expected_grad)
+        ctx.grad_scale = expected_upstream(expected_grad)
         log_prob, grad, grad_lv, num_invalid = call(
             torch.ops.vae_fast.elementwise_log_prob.default, _elementwise_kernel, theta, x, lv_rows, likelihood,
             want_grad, want_lv, ctx.grad_scale)
@@ -182,7 +182,7 @@ class CategoricalLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, expected_grad=1.0):
         want_grad = ctx.needs_input_grad[0]
-        ctx.grad_scale = expected_upstream(logits.device, expected_grad)
+        ctx.grad_scale = expected_upstream(expected_grad)
         log_prob, grad, num_invalid = call(
             torch.ops.vae_fast.categorical_log_prob.default, _categorical_kernel, logits, target, want_grad,
             ctx.grad_scale)
