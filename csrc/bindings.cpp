@@ -85,7 +85,7 @@ void check_dtype(int dtype) { require(dtype == 0 || dtype == 1, "dtype code must
 
 void check_threads(int n) { require(n >= 1 && n <= 4096, "num_threads must be in [1, 4096]"); }
 
-void check_grad_scale(double s) { require(std::isfinite(s) && s != 0, "grad_scale must be finite and non-zero"); }
+void check_expected_upstream(double s) { require(std::isfinite(s) && s != 0, "expected_upstream must be finite and non-zero"); }
 
 Strided2D strided(uintptr_t ptr, int64_t row_stride, int64_t col_stride, const char* name) {
   require(row_stride >= 0 && col_stride >= 0, std::string(name) + " strides must be non-negative");
@@ -173,9 +173,9 @@ void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t s
 
 int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t x_rows, int64_t dim,
                                uintptr_t theta, uintptr_t x, uintptr_t logvar, int64_t lv_rs, int64_t lv_cs,
-                               uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar, double grad_scale,
+                               uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar, double expected_upstream,
                                int num_threads, const std::vector<int64_t>& extents) {
-  check_grad_scale(grad_scale);
+  check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
   require(likelihood >= 0 && likelihood <= 2, "likelihood code must be 0, 1 or 2");
@@ -187,7 +187,6 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   const bool gaussian = likelihood == static_cast<int>(Likelihood::kGaussian);
   require(!gaussian || empty || logvar != 0, "the Gaussian likelihood needs logvar");
   require(gaussian || grad_logvar == 0, "grad_logvar is only for the Gaussian likelihood");
-  require(grad_logvar == 0 || grad_theta != 0, "grad_logvar needs grad_theta");
   check_extents({"theta", "x", "logvar", "log_prob", "grad_theta", "grad_logvar"},
                 {theta, x, logvar, log_prob, grad_theta, grad_logvar},
                 {rows * dim, x_rows * dim, extent(rows, dim, lv_rs, lv_cs), rows, rows * dim, rows * dim}, extents);
@@ -202,16 +201,16 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   a.log_prob = as_mut_ptr(log_prob);
   a.grad_theta = as_mut_ptr(grad_theta);
   a.grad_logvar = as_mut_ptr(grad_logvar);
-  a.grad_scale = grad_scale;
+  a.expected_upstream = expected_upstream;
   a.num_threads = num_threads;
   py::gil_scoped_release no_gil;
   return VF_DISPATCH(elementwise_likelihood, dtype, a);
 }
 
 int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,
-                    uintptr_t target, uintptr_t log_prob, uintptr_t grad_logits, double grad_scale, int num_threads,
+                    uintptr_t target, uintptr_t log_prob, uintptr_t grad_logits, double expected_upstream, int num_threads,
                     const std::vector<int64_t>& extents) {
-  check_grad_scale(grad_scale);
+  check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
   require(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
@@ -229,7 +228,7 @@ int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int
   a.target = static_cast<const int64_t*>(as_ptr(target));
   a.log_prob = as_mut_ptr(log_prob);
   a.grad_logits = as_mut_ptr(grad_logits);
-  a.grad_scale = grad_scale;
+  a.expected_upstream = expected_upstream;
   a.num_threads = num_threads;
   py::gil_scoped_release no_gil;
   return VF_DISPATCH(categorical, dtype, a);
@@ -258,8 +257,8 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
              uintptr_t x, const DmolView& logit_probs, const DmolView& means, const DmolView& log_scales,
              const DmolView& coeffs, bool coeffs_tanh, double half_bin, double log_scale_min, uintptr_t log_prob,
              const DmolView& grad_logit_probs, const DmolView& grad_means, const DmolView& grad_log_scales,
-             const DmolView& grad_coeffs, double grad_scale, int num_threads, const std::vector<int64_t>& extents) {
-  check_grad_scale(grad_scale);
+             const DmolView& grad_coeffs, double expected_upstream, int num_threads, const std::vector<int64_t>& extents) {
+  check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
   require(rows >= 0 && x_rows >= 0 && pixels >= 0 && channels >= 1 && mixtures >= 1,
@@ -308,7 +307,7 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
   a.half_bin = half_bin;
   a.log_scale_min = log_scale_min;
   a.log_prob = as_mut_ptr(log_prob);
-  a.grad_scale = grad_scale;
+  a.expected_upstream = expected_upstream;
   a.num_threads = num_threads;
   py::gil_scoped_release no_gil;
   return VF_DISPATCH(dmol, dtype, a);

@@ -18,7 +18,7 @@
 // responsibilities r = softmax(a) and pi = softmax(logit):
 //   d/dlogit_m = r_m - pi_m,  d/dmean_cm = r_m d log mass_cm / d mean_cm  (log_scale alike),
 //   and through mean_g = mean + c0 x_r, mean_b = mean + c1 x_r + c2 x_g the coefficients.
-// All gradients are written multiplied by grad_scale (the caller's expected upstream gradient).
+// All gradients are written multiplied by expected_upstream (the caller's expected upstream gradient).
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -149,7 +149,7 @@ int64_t dmol_impl(const DmolArgs& a) {
   const int64_t tiles_per_row = (P + kTile - 1) / kTile;
   const int64_t work_items = a.rows * tiles_per_row;
   const T* __restrict x_all = static_cast<const T*>(a.x);
-  const T hb = T(a.half_bin), ls_min = T(a.log_scale_min), grad_scale = T(a.grad_scale);
+  const T hb = T(a.half_bin), ls_min = T(a.log_scale_min), expected_upstream = T(a.expected_upstream);
   std::vector<T> partial(work_items);
   int64_t bad = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(+ : bad) if (work_items * kTile * M * C > kParallelGrain)
@@ -242,7 +242,7 @@ int64_t dmol_impl(const DmolArgs& a) {
       }
       partial[item] = tile_sum;
 
-      // pass 3: scale the derivatives (still in cache) by the responsibilities (times grad_scale,
+      // pass 3: scale the derivatives (still in cache) by the responsibilities (times expected_upstream,
       // the caller's expected upstream gradient)
       if constexpr (WANT_GRAD) {
         for (int64_t m = 0; m < M; ++m) {
@@ -252,8 +252,8 @@ int64_t dmol_impl(const DmolArgs& a) {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
             const T r_m = resp[i] * sum_mix[i];
-            g_logit[i] = (r_m - prior[i] * sum_logit[i]) * grad_scale;
-            resp[i] = r_m * grad_scale;
+            g_logit[i] = (r_m - prior[i] * sum_logit[i]) * expected_upstream;
+            resp[i] = r_m * expected_upstream;
           }
           for (int64_t c = 0; c < C; ++c) {
             T* __restrict g_mean = operand<T>(a.grad_means, r, c, m, p0);

@@ -59,7 +59,7 @@ struct ElementwiseLikelihoodArgs {
   void* log_prob = nullptr;        // (rows,)
   void* grad_theta = nullptr;      // (rows, dim) or null
   void* grad_logvar = nullptr;     // (rows, dim) or null (Gaussian only)
-  double grad_scale = 1.0;         // gradients are written multiplied by this (see ops/likelihood.py)
+  double expected_upstream = 1.0;         // gradients are written multiplied by this (see ops/likelihood.py)
   int num_threads = 1;
 };
 
@@ -71,7 +71,7 @@ struct CategoricalArgs {
   const int64_t* target = nullptr;
   void* log_prob = nullptr;        // (rows,)
   void* grad_logits = nullptr;     // (rows, pixels, classes) or null
-  double grad_scale = 1.0;
+  double expected_upstream = 1.0;
   int num_threads = 1;
 };
 
@@ -97,7 +97,7 @@ struct DmolArgs {
   double log_scale_min = -7.0;
   void* log_prob = nullptr;  // (rows,)
   DmolGrad grad_logit_probs, grad_means, grad_log_scales, grad_coeffs;  // all null or all set (coeffs if given)
-  double grad_scale = 1.0;
+  double expected_upstream = 1.0;
   int num_threads = 1;
 };
 

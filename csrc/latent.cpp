@@ -4,8 +4,11 @@
 //
 // Math (per latent dim; lv = log sigma^2, d = lv - prior_logvar, diff = mu - prior_mu):
 //   KL      = 1/2 (e^d - 1 - d) + 1/2 diff^2 e^-plv
-//           = exp(d - ln 2) - 1/2 (1 + d) + 1/2 diff^2 e^-plv   (finite in fp32 up to d = 89;
+//           = exp(d - ln 2) - 1/2 (1 + d) + 1/2 (diff e^(-plv/2))^2   (finite in fp32 up to d = 89;
 //             without a prior exp(d - ln 2) = (sigma sqrt(1/2))^2)
+//   diff^2 e^-plv is always formed as (diff e^(-plv/2))^2: e^-plv overflows in fp32 below
+//   plv = -88.7 (narrow learned priors), and then 0 * inf was NaN where q = p; e^(-plv/2) stays
+//   finite down to -177, and scaled_by() maps 0 * inf to 0 beyond.
 //   dKL/dlv = exp(d - ln 2) - 1/2
 //   dKL/dmu = diff e^-plv = -dKL/dprior_mu,   dKL/dplv = -dKL/dlv - 1/2 diff^2 e^-plv
 // and, per sample (the IWAE log-weight's latent part; the 1/2 log 2 pi terms cancel):
@@ -54,6 +57,12 @@ inline void scale_terms(T s, T& sigma, T& logvar, T& dsigma, T& dlogvar) {
     // dlogvar/ds = 2 sigmoid(s) / softplus(s), written without 0/0 for s -> -inf.
     dlogvar = negative ? T(2) * inv_one_plus_y / q : T(2) * inv_one_plus_y / sigma;
   }
+}
+
+// value * e^(-plv/2) with an exactly zero value giving 0 even where e^(-plv/2) overflows.
+template <typename T>
+inline T scaled_by(T value, T inv_prior_std) {
+  return value == T(0) ? T(0) : value * inv_prior_std;
 }
 
 // 1/2 sigma^2 / prior variance = exp(d - ln 2), d = lv - prior_logvar. Without a prior it is
@@ -162,10 +171,11 @@ void forward_impl(const LatentArgs& a) {
         scale_terms<T, P>(s_t[i], sig, lv, unused_dsig, unused_dlv);
         const T plv = HAS_PRIOR ? prior_logvar[i] : T(0);
         const T diff = HAS_PRIOR ? mu_t[i] - prior_mu[i] : mu_t[i];
-        const T inv_prior_var = HAS_PRIOR ? vexp(-plv) : T(1);
+        const T inv_prior_std = HAS_PRIOR ? vexp(T(-0.5) * plv) : T(1);
+        const T scaled_diff = HAS_PRIOR ? scaled_by(diff, inv_prior_std) : diff;
         const T d = lv - plv;
         sigma[i] = sig;
-        kl[i] = half_variance_ratio<T, HAS_PRIOR>(sig, d) - T(0.5) * (T(1) + d) + T(0.5) * diff * diff * inv_prior_var;
+        kl[i] = half_variance_ratio<T, HAS_PRIOR>(sig, d) - T(0.5) * (T(1) + d) + T(0.5) * scaled_diff * scaled_diff;
       }
       if (log_ratio_out != nullptr) {
 #pragma omp simd
@@ -174,7 +184,7 @@ void forward_impl(const LatentArgs& a) {
           scale_terms<T, P>(s_t[i], sig, lv, unused_dsig, unused_dlv);
           const T plv = HAS_PRIOR ? prior_logvar[i] : T(0);
           ratio_base[i] = T(0.5) * (plv - lv);
-          ratio_term[i] = HAS_PRIOR ? vexp(-plv) : T(1);  // 1 / prior variance
+          ratio_term[i] = HAS_PRIOR ? vexp(T(-0.5) * plv) : T(1);  // 1 / prior std
         }
       }
       if (kl_dim_out != nullptr) std::copy(kl, kl + n, kl_dim_out + start);
@@ -197,8 +207,8 @@ void forward_impl(const LatentArgs& a) {
 #pragma omp simd reduction(+ : sum)
             for (int64_t c = 0; c < tile.cols; ++c) {
               const T e = eps[o + c];
-              const T pz = HAS_PRIOR ? z_t[o + c] - prior_mu[o + c] : z_t[o + c];
-              sum += ratio_base[o + c] + T(0.5) * (pz * pz * ratio_term[o + c] - e * e);
+              const T pz = HAS_PRIOR ? scaled_by(z_t[o + c] - prior_mu[o + c], ratio_term[o + c]) : z_t[o + c];
+              sum += ratio_base[o + c] + T(0.5) * (pz * pz - e * e);
             }
             ratio_row[r] += sum;
           }
@@ -264,15 +274,16 @@ void backward_impl(const LatentArgs& a) {
         scale_terms<T, P>(s_t[i], sig, lv, dsig, dlv);
         const T plv = HAS_PRIOR ? prior_logvar[i] : T(0);
         const T diff = HAS_PRIOR ? mu_t[i] - prior_mu[i] : mu_t[i];
-        const T inv_prior_var = HAS_PRIOR ? vexp(-plv) : T(1);
+        const T inv_prior_std = HAS_PRIOR ? vexp(T(-0.5) * plv) : T(1);
+        const T scaled_diff = HAS_PRIOR ? scaled_by(diff, inv_prior_std) : diff;
         const T dkl_dlv = half_variance_ratio<T, HAS_PRIOR>(sig, lv - plv) - T(0.5);
-        const T dkl_dmu = diff * inv_prior_var;
+        const T dkl_dmu = HAS_PRIOR ? scaled_by(scaled_diff, inv_prior_std) : diff;
         grad_mu[start + i] = sum_gz[i] + g_kl[i] * dkl_dmu;
         grad_scale[start + i] = sum_gz_eps[i] * dsig + g_kl[i] * dkl_dlv * dlv;
         if constexpr (HAS_PRIOR) {
           if (grad_prior_mu != nullptr) grad_prior_mu[start + i] = -g_kl[i] * dkl_dmu;
           if (grad_prior_logvar != nullptr)
-            grad_prior_logvar[start + i] = -g_kl[i] * (dkl_dlv + T(0.5) * diff * dkl_dmu);
+            grad_prior_logvar[start + i] = -g_kl[i] * (dkl_dlv + T(0.5) * scaled_diff * scaled_diff);
         }
       }
     });

@@ -1,7 +1,7 @@
 // Fused reconstruction log-likelihood kernels with the gradient computed in the
 // same pass (the Liger-Kernel cross-entropy technique): one read of (theta, x)
 // gives the per-row log-likelihood and d log p / d theta, so backward is a scale.
-// Gradients are written multiplied by grad_scale, the upstream gradient the caller expects
+// Gradients are written multiplied by expected_upstream, the upstream gradient the caller expects
 // (e.g. -1/B under a mean loss): when it arrives, backward has nothing left to do.
 //
 // Per element (l = logit, t = exp(-|l|), sigmoid and softplus both from t):
@@ -86,7 +86,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
   T* __restrict grad_logvar = static_cast<T*>(a.grad_logvar);
   const T* __restrict logvar = static_cast<const T*>(a.logvar.ptr);
   const int64_t D = a.dim;
-  const T grad_scale = T(a.grad_scale);
+  const T expected_upstream = T(a.expected_upstream);
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * D > kParallelGrain)
@@ -128,7 +128,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           const T scaled_sq = diff * diff * inv_var;
           value = T(-0.5) * (scaled_sq + lvi + T(kLog2Pi));
           grad = diff * inv_var;
-          if constexpr (WANT_LV_GRAD) g_lv[i] = T(0.5) * (scaled_sq - T(1)) * grad_scale;
+          if constexpr (WANT_LV_GRAD) g_lv[i] = T(0.5) * (scaled_sq - T(1)) * expected_upstream;
         } else {
           row_bad += (xi < T(0) || xi > T(1)) ? 1 : 0;
           const T t = vexp(-std::fabs(ti));
@@ -145,7 +145,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           }
         }
         row_sum += value;
-        if constexpr (WANT_GRAD) g[i] = grad * grad_scale;
+        if constexpr (WANT_GRAD) g[i] = grad * expected_upstream;
       }
     }
     log_prob[r] = row_sum;
@@ -198,7 +198,7 @@ int64_t categorical_impl(const CategoricalArgs& a) {
   T* __restrict log_prob = static_cast<T*>(a.log_prob);
   T* __restrict grad = static_cast<T*>(a.grad_logits);
   const int64_t P = a.pixels, C = a.classes;
-  const T grad_scale = T(a.grad_scale);
+  const T expected_upstream = T(a.expected_upstream);
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * P * C > kParallelGrain)
@@ -225,9 +225,9 @@ int64_t categorical_impl(const CategoricalArgs& a) {
           g[c] = vexp(l[c] - shift);
           s += g[c];
         }
-        const T scaled_inv_s = grad_scale / s;
+        const T scaled_inv_s = expected_upstream / s;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) g[c] = (c == tgt ? grad_scale : T(0)) - g[c] * scaled_inv_s;
+        for (int64_t c = 0; c < C; ++c) g[c] = (c == tgt ? expected_upstream : T(0)) - g[c] * scaled_inv_s;
       } else {
 #pragma omp simd reduction(+ : s)
         for (int64_t c = 0; c < C; ++c) s += vexp(l[c] - shift);

@@ -52,14 +52,6 @@ def kernel_backend(request):
         yield device
 
 
-@pytest.fixture
-def out_of_place():
-    """gradcheck backpropagates through one graph many times: use out-of-place likelihood backward."""
-    vae_fast.set_inplace_backward(False)
-    yield
-    vae_fast.set_inplace_backward(True)
-
-
 # Tolerance policy (enforced by assert_matches_reference): results are compared with the
 # float64 reference after summing over the event dims. float64 kernels must agree to
 # 1e-10 relative (plus 1e-10 absolute per summed element); float32 to 2e-5 relative plus

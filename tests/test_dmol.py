@@ -148,7 +148,7 @@ def test_clamped_log_scales_get_no_gradient_and_the_clamp_can_be_disabled(backen
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_gradcheck(backend, packed, out_of_place):
+def test_gradcheck(backend, packed):
     if packed:
         gen = torch.Generator().manual_seed(5)
         params = (torch.randn(1, 20, 1, 2, generator=gen, dtype=torch.float64) - 0.5).to(backend).requires_grad_()
@@ -208,7 +208,7 @@ def test_packed_grad_equals_nvae_eager_where_the_eager_formula_is_exact(kernel_b
 def test_half_precision(backend, dtype):
     args = make_dmol(2, 3, 2, (2, 2), dtype, backend, ls_shift=-1.0)
     got = vae_fast.discretized_logistic_mixture_log_prob(*args)
-    assert got.dtype == dtype
+    assert got.dtype == torch.float32  # a sum over pixels: float32, as torch losses under autocast
     expected, _ = reference_with_grads(*args)
     torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-2, atol=0.5)
     grads = torch.autograd.grad(got.sum(), [t for t in args[1:] if t is not None])

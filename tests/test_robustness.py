@@ -57,8 +57,8 @@ def test_likelihood_argument_errors_name_the_argument():
         vae_fast.bernoulli_log_prob(torch.zeros(3, 5), torch.zeros(3, 4))
     with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         vae_fast.bernoulli_log_prob(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="x is treated as data"):
-        vae_fast.gaussian_log_prob(logits, torch.zeros(3, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="x is treated as data"):  # binned pixels: no gradient w.r.t. x
+        vae_fast.dmol_packed_log_prob(torch.zeros(3, 1, 2, 2, requires_grad=True), torch.zeros(3, 6, 2, 2))
     with pytest.raises(ValueError, match="logvar of shape"):
         vae_fast.gaussian_log_prob(logits, torch.zeros(3, 4), torch.zeros(5))
     with pytest.raises(TypeError, match="x must be an integer tensor of class indices"):
@@ -366,7 +366,7 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     with pytest.raises(ValueError, match="sizes must be non-negative"):
         C.elementwise_likelihood(0, 0, -4, 4, 8, *ok[5:], [32, 32, 0, 4, 32, 0])
     for bad_scale in (0.0, math.inf, math.nan):
-        with pytest.raises(ValueError, match="grad_scale must be finite and non-zero"):
+        with pytest.raises(ValueError, match="expected_upstream must be finite and non-zero"):
             C.elementwise_likelihood(*ok[:13], bad_scale, 1, [32, 32, 0, 4, 32, 0])
     mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
     ratio = torch.zeros(1, 2)

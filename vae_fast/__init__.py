@@ -6,7 +6,8 @@ kernel: Triton on CUDA, C++ on CPU, with :mod:`vae_fast.reference` as the oracle
 """
 from ._backend import (BACKENDS, backend, buffer_cache_bytes, release_buffer_cache, set_buffer_cache_limit,
                        use_backend)
-from ._validation import set_validate_args
+from ._validation import check_pending_errors
+from .config import inplace_backward, save_inputs, set_inplace_backward, set_validate_args, validate_args
 from .functional import (
     LIKELIHOODS,
     DMOLParams,
@@ -23,15 +24,15 @@ from .functional import (
     gaussian_sample_kl,
     register_likelihood,
 )
-from . import diagnostics
+from . import diagnostics, nn
 from .diagnostics import iwae_bound
-from .ops.likelihood import set_inplace_backward
 from .schedules import KLWarmup
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "backend", "use_backend", "set_validate_args", "set_inplace_backward", "LIKELIHOODS", "ELBOResult", "KLWarmup",
+    "BACKENDS", "backend", "use_backend", "validate_args", "set_validate_args", "inplace_backward",
+    "set_inplace_backward", "save_inputs", "check_pending_errors", "LIKELIHOODS", "ELBOResult", "KLWarmup", "nn",
     "buffer_cache_bytes", "release_buffer_cache", "set_buffer_cache_limit",
     "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
     "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood", "iwae_bound", "diagnostics",

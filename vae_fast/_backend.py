@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from . import config
+
 BACKENDS = ("reference", "cpu", "triton")
 
 _cpu_ext = None
@@ -82,16 +84,13 @@ elif _cpu_ext is None:
         stacklevel=2,
     )
 
-_override: str | None = None
-
-
 def backend(device: torch.device | str = "cpu") -> str:
     """Name of the backend that serves tensors on ``device``.
 
     ``"triton"`` for CUDA, ``"cpu"`` (the C++ extension) for CPU, ``"reference"`` as
     the fallback; :func:`use_backend` or ``VAE_FAST_BACKEND`` override the choice.
     """
-    forced = _override or _env_backend
+    forced = config.BACKEND.get() or _env_backend
     if forced is not None:
         return forced
     device_type = torch.device(device).type
@@ -104,14 +103,11 @@ def backend(device: torch.device | str = "cpu") -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Temporarily force a backend (``"reference"``, ``"cpu"`` or ``"triton"``) for every device."""
-    global _override
+    """Force a backend (``"reference"``, ``"cpu"`` or ``"triton"``) for every device inside the
+    ``with`` block (this thread / task only: see :mod:`vae_fast.config`)."""
     _require(_validate_name(name, "backend name"))
-    previous, _override = _override, name
-    try:
+    with config.BACKEND.override(name):
         yield
-    finally:
-        _override = previous
 
 
 def cpu_extension():

@@ -7,22 +7,13 @@ fused into the kernels; see :func:`raise_if_invalid`.
 """
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Sequence
 
 import torch
 
-_validate_data = True
-
-
-def set_validate_args(enabled: bool) -> None:
-    """Turn the data-dependent support checks on or off (default on).
-
-    Checking that ``x`` lies in the likelihood's support costs nothing extra in the
-    kernels (the count is fused into the pass) but reading the count back is a
-    host-device sync on CUDA; training loops that know their data may turn it off.
-    """
-    global _validate_data
-    _validate_data = bool(enabled)
+from . import config
 
 
 def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
@@ -76,12 +67,95 @@ def check_no_grad(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} is treated as data and must not require grad (detach it)")
 
 
+def is_plain(t: torch.Tensor) -> bool:
+    """A real CPU/CUDA tensor whose data can be read (not meta, fake, a subclass or a torch.func
+    wrapper): only those take the eager shortcuts (host checks, direct kernel calls)."""
+    return (type(t) is torch.Tensor and t.device.type in ("cpu", "cuda")
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+class DeferredChecks:
+    """Support checks of device tensors read without a host sync.
+
+    The kernel's out-of-support count is copied to pinned host memory with a non-blocking copy
+    and an event recorded after it; every later check (and :func:`check_pending_errors`) first
+    looks at the earlier counts whose event has completed and raises for the first non-zero one.
+    Trade-off: on CUDA the ValueError for bad ``x`` arrives one or a few calls late (naming the
+    call it belongs to) instead of at the call itself — but the training step never waits for
+    the GPU. ``make_event`` and ``copy_to_host`` are parameters so the queue can be tested
+    without a GPU."""
+
+    def __init__(self, make_event=None, copy_to_host=None, max_pending: int = 64):
+        self.pending = collections.deque()
+        self.lock = threading.Lock()
+        self.make_event = make_event or (lambda: torch.cuda.Event())
+        self.copy_to_host = copy_to_host or _pinned_copy
+        self.max_pending = max_pending
+        self.calls = 0
+
+    def add(self, count: torch.Tensor, message: str) -> None:
+        self.raise_completed()
+        host = self.copy_to_host(count)
+        event = self.make_event()
+        event.record()
+        with self.lock:
+            self.calls += 1
+            self.pending.append((event, host, message, self.calls))
+            overflow = len(self.pending) > self.max_pending
+        if overflow:  # bound the queue: wait for the oldest (long done in any real loop)
+            self.pending[0][0].synchronize()
+            self.raise_completed()
+
+    def raise_completed(self, wait: bool = False) -> None:
+        while True:
+            with self.lock:
+                if not self.pending:
+                    return
+                event, host, message, call = self.pending[0]
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+                self.pending.popleft()
+            if int(host) != 0:
+                with self.lock:
+                    self.pending.clear()  # later counts may be from the same bad batch
+                raise ValueError(f"{message} (support check of an earlier call, deferred to avoid a host sync: "
+                                 f"call {call} of this process's deferred checks)")
+
+
+def _pinned_copy(count: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
+    host.copy_(count, non_blocking=True)
+    return host
+
+
+DEFERRED = DeferredChecks()
+
+
+def check_pending_errors() -> None:
+    """Wait for the deferred support checks of earlier CUDA calls and raise the first failure
+    (a no-op on CPU, where every check is immediate). Call it at the end of an epoch or before
+    trusting a result."""
+    DEFERRED.raise_completed(wait=True)
+
+
 def raise_if_invalid(num_invalid: torch.Tensor | int, message: str) -> None:
     """Raise ``ValueError(message)`` if a kernel counted out-of-support values.
 
-    Skipped under torch.compile (it would force a graph break) and when
-    :func:`set_validate_args` turned it off."""
-    if not _validate_data or torch.compiler.is_compiling():
+    CPU counts are read at once; CUDA counts through :data:`DEFERRED` (no host sync). Skipped
+    under torch.compile (it would force a graph break), for meta/fake tensors and torch.func
+    transforms (no data to read), and inside ``vae_fast.validate_args(False)``."""
+    if not config.VALIDATE_ARGS.get() or torch.compiler.is_compiling():
         return
-    if int(num_invalid) != 0:
-        raise ValueError(message)
+    if isinstance(num_invalid, int):
+        if num_invalid != 0:
+            raise ValueError(message)
+        return
+    if not is_plain(num_invalid):
+        return
+    if num_invalid.device.type == "cpu":
+        if int(num_invalid) != 0:
+            raise ValueError(message)
+        return
+    DEFERRED.add(num_invalid, message)

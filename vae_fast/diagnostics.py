@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
-from .functional import LIKELIHOODS, _check_nonnegative, _latent, gaussian_kl, gaussian_sample_kl
+from .functional import LIKELIHOODS, gaussian_kl, gaussian_sample_kl
+from .functional.latent import _latent
+from .functional.objectives import _check_nonnegative
 from ._validation import check_choice, check_positive_int, check_tensor
 from .reference import gaussian_log_density
 

@@ -2,7 +2,8 @@
 
 Inputs arrive prepared by :mod:`vae_fast.ops` (contiguous, one floating dtype,
 priors/log-variances expanded to 2-D views). float16/bfloat16 are computed in
-float32 and written back in the input dtype.
+float32; gradients and z are written back in the input dtype, reductions (log-likelihoods,
+KL) stay float32.
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
 new_output = _new_output  # for the op layer's own output buffers (ops/dmol.py)
 
 
-def _to(outs, dtype):
-    return tuple(o if o is None or isinstance(o, int) else o.to(dtype) for o in outs)
+def _to(outs, dtype, keep: int = 0):
+    """outs cast to ``dtype`` except the first ``keep`` of them (reductions stay in float32)."""
+    return tuple(o if i < keep or o is None or isinstance(o, int) else o.to(dtype) for i, o in enumerate(outs))
 
 
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
@@ -87,8 +89,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         [mu.numel(), scale.numel(), _extent(prior_mu), _extent(prior_logvar), _extent(eps), num_samples * n, batch,
          n if want_kl_per_dim else 0, num_samples * batch if want_log_ratio else 0],
     )
-    outs = (z, kl, kl_per_dim, log_ratio)
-    return _to(outs, out_dtype) if dtype != out_dtype else outs
+    return (z.to(out_dtype) if dtype != out_dtype else z), kl, kl_per_dim, log_ratio
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
@@ -116,7 +117,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
     out_dtype = theta.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
@@ -127,14 +128,14 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     grad_lv = _new_output(theta) if want_logvar_grad else None
     bad = _C.elementwise_likelihood(
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
-        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(grad_scale), torch.get_num_threads(),
-        [_extent(t) for t in (theta, x, logvar, log_prob, grad, grad_lv)],
+        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(expected_upstream),
+        torch.get_num_threads(), [_extent(t) for t in (theta, x, logvar, log_prob, grad, grad_lv)],
     )
     outs = (log_prob, grad, grad_lv, bad)
-    return _to(outs, out_dtype) if dtype != out_dtype else outs
+    return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs
 
 
-def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
+def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     out_dtype = logits.dtype
     dtype = _compute_dtype(out_dtype)
     logits = _cast(logits, dtype)
@@ -143,11 +144,11 @@ def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical(
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
-        log_prob.data_ptr(), _ptr(grad), float(grad_scale), torch.get_num_threads(),
+        log_prob.data_ptr(), _ptr(grad), float(expected_upstream), torch.get_num_threads(),
         [_extent(t) for t in (logits, target, log_prob, grad)],
     )
     outs = (log_prob, grad, bad)
-    return _to(outs, out_dtype) if dtype != out_dtype else outs
+    return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs
 
 
 def _dmol_view(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -160,10 +161,10 @@ def _dmol_view(t: torch.Tensor | None) -> tuple[int, int, int, int]:
 
 
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
-                  grad_scale=1.0):
+                  expected_upstream=1.0):
     """Discretised logistic mixture over (N, ., P) views with unit pixel stride; ``grads`` is None or
     four views (logit_probs, means, log_scales, coeffs-or-None) of the same shapes to fill (with the
-    gradients times ``grad_scale``)."""
+    gradients times ``expected_upstream``)."""
     out_dtype = means.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:  # half precision: fp32 copies in, fp32 gradients copied back
@@ -177,7 +178,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
     bad = _C.dmol(
         _DTYPE_CODE[dtype], rows, x.shape[0], channels, mixtures, pixels, x.data_ptr(),
         *(_dmol_view(t) for t in operands), bool(coeffs_tanh), 1.0 / (2**num_bits - 1), float(log_scale_min),
-        log_prob.data_ptr(), *(_dmol_view(g) for g in grads4), float(grad_scale), torch.get_num_threads(),
+        log_prob.data_ptr(), *(_dmol_view(g) for g in grads4), float(expected_upstream), torch.get_num_threads(),
         [_extent(t) for t in (x, *operands, log_prob, *grads4)],
     )
     if dtype != out_dtype:
@@ -185,5 +186,4 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             for target, g in zip(targets, grads):
                 if g is not None:
                     target.copy_(g)
-        log_prob = log_prob.to(out_dtype)
     return log_prob, bad

@@ -22,6 +22,10 @@ def _autograd_inside_op():
         yield
 
 
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _f64(t):
     return None if t is None else t.detach().double()
 
@@ -39,14 +43,16 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     mu64, s64 = _f64(mu), _f64(scale)
     z = ref.reparameterize(mu64, s64, _noise(mu, eps, seed, num_samples), name)
     kl_dims = ref.gaussian_kl(mu64, s64, _f64(prior_mu), _f64(prior_logvar), name, reduce=False)
-    kl_per_dim = kl_dims.to(mu.dtype) if want_kl_per_dim else None
+    kl_per_dim = kl_dims if want_kl_per_dim else None
     log_ratio = None
     if want_log_ratio:
         pm = torch.zeros_like(mu64) if prior_mu is None else _f64(prior_mu)
         plv = torch.zeros_like(mu64) if prior_logvar is None else _f64(prior_logvar)
         log_q = ref.gaussian_log_density(z, mu64, ref.logvar_from_scale(s64, name))
-        log_ratio = (log_q - ref.gaussian_log_density(z, pm, plv)).to(mu.dtype)
-    return z.to(mu.dtype), kl_dims.sum(-1).to(mu.dtype), kl_per_dim, log_ratio
+        log_ratio = log_q - ref.gaussian_log_density(z, pm, plv)
+    acc = _acc(mu.dtype)
+    return z.to(mu.dtype), kl_dims.sum(-1).to(acc), None if kl_per_dim is None else kl_per_dim.to(acc), \
+        None if log_ratio is None else log_ratio.to(acc)
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
@@ -67,11 +73,11 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
             objective = objective + (kl_dims * grad_kl_per_dim.double()).sum()
         grads = torch.autograd.grad(objective, inputs, allow_unused=True) if objective.requires_grad else [None] * len(inputs)
     grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
-    grad_mu, grad_scale = grads[0].to(mu.dtype), grads[1].to(mu.dtype)
+    grad_mu, expected_upstream = grads[0].to(mu.dtype), grads[1].to(mu.dtype)
     if want_prior_grad:
         # the kernels return prior gradients at the expanded (batch, dim) shape
-        return grad_mu, grad_scale, grads[2].expand_as(mu).to(mu.dtype), grads[3].expand_as(mu).to(mu.dtype)
-    return grad_mu, grad_scale, None, None
+        return grad_mu, expected_upstream, grads[2].expand_as(mu).to(mu.dtype), grads[3].expand_as(mu).to(mu.dtype)
+    return grad_mu, expected_upstream, None, None
 
 
 _ELEMENTWISE = {
@@ -91,32 +97,32 @@ def _num_invalid(x, likelihood):
     return ((x < 0) | (x > 1)).sum().cpu()
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
     theta64 = _f64(theta).requires_grad_(want_grad)
     lv64 = None if logvar is None else _f64(logvar).requires_grad_(want_logvar_grad)
     with _autograd_inside_op():
         log_prob = _ELEMENTWISE[likelihood](theta64, _x_rows(x, theta.shape[0]).double(), lv64 if lv64 is not None else 0.0)
         wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
-        grads = list(torch.autograd.grad(log_prob.sum() * grad_scale, wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+        grads = list(torch.autograd.grad(log_prob.sum() * expected_upstream, wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
     grad = grads.pop(0).to(theta.dtype) if want_grad else None
     grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta).contiguous() if want_logvar_grad else None
-    return log_prob.detach().to(theta.dtype), grad, grad_lv, _num_invalid(x, likelihood)
+    return log_prob.detach().to(_acc(theta.dtype)), grad, grad_lv, _num_invalid(x, likelihood)
 
 
-def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
+def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     classes = logits.shape[-1]
     valid = (target >= 0) & (target < classes)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logits64 = _f64(logits).requires_grad_(want_grad)
     with _autograd_inside_op():
         log_prob = ref.categorical_log_prob(logits64, _x_rows(safe_target, logits.shape[0]))
-        grad = (torch.autograd.grad(log_prob.sum() * grad_scale, logits64)[0].to(logits.dtype)
+        grad = (torch.autograd.grad(log_prob.sum() * expected_upstream, logits64)[0].to(logits.dtype)
                 if want_grad and log_prob.numel() else (torch.zeros_like(logits) if want_grad else None))
-    return log_prob.detach().to(logits.dtype), grad, (~valid).sum().cpu()
+    return log_prob.detach().to(_acc(logits.dtype)), grad, (~valid).sum().cpu()
 
 
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
-                  grad_scale=1.0):
+                  expected_upstream=1.0):
     """Views (N, M, P) / (N, C, M, P) as in the C++ backend; fills ``grads`` (four views or None)."""
     leaves = [None if t is None else _f64(t).requires_grad_(grads is not None) for t in (logit_probs, means, log_scales, coeffs)]
     x_rows = _x_rows(x, means.shape[0]).double()
@@ -130,8 +136,8 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             None if coeff_values is None else coeff_values.unsqueeze(3), num_bits=num_bits, log_scale_min=log_scale_min)
         if grads is not None:
             wanted = [t for t in leaves if t is not None]
-            values = torch.autograd.grad(log_prob.sum() * grad_scale, wanted) if log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+            values = torch.autograd.grad(log_prob.sum() * expected_upstream, wanted) if log_prob.numel() else [torch.zeros_like(t) for t in wanted]
             for target, value in zip([g for g in grads if g is not None], values):
                 target.copy_(value)
     bad = ((x < -1) | (x > 1)).sum().cpu()
-    return log_prob.detach().to(means.dtype), bad
+    return log_prob.detach().to(_acc(means.dtype)), bad

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from .. import _backend
+from .. import config, kernels
 from .._backend import backend, triton_interpreting
+from .._validation import is_plain
+from ._autograd import loop_vmap
 
 LIB = torch.library.Library("vae_fast", "DEF")
-
-# Codes shared with the kernels (csrc/kernels.h, kernels/triton).
-SCALE_PARAMS = {"logvar": 0, "logstd": 1, "softplus": 2}
-ELEMENTWISE_LIKELIHOODS = {"bernoulli": 0, "continuous_bernoulli": 1, "gaussian": 2}
-
 
 _kernel_cache: dict = {}
 
@@ -20,7 +16,7 @@ _kernel_cache: dict = {}
 def kernels_for(t: torch.Tensor):
     """The kernel module of the backend that serves ``t``'s device (cached per device type
     and backend override: this sits on every call's hot path)."""
-    key = (t.device.type, _backend._override)
+    key = (t.device.type, config.BACKEND.get())
     module = _kernel_cache.get(key)
     if module is None:
         module = _kernel_cache[key] = _resolve_kernels(t)
@@ -40,13 +36,23 @@ def optional_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def register_kernel(name: str, kernel) -> None:
-    """Registers ``kernel`` as op ``name``'s implementation for CPU and CUDA tensors.
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in and return reductions (log-likelihoods, KL) in: float64
+    for float64 inputs, float32 otherwise (half-precision inputs give float32 losses, as torch's
+    losses do under autocast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    ``kernel`` returns None for outputs that were not asked for and may count invalid
-    inputs as a Python int; the registered wrapper turns those into the op schema's
-    empty tensors and 0-d int64 tensor.
-    """
+
+def register_op(name: str, schema: str, kernel, fake, function) -> None:
+    """Defines ``torch.ops.vae_fast.<name>`` with ``kernel`` for CPU and CUDA tensors, ``fake`` for
+    meta/fake tensors, and the autograd and vmap of the ``autograd.Function`` ``function`` (if
+    given: its setup_context and backward are the op's, so the op and the public functions share
+    one autograd implementation). Without a function, the op gets the generic loop vmap rule.
+
+    ``kernel`` returns None for outputs that were not asked for and may count invalid inputs as
+    a Python int; the registered wrapper turns those into the op schema's empty tensors and 0-d
+    int64 tensor."""
+    LIB.define(f"{name}{schema}")
 
     def op_kernel(first, *args):
         outs = kernel(first, *args)
@@ -57,20 +63,40 @@ def register_kernel(name: str, kernel) -> None:
 
     for key in ("CPU", "CUDA"):
         LIB.impl(name, op_kernel, key)
+    torch.library.register_fake(f"vae_fast::{name}", fake, lib=LIB)
+    op = getattr(torch.ops.vae_fast, name).default
+    if function is not None:
+        torch.library.register_autograd(f"vae_fast::{name}", function.backward, setup_context=function.setup_context,
+                                        lib=LIB)
+        torch.library.register_vmap(f"vae_fast::{name}", function.vmap, lib=LIB)
+    else:
+        torch.library.register_vmap(f"vae_fast::{name}", loop_vmap(op), lib=LIB)
 
 
 def call(op, kernel, first: torch.Tensor, *args):
     """Runs op ``op`` (a ``torch.ops.vae_fast`` overload) on ``(first, *args)``.
 
-    Plain eager tensors take a shortcut straight to the op's ``kernel`` (the function the
-    dispatcher would reach, minus its boxing and the empty placeholder outputs: about
-    10 us a call, which matters at B x Z = 128 x 32); torch.compile tracing, fake or
-    subclass tensors and active dispatch modes go through the dispatcher. Either way,
-    absent outputs come back as None or an empty tensor: callers accept both.
+    Plain eager CPU/CUDA tensors take a shortcut straight to the op's ``kernel`` (the function
+    the dispatcher would reach, minus its boxing and the empty placeholder outputs: about
+    10 us a call, which matters at B x Z = 128 x 32); torch.compile tracing, meta, fake or
+    subclass tensors, torch.func wrappers and active dispatch modes go through the dispatcher.
+    Either way, absent outputs come back as None or an empty tensor: callers accept both.
     """
-    if type(first) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
+    if not torch.compiler.is_compiling() and is_plain(first) and torch._C._len_torch_dispatch_stack() == 0:
         return kernel(first, *args)
     return op(first, *args)
+
+
+def with_shape(t: torch.Tensor, shape) -> torch.Tensor:
+    """A contiguous kernel output seen with another shape, as a tensor of its own rather than a
+    view: autograd may then hand it to ``.grad`` without a copy (a view's base shares its storage,
+    which makes AccumulateGrad clone it)."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    if torch.compiler.is_compiling() or not t.is_contiguous() or type(t) is not torch.Tensor:
+        return t.view(shape)
+    return t.new_empty((0,)).set_(t.untyped_storage(), t.storage_offset(), shape)
 
 
 def present(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -3,37 +3,29 @@
 Op schemas (``torch.ops.vae_fast``), pixels flattened to P = H * W::
 
     dmol_log_prob(x (Bx,C,P), logit_probs (N,M,P), means (N,C,M,P), log_scales (N,C,M,P),
-                  coeffs? (N,3,M,P), num_bits, log_scale_min, want_grad, grad_scale=1.0)
+                  coeffs? (N,3,M,P), num_bits, log_scale_min, want_grad, expected_upstream=1.0)
         -> log_prob (N,), grad_logit_probs, grad_means, grad_log_scales, grad_coeffs
            (each the input's shape, or (0,)), num_invalid () int64
     dmol_packed_log_prob(x (Bx,C,P), params (N, M + C*(2M or 3M), P), num_mixtures, num_bits,
-                         log_scale_min, want_grad, grad_scale=1.0)
+                         log_scale_min, want_grad, expected_upstream=1.0)
         -> log_prob (N,), grad_params (params' shape or (0,)), num_invalid () int64
 
 Row r is scored against x row r % Bx (K decoder samples share x). The packed op reads the
 PixelCNN++/NVAE decoder output in place (logits, then per channel M means, M log-scales and,
 for 3 channels, M raw coefficients squashed with tanh inside the kernel) and writes its
 gradient in the same layout, so no slice, copy or tanh of the parameters is materialised.
-Backward scales the saved gradient by the per-row upstream gradient (gradients carry
-``grad_scale``, the expected upstream gradient, as in ops/likelihood.py).
+Backward scales the saved gradients by the per-row upstream gradient (they carry
+``expected_upstream``, see ops/_autograd.py). Double backward is not supported (a clear
+RuntimeError): the mixture's second derivatives are not needed by any published model.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import config
 from .._validation import raise_if_invalid
-from ._library import LIB, call, kernels_for, register_kernel
-from .likelihood import (_check_not_consumed, _scale_rows, _scale_saved_rows, expected_upstream,
-                         register_saved_gradient_autograd)
-
-LIB.define(
-    "dmol_log_prob(Tensor x, Tensor logit_probs, Tensor means, Tensor log_scales, Tensor? coeffs, int num_bits, "
-    "float log_scale_min, bool want_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-LIB.define(
-    "dmol_packed_log_prob(Tensor x, Tensor params, int num_mixtures, int num_bits, float log_scale_min, "
-    "bool want_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)"
-)
+from ._autograd import loop_vmap, mark_non_differentiable, saved_gradients, scale_saved
+from ._library import acc_dtype, call, kernels_for, register_op
 
 
 def _unit_pixel_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,16 +51,16 @@ def _new_gradient(kernels, t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape) if new_output is None else new_output(t, t.shape)
 
 
-def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, grad_scale=1.0):
+def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
     kernels = kernels_for(means)
     operands = [_unit_pixel_stride(t) for t in (logit_probs, means, log_scales, coeffs)]
     grads = tuple(None if t is None else _new_gradient(kernels, t) for t in operands) if want_grad else None
     log_prob, bad = kernels.dmol_log_prob(
-        x.to(means.dtype).contiguous(), *operands, num_bits, log_scale_min, False, grads, grad_scale)
+        x.to(means.dtype).contiguous(), *operands, num_bits, log_scale_min, False, grads, expected_upstream)
     return (log_prob, *(grads if grads is not None else (None,) * 4), bad)
 
 
-def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_grad, grad_scale=1.0):
+def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
     params = params.contiguous()
     channels = x.shape[1]
     kernels = kernels_for(params)
@@ -76,92 +68,131 @@ def _dmol_packed_kernel(x, params, num_mixtures, num_bits, log_scale_min, want_g
     grads = packed_views(grad, num_mixtures, channels) if want_grad else None
     log_prob, bad = kernels.dmol_log_prob(
         x.to(params.dtype).contiguous(), *packed_views(params, num_mixtures, channels), num_bits, log_scale_min,
-        True, grads, grad_scale)
+        True, grads, expected_upstream)
     return log_prob, grad, bad
 
 
-register_kernel("dmol_log_prob", _dmol_kernel)
-register_kernel("dmol_packed_log_prob", _dmol_packed_kernel)
-
-
-@torch.library.register_fake("vae_fast::dmol_log_prob")
-def _dmol_fake(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, grad_scale=1.0):
+def _dmol_fake(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
     def grad_like(t):
         return t.new_empty(t.shape) if want_grad and t is not None else means.new_empty(0)
 
-    return (means.new_empty(means.shape[:1]), grad_like(logit_probs), grad_like(means), grad_like(log_scales),
-            grad_like(coeffs), means.new_empty((), dtype=torch.int64))
+    return (means.new_empty(means.shape[:1], dtype=acc_dtype(means.dtype)), grad_like(logit_probs), grad_like(means),
+            grad_like(log_scales), grad_like(coeffs), means.new_empty((), dtype=torch.int64))
 
 
-@torch.library.register_fake("vae_fast::dmol_packed_log_prob")
-def _dmol_packed_fake(x, params, num_mixtures, num_bits, log_scale_min, want_grad, grad_scale=1.0):
+def _dmol_packed_fake(x, params, num_mixtures, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
     grad = params.new_empty(params.shape) if want_grad else params.new_empty(0)
-    return params.new_empty(params.shape[:1]), grad, params.new_empty((), dtype=torch.int64)
+    return (params.new_empty(params.shape[:1], dtype=acc_dtype(params.dtype)), grad,
+            params.new_empty((), dtype=torch.int64))
 
 
-_SUPPORT = "x must lie in [-1, 1] for the discretized logistic mixture likelihood (pixel p maps to p / 127.5 - 1)"
+SUPPORT_MESSAGE = ("x must lie in [-1, 1] for the discretized logistic mixture likelihood "
+                   "(pixel p maps to p / 127.5 - 1)")
+
+
+def _no_double_backward(op_name: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"vae_fast.{op_name}: double backward (create_graph=True) is not supported by the fused "
+                           "logistic mixture; use vae_fast.reference.discretized_logistic_mixture_log_prob for "
+                           "higher-order gradients")
+
+
+def _setup_saved_gradients(ctx, op_name, expected, grads, wanted):
+    ctx.set_materialize_grads(False)
+    ctx.op_name = op_name
+    ctx.expected_upstream = expected
+    ctx.inplace_backward = config.INPLACE_BACKWARD.get()
+    ctx.save_for_backward(*(g if want else None for g, want in zip(grads, wanted)))
 
 
 class DmolLogProb(torch.autograd.Function):
-    """x (Bx, C, P); logit_probs (N, M, P); means, log_scales, coeffs (N, C, M, P)  ->  log_prob (N,).
-    Saved for backward: only the gradients of the parameters that need one."""
+    """``torch.ops.vae_fast.dmol_log_prob`` with its autograd: only the gradients of the parameters
+    that need one are saved (no mixture-sized temporaries)."""
 
     @staticmethod
-    def forward(ctx, x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_grad=1.0):
-        want_grad = any(ctx.needs_input_grad[1:5])
-        ctx.grad_scale = expected_upstream(expected_grad)
-        log_prob, *grads, num_invalid = call(
-            torch.ops.vae_fast.dmol_log_prob.default, _dmol_kernel, x, logit_probs, means, log_scales, coeffs,
-            num_bits, log_scale_min, want_grad, ctx.grad_scale)
-        raise_if_invalid(num_invalid, _SUPPORT)
-        kept = [g if want_grad and needed else None for g, needed in zip(grads, ctx.needs_input_grad[1:5])]
-        ctx.save_for_backward(*kept)
-        return log_prob
+    def forward(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
+        return call(torch.ops.vae_fast.dmol_log_prob.default, _dmol_kernel, x, logit_probs, means, log_scales, coeffs,
+                    num_bits, log_scale_min, want_grad, expected_upstream)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        _check_not_consumed(ctx)
-        grads = [None if g is None else _scale_saved_rows(ctx, g, grad_out) for g in ctx.saved_tensors]
-        return (None, *grads, None, None, None)
+    def setup_context(ctx, inputs, output):
+        params, want_grad = inputs[1:5], inputs[7]
+        mark_non_differentiable(ctx, *output[1:])
+        wanted = [want_grad and t is not None and t.requires_grad for t in params]
+        _setup_saved_gradients(ctx, "dmol_log_prob", inputs[8] if len(inputs) > 8 else 1.0, output[1:5], wanted)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        if grad_out is None:
+            return (None,) * 9
+        _no_double_backward(ctx.op_name)
+        grads = []
+        for g, needed in zip(saved_gradients(ctx), ctx.needs_input_grad[1:5]):
+            if needed and g is None:
+                raise RuntimeError("vae_fast.dmol_log_prob: call with want_grad=True to differentiate")
+            grads.append(scale_saved(ctx, g, grad_out) if needed else None)
+        return (None, *grads, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return loop_vmap(torch.ops.vae_fast.dmol_log_prob.default)(info, in_dims, *args)
 
 
 class DmolPackedLogProb(torch.autograd.Function):
-    """x (Bx, C, P), packed params (N, M + C*(2M or 3M), P)  ->  log_prob (N,); saves one
-    gradient buffer of params' size."""
+    """``torch.ops.vae_fast.dmol_packed_log_prob`` with its autograd: one gradient buffer of params' size."""
 
     @staticmethod
-    def forward(ctx, x, params, num_mixtures, num_bits, log_scale_min, expected_grad=1.0):
-        want_grad = ctx.needs_input_grad[1]
-        ctx.grad_scale = expected_upstream(expected_grad)
-        log_prob, grad, num_invalid = call(
-            torch.ops.vae_fast.dmol_packed_log_prob.default, _dmol_packed_kernel, x, params, num_mixtures, num_bits,
-            log_scale_min, want_grad, ctx.grad_scale)
-        raise_if_invalid(num_invalid, _SUPPORT)
-        ctx.save_for_backward(grad if want_grad else None)
-        return log_prob
+    def forward(x, params, num_mixtures, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
+        return call(torch.ops.vae_fast.dmol_packed_log_prob.default, _dmol_packed_kernel, x, params, num_mixtures,
+                    num_bits, log_scale_min, want_grad, expected_upstream)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        _check_not_consumed(ctx)
-        (grad,) = ctx.saved_tensors
-        return None, (None if grad is None else _scale_saved_rows(ctx, grad, grad_out)), None, None, None, None
+    def setup_context(ctx, inputs, output):
+        mark_non_differentiable(ctx, *output[1:])
+        _setup_saved_gradients(ctx, "dmol_packed_log_prob", inputs[6] if len(inputs) > 6 else 1.0, output[1:2],
+                               [inputs[5]])
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        if grad_out is None or not ctx.needs_input_grad[1]:
+            return (None,) * 7
+        _no_double_backward(ctx.op_name)
+        (grad,) = saved_gradients(ctx)
+        if grad is None:
+            raise RuntimeError("vae_fast.dmol_packed_log_prob: call with want_grad=True to differentiate")
+        return None, scale_saved(ctx, grad, grad_out), None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return loop_vmap(torch.ops.vae_fast.dmol_packed_log_prob.default)(info, in_dims, *args)
 
 
-# Op-level autograd (for direct torch.ops.vae_fast.* users and opcheck).
-def _dmol_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:5])
-    ctx.grad_scale = inputs[8] if len(inputs) > 8 else 1.0
+register_op(
+    "dmol_log_prob",
+    "(Tensor x, Tensor logit_probs, Tensor means, Tensor log_scales, Tensor? coeffs, int num_bits, "
+    "float log_scale_min, bool want_grad, float expected_upstream=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _dmol_kernel, _dmol_fake, DmolLogProb)
+register_op(
+    "dmol_packed_log_prob",
+    "(Tensor x, Tensor params, int num_mixtures, int num_bits, float log_scale_min, bool want_grad, "
+    "float expected_upstream=1.0) -> (Tensor, Tensor, Tensor)",
+    _dmol_packed_kernel, _dmol_packed_fake, DmolPackedLogProb)
 
 
-def _dmol_backward(ctx, grad_out, *_unused):
-    grad_out = grad_out / ctx.grad_scale  # the saved gradients carry the requested scale
-    grads = []
-    for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:5]):
-        if needed and g.numel() == 0:
-            raise RuntimeError("vae_fast.dmol_log_prob: call with want_grad=True to differentiate")
-        grads.append(_scale_rows(g, grad_out) if needed else None)
-    return (None, *grads, None, None, None, None)
+def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_upstream):
+    """(N,) log-likelihoods of the split parameters; raises ValueError for x outside [-1, 1]."""
+    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (logit_probs, means, log_scales, coeffs))
+    log_prob, *_, num_invalid = DmolLogProb.apply(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min,
+                                                  want_grad, expected_upstream)
+    raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
+    return log_prob
 
 
-torch.library.register_autograd("vae_fast::dmol_log_prob", _dmol_backward, setup_context=_dmol_setup)
-register_saved_gradient_autograd("dmol_packed_log_prob", grad_index=1, scale_index=6, num_inputs=7)
+def dmol_packed_log_prob(x, params, num_mixtures, num_bits, log_scale_min, expected_upstream):
+    """(N,) log-likelihoods of a packed parameter tensor; raises ValueError for x outside [-1, 1]."""
+    want_grad = torch.is_grad_enabled() and params.requires_grad
+    log_prob, _, num_invalid = DmolPackedLogProb.apply(x, params, num_mixtures, num_bits, log_scale_min, want_grad,
+                                                       expected_upstream)
+    raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
+    return log_prob

@@ -16,18 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ._library import LIB, call, kernels_for, optional_contiguous, present, register_kernel
-
-LIB.define(
-    "latent_forward(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
-    "int param, int num_samples, bool want_kl_per_dim, bool want_log_ratio=False) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-LIB.define(
-    "latent_backward(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
-    "Tensor? grad_z, Tensor? grad_kl, Tensor? grad_kl_per_dim, int param, int num_samples, bool want_prior_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
-
+from .. import reference as ref
+from ._autograd import differentiable_backward, loop_vmap
+from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op
+from .codes import ScaleParam
 
 def _expand_prior(prior: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor | None:
     # a (B, Z) view with stride 0 along broadcast dims: the kernels read it through its strides
@@ -53,20 +45,15 @@ def _backward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_
     )
 
 
-register_kernel("latent_forward", _forward_kernel)
-register_kernel("latent_backward", _backward_kernel)
-
-
-@torch.library.register_fake("vae_fast::latent_forward")
 def _forward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                   want_log_ratio=False):
     batch, dim = mu.shape
-    kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else mu.new_empty(0)
-    log_ratio = mu.new_empty((num_samples, batch)) if want_log_ratio else mu.new_empty(0)
-    return mu.new_empty((num_samples, batch, dim)), mu.new_empty((batch,)), kl_per_dim, log_ratio
+    acc = acc_dtype(mu.dtype)
+    kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else mu.new_empty(0)
+    log_ratio = mu.new_empty((num_samples, batch), dtype=acc) if want_log_ratio else mu.new_empty(0)
+    return mu.new_empty((num_samples, batch, dim)), mu.new_empty((batch,), dtype=acc), kl_per_dim, log_ratio
 
 
-@torch.library.register_fake("vae_fast::latent_backward")
 def _backward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                    num_samples, want_prior_grad):
     want = want_prior_grad and prior_mu is not None
@@ -89,45 +76,84 @@ def latent_gradients(saved, param, num_samples, needs_input_grad, grad_z, grad_k
     return (grad_mu if needs_input_grad[0] else None, grad_scale if needs_input_grad[1] else None, grad_pm, grad_plv)
 
 
+def _latent_noise(mu, eps, seed, num_samples):
+    """The K x (B, Z) noise of a call: eps, or the Philox stream of ``seed`` (a forward call with
+    mu = 0, sigma = 1 returns it exactly)."""
+    if eps is not None:
+        return eps.detach().reshape(num_samples, *mu.shape)
+    zeros = torch.zeros(mu.shape, dtype=mu.dtype, device=mu.device)
+    z, *_ = call(torch.ops.vae_fast.latent_forward.default, _forward_kernel, zeros, zeros, None, None, None,
+                 seed.detach(), int(ScaleParam.LOGVAR), num_samples, False, False)
+    return z
+
+
+def _differentiable_latent(param, noise):
+    name = ScaleParam(param).name.lower()
+
+    def latent(mu, scale, prior_mu, prior_logvar):
+        z = ref.reparameterize(mu, scale, noise, name)
+        kl_per_dim = ref.gaussian_kl(mu, scale, prior_mu, prior_logvar, name, reduce=False)
+        if prior_mu is not None:
+            kl_per_dim = kl_per_dim.expand(mu.shape)
+        return z, kl_per_dim.sum(-1), kl_per_dim
+
+    return latent
+
+
 class LatentFunction(torch.autograd.Function):
-    """Autograd wiring only: forward and backward are the ops above.
+    """``torch.ops.vae_fast.latent_forward`` with its autograd (one implementation for both).
 
     forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, K, want_kl_per_dim, want_log_ratio)
         -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or None/empty, log_ratio (K,B) or None/empty
 
     log_ratio (the IWAE log-weights' latent part) is for evaluation: it is not differentiable here
-    (``vae_fast.elbo(objective="iwae")`` forms differentiable log-weights from z).
+    (``vae_fast.elbo(objective="iwae")`` forms differentiable log-weights from z). Backward with
+    ``create_graph=True`` recomputes z and the KL in differentiable torch ops from the saved inputs
+    and the same noise, so higher derivatives are exact.
     """
 
     @staticmethod
-    def forward(ctx, mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
+    def forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                 want_log_ratio=False):
+        return call(torch.ops.vae_fast.latent_forward.default, _forward_kernel, mu, scale, prior_mu, prior_logvar, eps,
+                    seed, param, num_samples, want_kl_per_dim, want_log_ratio)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples = inputs[:8]
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
-        z, kl, kl_per_dim, log_ratio = call(
-            torch.ops.vae_fast.latent_forward.default, _forward_kernel, mu, scale, prior_mu, prior_logvar, eps, seed,
-            param, num_samples, want_kl_per_dim, want_log_ratio)
         ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
         ctx.param, ctx.num_samples = param, num_samples
-        if log_ratio is not None:
-            ctx.mark_non_differentiable(log_ratio)
-        return z, kl, kl_per_dim, log_ratio
+        if output[3] is not None:
+            ctx.mark_non_differentiable(output[3])
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio=None):
-        grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
-                                 grad_z, grad_kl, grad_kl_per_dim)
+        grad_z, grad_kl, grad_kl_per_dim = (present(g) for g in (grad_z, grad_kl, grad_kl_per_dim))
+        if torch.is_grad_enabled():  # create_graph=True
+            mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
+            noise = _latent_noise(mu, eps, seed, ctx.num_samples)
+            grads = differentiable_backward("latent_forward", _differentiable_latent(ctx.param, noise),
+                                            (mu, scale, prior_mu, prior_logvar), ctx.needs_input_grad[:4],
+                                            (grad_z, grad_kl, grad_kl_per_dim))
+        else:
+            grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
+                                     grad_z, grad_kl, grad_kl_per_dim)
         return (*grads, None, None, None, None, None, None)
 
-
-# The same backward on the op itself, so torch.ops.vae_fast.latent_forward is differentiable.
-def _setup_context(ctx, inputs, output):
-    mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples = inputs[:8]
-    ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
-    ctx.param, ctx.num_samples = param, num_samples
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return loop_vmap(torch.ops.vae_fast.latent_forward.default)(info, in_dims, *args)
 
 
-def _op_backward(ctx, grad_z, grad_kl, grad_kl_per_dim, grad_log_ratio):
-    return LatentFunction.backward(ctx, grad_z, grad_kl, grad_kl_per_dim, grad_log_ratio)
-
-
-torch.library.register_autograd("vae_fast::latent_forward", _op_backward, setup_context=_setup_context)
+register_op(
+    "latent_forward",
+    "(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
+    "int param, int num_samples, bool want_kl_per_dim, bool want_log_ratio=False) -> (Tensor, Tensor, Tensor, Tensor)",
+    _forward_kernel, _forward_fake, LatentFunction)
+register_op(
+    "latent_backward",
+    "(Tensor mu, Tensor scale, Tensor? prior_mu, Tensor? prior_logvar, Tensor? eps, Tensor seed, "
+    "Tensor? grad_z, Tensor? grad_kl, Tensor? grad_kl_per_dim, int param, int num_samples, bool want_prior_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _backward_kernel, _backward_fake, None)

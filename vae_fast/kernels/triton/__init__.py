@@ -57,7 +57,7 @@ _elementwise = _tuned(elementwise_kernel, _ROW_CONFIGS, ["dim", "LIKELIHOOD", "W
 _scale_tensors: dict = {}
 
 
-def _grad_scale_tensor(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _upstream_tensor(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 1-element tensor holding the gradient scale in the accumulation dtype (a float kernel
     argument would be rounded to float32), cached: on CUDA, creating it is a kernel launch."""
     key = (float(value), dtype, device)
@@ -85,9 +85,10 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
                    want_log_ratio=False):
     batch, dim = mu.shape
     z = mu.new_empty((num_samples, batch, dim))
-    kl = mu.new_empty((batch,))
-    kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
-    log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # accumulated per row block
+    acc = _acc_dtype(mu.dtype)  # reductions in float32 for half inputs
+    kl = mu.new_empty((batch,), dtype=acc)
+    kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else None
+    log_ratio = mu.new_zeros((num_samples, batch), dtype=acc) if want_log_ratio else None  # accumulated per row block
     if batch == 0:
         return z, kl, kl_per_dim, log_ratio
     _latent_forward[(batch,)](
@@ -125,9 +126,9 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     return grad_mu, grad_scale, grad_pm, grad_plv
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, grad_scale=1.0):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
     rows, dim = theta.shape
-    log_prob = theta.new_empty((rows,))
+    log_prob = theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype))
     grad = torch.empty_like(theta) if want_grad else None
     grad_lv = torch.empty_like(theta) if want_logvar_grad else None
     invalid = torch.zeros((rows,), dtype=torch.int32, device=theta.device)
@@ -135,14 +136,14 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         _elementwise[(rows,)](
             theta, x, *_strided(logvar, theta), log_prob,
             grad if want_grad else theta, grad_lv if want_logvar_grad else theta, invalid,
-            _grad_scale_tensor(grad_scale, _acc_dtype(theta.dtype), theta.device),
+            _upstream_tensor(expected_upstream, _acc_dtype(theta.dtype), theta.device),
             x.shape[0], dim,
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
         )
     return log_prob, grad, grad_lv, invalid.sum(dtype=torch.int64)
 
 
-def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
+def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     rows, pixels, classes = logits.shape
     if classes > MAX_CATEGORICAL_CLASSES:
         raise ValueError(
@@ -157,12 +158,12 @@ def categorical_log_prob(logits, target, want_grad, grad_scale=1.0):
     if rows > 0 and pixels > 0:
         categorical_kernel[(rows, num_blocks)](
             logits, target, partial, grad if want_grad else logits, invalid,
-            _grad_scale_tensor(grad_scale, _acc_dtype(logits.dtype), logits.device),
+            _upstream_tensor(expected_upstream, _acc_dtype(logits.dtype), logits.device),
             target.shape[0], pixels, classes, num_blocks,
             WANT_GRAD=want_grad, ACC=_acc(logits.dtype), PIXELS=pixel_block, CLASSES=class_block,
             num_warps=4,
         )
-    return partial.sum(1).to(logits.dtype), grad, invalid.sum(dtype=torch.int64)
+    return partial.sum(1), grad, invalid.sum(dtype=torch.int64)
 
 
 def _dmol_view(t, fallback):
@@ -178,7 +179,7 @@ MAX_DMOL_MIXTURES = 256
 
 
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
-                  grad_scale=1.0):
+                  expected_upstream=1.0):
     rows, channels, mixtures, pixels = means.shape
     if mixtures > MAX_DMOL_MIXTURES:
         raise ValueError(f"means: the Triton mixture kernel supports at most {MAX_DMOL_MIXTURES} components "
@@ -198,7 +199,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
         dmol_kernel[(rows, num_blocks)](
             x, l_view[0], l_view[1], l_view[3], *_dmol_view(means, means), *_dmol_view(log_scales, means),
             *_dmol_view(coeffs, means), partial, invalid,
-            _grad_scale_tensor(grad_scale, _acc_dtype(means.dtype), means.device),
+            _upstream_tensor(expected_upstream, _acc_dtype(means.dtype), means.device),
             gl_view[0], gl_view[1], gl_view[3], *_dmol_view(grads4[1], means), *_dmol_view(grads4[2], means),
             *_dmol_view(grads4[3], means),
             x.shape[0], mixtures, pixels, num_blocks,
@@ -206,7 +207,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
             MIX=mix_block, PIX=pixel_block, num_warps=4,
         )
-    return partial.sum(1).to(means.dtype), invalid.sum(dtype=torch.int64)
+    return partial.sum(1), invalid.sum(dtype=torch.int64)
 
 
 def scale_rows_inplace(grad: torch.Tensor, factor: torch.Tensor, tolerance: float) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _channel_mean(mean_ptr, m_rs, m_cs, m_ms, coef_ptr, c_rs, c_cs, c_ms, row, m
 @triton.jit
 def dmol_kernel(
     x_ptr, logit_ptr, l_rs, l_ms, mean_ptr, m_rs, m_cs, m_ms, ls_ptr, s_rs, s_cs, s_ms, coef_ptr, c_rs, c_cs, c_ms,
-    partial_ptr, invalid_ptr, grad_scale_ptr,
+    partial_ptr, invalid_ptr, expected_upstream_ptr,
     g_logit_ptr, gl_rs, gl_ms, g_mean_ptr, gm_rs, gm_cs, gm_ms, g_ls_ptr, gs_rs, gs_cs, gs_ms,
     g_coef_ptr, gc_rs, gc_cs, gc_ms,
     x_rows, mixtures, pixels, num_pixel_blocks,
@@ -112,11 +112,11 @@ def dmol_kernel(
 
     # pass 2: responsibility-weighted derivatives
     if WANT_GRAD:
-        grad_scale = tl.load(grad_scale_ptr).to(ACC)  # the expected upstream gradient
+        upstream = tl.load(expected_upstream_ptr).to(ACC)  # the expected upstream gradient
         resp = e_mix / sum_mix[None, :]
         tl.store(g_logit_ptr + row * gl_rs + mix[:, None] * gl_ms + pix[None, :],
-                 (resp - e_logit / sum_logit[None, :]) * grad_scale, mask=tile)
-        resp = resp * grad_scale
+                 (resp - e_logit / sum_logit[None, :]) * upstream, mask=tile)
+        resp = resp * upstream
         for c in tl.static_range(CHANNELS):
             xc = tl.load(x_base + c * pixels + pix, mask=pix_mask, other=0.0).to(ACC)
             mean, coef_a, coef_b = _channel_mean(mean_ptr, m_rs, m_cs, m_ms, coef_ptr, c_rs, c_cs, c_ms, row, mix,

@@ -14,14 +14,24 @@ from ._math import LN2, philox_normal, philox_normal_aligned, scale_terms
 @triton.jit
 def prior_terms(mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
                 prior_logvar_ptr, plv_row_stride, plv_col_stride, HAS_PRIOR: tl.constexpr, ACC: tl.constexpr):
-    """(prior log-variance, mu - prior mean, 1 / prior variance) for one block of a row; the prior
-    is read through its broadcast strides, N(0, I) when absent."""
+    """(prior log-variance, mu - prior mean, 1 / prior std) for one block of a row; the prior
+    is read through its broadcast strides, N(0, I) when absent.
+
+    1 / prior std = e^(-plv/2), not the variance's e^-plv: diff^2 e^-plv is formed as
+    (diff e^(-plv/2))^2, finite in float32 for plv down to -177 (e^-plv overflows below -88.7,
+    and then 0 * inf gave NaN where q = p)."""
     if HAS_PRIOR:
         pmu = tl.load(prior_mu_ptr + row * pm_row_stride + cols * pm_col_stride, mask=mask, other=0.0).to(ACC)
         plv = tl.load(prior_logvar_ptr + row * plv_row_stride + cols * plv_col_stride, mask=mask, other=0.0).to(ACC)
-        return plv, mu - pmu, tl.exp(-plv)
+        return plv, mu - pmu, tl.exp(-0.5 * plv)
     else:
         return mu * 0.0, mu, mu * 0.0 + 1.0
+
+
+@triton.jit
+def scaled_by(value, inv_prior_std):
+    """value e^(-plv/2) with 0 * inf = 0 (an exactly matching prior mean contributes nothing)."""
+    return tl.where(value == 0.0, 0.0, value * inv_prior_std)
 
 
 @triton.jit
@@ -47,12 +57,13 @@ def latent_forward_kernel(
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
         s = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
         sigma, logvar, _, _ = scale_terms(s, PARAM)
-        plv, diff, inv_prior_var = prior_terms(
+        plv, diff, inv_prior_std = prior_terms(
             mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
             prior_logvar_ptr, plv_row_stride, plv_col_stride, HAS_PRIOR, ACC)
-        # 2. KL = exp(d - ln 2) - (1 + d)/2 + diff^2 / (2 prior_var), d = lv - plv (finite up to d = 89 in fp32)
+        # 2. KL = exp(d - ln 2) - (1 + d)/2 + (diff / prior_std)^2 / 2, d = lv - plv (finite up to d = 89 in fp32)
         d = logvar - plv
-        kl = tl.exp(d - LN2) - 0.5 * (1.0 + d) + 0.5 * diff * diff * inv_prior_var
+        scaled_diff = scaled_by(diff, inv_prior_std)
+        kl = tl.exp(d - LN2) - 0.5 * (1.0 + d) + 0.5 * scaled_diff * scaled_diff
         kl_acc += tl.where(mask, kl, 0.0)
         if WANT_KL_PER_DIM:
             tl.store(kl_per_dim_ptr + offs, kl, mask=mask)
@@ -70,8 +81,8 @@ def latent_forward_kernel(
             if WANT_LOG_RATIO:
                 # log q(z|x) - log p(z) = sum 1/2 [plv - lv - eps^2 + (z - pmu)^2 e^-plv]; this program
                 # is the row's only writer, so a load-add-store accumulates deterministically
-                pz = sigma * eps + diff  # z - prior mean
-                term = 0.5 * ((plv - logvar) - eps * eps + pz * pz * inv_prior_var)
+                pz = scaled_by(sigma * eps + diff, inv_prior_std)  # (z - prior mean) / prior std
+                term = 0.5 * ((plv - logvar) - eps * eps + pz * pz)
                 ratio_ptr = log_ratio_ptr + k * batch + row
                 tl.store(ratio_ptr, tl.load(ratio_ptr) + tl.sum(tl.where(mask, term, 0.0), axis=0))
     tl.store(kl_ptr + row, tl.sum(kl_acc, axis=0))
@@ -119,11 +130,12 @@ def latent_backward_kernel(
                 sum_gz += gz
                 sum_gz_eps += gz * eps
         # 2. KL derivatives (see csrc/latent.cpp)
-        plv, diff, inv_prior_var = prior_terms(
+        plv, diff, inv_prior_std = prior_terms(
             mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
             prior_logvar_ptr, plv_row_stride, plv_col_stride, HAS_PRIOR, ACC)
         dkl_dlogvar = tl.exp(logvar - plv - LN2) - 0.5
-        dkl_dmu = diff * inv_prior_var
+        scaled_diff = scaled_by(diff, inv_prior_std)
+        dkl_dmu = scaled_by(scaled_diff, inv_prior_std)
         g_kl = row_grad_kl + mu * 0.0
         if HAS_GRAD_KL_PER_DIM:
             g_kl += tl.load(grad_kl_per_dim_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -131,4 +143,4 @@ def latent_backward_kernel(
         tl.store(grad_scale_ptr + offs, sum_gz_eps * dsigma + g_kl * dkl_dlogvar * dlogvar, mask=mask)
         if WANT_PRIOR_GRAD:
             tl.store(grad_prior_mu_ptr + offs, -g_kl * dkl_dmu, mask=mask)
-            tl.store(grad_prior_logvar_ptr + offs, -g_kl * (dkl_dlogvar + 0.5 * diff * dkl_dmu), mask=mask)
+            tl.store(grad_prior_logvar_ptr + offs, -g_kl * (dkl_dlogvar + 0.5 * scaled_diff * scaled_diff), mask=mask)

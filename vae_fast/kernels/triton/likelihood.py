@@ -16,14 +16,14 @@ from ._math import LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
 @triton.jit
 def elementwise_kernel(
     theta_ptr, x_ptr, logvar_ptr, lv_row_stride, lv_col_stride,
-    log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr, grad_scale_ptr,
+    log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr, expected_upstream_ptr,
     x_rows, dim,
     LIKELIHOOD: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_LOGVAR_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * dim may exceed 2^31
     x_row = row % x_rows                 # K decoder samples share one x
-    grad_scale = tl.load(grad_scale_ptr).to(ACC)  # the expected upstream gradient (ops/likelihood.py)
+    upstream = tl.load(expected_upstream_ptr).to(ACC)  # the expected upstream gradient (ops/likelihood.py)
     total = tl.zeros([BLOCK], dtype=ACC)
     invalid = tl.zeros([BLOCK], dtype=tl.int32)
     for j0 in range(0, dim, BLOCK):
@@ -40,7 +40,7 @@ def elementwise_kernel(
             value = -0.5 * (scaled_sq + lv + LOG_2PI)
             grad = diff * inv_var
             if WANT_LOGVAR_GRAD:
-                tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0) * grad_scale, mask=mask)
+                tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0) * upstream, mask=mask)
         else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
             invalid += tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, 0)
             t = tl.exp(-tl.abs(theta))
@@ -55,14 +55,14 @@ def elementwise_kernel(
                 grad += dlog_c
         total += tl.where(mask, value, 0.0)
         if WANT_GRAD:
-            tl.store(grad_ptr + offs, grad * grad_scale, mask=mask)
+            tl.store(grad_ptr + offs, grad * upstream, mask=mask)
     tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
     tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
 
 
 @triton.jit
 def categorical_kernel(
-    logits_ptr, target_ptr, partial_ptr, grad_ptr, invalid_ptr, grad_scale_ptr,
+    logits_ptr, target_ptr, partial_ptr, grad_ptr, invalid_ptr, expected_upstream_ptr,
     x_rows, pixels, classes, num_pixel_blocks,
     WANT_GRAD: tl.constexpr, ACC: tl.constexpr, PIXELS: tl.constexpr, CLASSES: tl.constexpr,
 ):
@@ -88,9 +88,9 @@ def categorical_kernel(
     log_prob = tl.where(pix_mask, target_logit - lse, 0.0)
     # 3. gradient of log p: onehot - softmax, written from the same tile
     if WANT_GRAD:
-        grad_scale = tl.load(grad_scale_ptr).to(ACC)
+        upstream = tl.load(expected_upstream_ptr).to(ACC)
         grad = tl.where(is_target, 1.0, 0.0) - tl.exp(logits - lse[:, None])
-        tl.store(grad_ptr + offs, grad * grad_scale, mask=tile_mask)
+        tl.store(grad_ptr + offs, grad * upstream, mask=tile_mask)
     tl.store(partial_ptr + row * num_pixel_blocks + block, tl.sum(log_prob, axis=0))
     tl.store(invalid_ptr + row * num_pixel_blocks + block, tl.sum(bad.to(tl.int32), axis=0))
 

@@ -1,0 +1,102 @@
+"""Reconstruction log-likelihoods, fused with their gradients (``ops/likelihood.py``).
+
+Each public function checks its arguments and calls a private implementation that also takes
+``expected_upstream``, the upstream gradient per row that :func:`vae_fast.elbo` knows exactly
+(the public functions guess a negative log-likelihood loss, see ``_common.default_expected_upstream``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._validation import check_broadcastable, check_same_device, check_tensor
+from ..ops import likelihood as likelihood_ops
+from ..ops.codes import Likelihood
+from ._common import check_x, default_expected_upstream, lead_ndim, reduce
+
+
+def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
+                 expected_upstream: float | None) -> torch.Tensor:
+    check_tensor(theta_name, theta)
+    check_x(x, theta_name, theta, differentiable=True)
+    if x.requires_grad and not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor to differentiate w.r.t. it, got dtype {x.dtype}")
+    lead = lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
+    if logvar is not None:
+        check_broadcastable("logvar", logvar, theta.shape, theta_name)
+    if expected_upstream is None:
+        expected_upstream = default_expected_upstream(reduction, math.prod(theta.shape[:lead]))
+    log_prob = likelihood_ops.elementwise_log_prob(theta, x, logvar, likelihood, lead, expected_upstream)
+    return reduce(log_prob, reduction)
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Bernoulli log-likelihood from logits, fused with its gradient.
+
+    ``sum_j x_j l_j - softplus(l_j)`` over the event dims (x may hold grey values in [0, 1],
+    like ``binary_cross_entropy_with_logits``; its gradient w.r.t. x is l). logits ``(B, ...)``
+    or ``(K, B, ...)``, x ``(B, ...)``; returns ``(B,)`` or ``(K, B)`` for ``reduction="none"``.
+    """
+    return _bernoulli(logits, x, reduction, None)
+
+
+def _bernoulli(logits, x, reduction="none", expected_upstream=None):
+    return _elementwise(Likelihood.BERNOULLI, "logits", logits, x, None, reduction, expected_upstream)
+
+
+def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Continuous Bernoulli log-likelihood (Loaiza-Ganem & Cunningham, 2019), normaliser included.
+
+    Bernoulli term plus ``log C(lambda)``, ``C = l / tanh(l/2)`` in logits (a series near l = 0
+    keeps it exact at lambda = 1/2). Shapes as :func:`bernoulli_log_prob`.
+    """
+    return _continuous_bernoulli(logits, x, reduction, None)
+
+
+def _continuous_bernoulli(logits, x, reduction="none", expected_upstream=None):
+    return _elementwise(Likelihood.CONTINUOUS_BERNOULLI, "logits", logits, x, None, reduction, expected_upstream)
+
+
+def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduction: str = "none") -> torch.Tensor:
+    """Diagonal Gaussian log-likelihood ``-1/2 sum_j [log 2 pi + lv_j + (x_j - mean_j)^2 e^-lv_j]``.
+
+    ``logvar``: a float (fixed), a 0-d tensor (learned scalar) or any tensor broadcastable to
+    ``mean`` (per pixel, per example, a second decoder head); gradients flow to mean, logvar and
+    x (in any combination of which require grad). With a fixed ``logvar = 0`` this is
+    ``-1/2 ||x - mean||^2 - D/2 log 2 pi``: maximising it is minimising the summed squared error
+    (MSE * D) — so an "MSE VAE" is a unit-variance Gaussian VAE, and a fixed variance s^2 weights
+    the MSE by 1 / (2 s^2) against the KL.
+    """
+    return _gaussian(mean, x, logvar, reduction, None)
+
+
+def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
+    check_tensor("mean", mean)
+    if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
+        logvar = torch.tensor(float(logvar), dtype=mean.dtype, device=mean.device)
+    check_tensor("logvar", logvar)
+    check_same_device(("mean", "logvar"), (mean, logvar))
+    return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, logvar, reduction, expected_upstream)
+
+
+def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Categorical log-likelihood per example, e.g. 256-way 8-bit pixels.
+
+    logits ``(B, *pixels, C)`` or ``(K, B, *pixels, C)``; integer ``x`` ``(B, *pixels)`` in [0, C).
+    log-softmax over the last dim is never materialised; its gradient is written in the same pass.
+    """
+    return _categorical(logits, x, reduction, None)
+
+
+def _categorical(logits, x, reduction="none", expected_upstream=None):
+    check_tensor("logits", logits)
+    check_x(x, "logits", logits, differentiable=False)
+    if x.is_floating_point() or x.dtype == torch.bool:
+        raise TypeError(f"x must be an integer tensor of class indices, got dtype {x.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (B, ..., C), got {tuple(logits.shape)}")
+    lead = lead_ndim("logits", logits.shape[:-1], x.shape, "x's shape followed by C:")
+    if expected_upstream is None:
+        expected_upstream = default_expected_upstream(reduction, math.prod(logits.shape[:lead]))
+    return reduce(likelihood_ops.categorical_log_prob(logits, x, lead, expected_upstream), reduction)

@@ -1,0 +1,171 @@
+"""Autograd pieces shared by the ops: the saved-gradient backward, double backward, vmap.
+
+Every op has one autograd implementation: a ``setup_context``-style ``autograd.Function``
+whose ``setup_context`` and ``backward`` are also registered on the ``torch.ops.vae_fast`` op
+(``torch.library.register_autograd``), so ``opcheck`` tests the code users run, and whose
+``vmap`` is also the op's ``torch.library.register_vmap`` rule.
+
+Saved-gradient ops (the likelihoods) compute d log p / d theta in forward, already multiplied
+by the upstream gradient the caller most likely sends (``expected_upstream``). Backward:
+
+* receives that upstream gradient (checked on the host for CPU tensors, to a few ulps): returns
+  the saved buffer itself — no pass over it, and nothing is modified, so any number of backward
+  passes (``retain_graph=True``) see the same buffer;
+* receives anything else: returns ``saved * (grad_out / expected)``, a new tensor; inside
+  ``vae_fast.inplace_backward()`` the saved buffer is scaled in place instead (one backward per
+  graph, checked), which on CUDA lets the rescaling kernel skip expected rows on the device;
+* runs with grad mode on (``create_graph=True``): the gradient is recomputed from the inputs in
+  differentiable torch ops (the formulas of :mod:`vae_fast.reference`), so higher derivatives are
+  exact. The decoder output is referenced weakly, not saved (it would cost a decoder-sized buffer
+  in every training step): if it was freed before backward, a RuntimeError says how to keep it.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from .. import config
+from .._validation import is_plain
+
+# Below this many elements the host check of the upstream gradient costs more than the
+# scaling pass it saves.
+SKIP_CHECK_MIN_ELEMENTS = 1 << 18
+SKIP_CHECK_ULPS = 4
+
+
+def expected_upstream(expected: float) -> float:
+    """The gradient scale to request from the kernels (1 where ``expected`` is unusable)."""
+    return expected if expected != 0.0 and math.isfinite(expected) else 1.0
+
+
+def row_factor(grad_out: torch.Tensor, ndim: int) -> torch.Tensor:
+    """grad_out (lead...) viewed to broadcast over a tensor of ``ndim`` dims with the same lead."""
+    return grad_out.reshape(*grad_out.shape, *([1] * (ndim - grad_out.dim())))
+
+
+def _upstream_is_expected(saved: torch.Tensor, grad_out: torch.Tensor, expected: float) -> bool:
+    if torch.compiler.is_compiling() or not (saved.device.type == "cpu" and saved.numel() >= SKIP_CHECK_MIN_ELEMENTS
+                                               and is_plain(grad_out) and is_plain(saved)):
+        return False
+    tolerance = SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps * abs(expected)
+    return bool(((grad_out - expected).abs() <= tolerance).all())
+
+
+def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d loss / d input from a gradient saved in forward as ``expected * d log p / d input``
+    (rows along ``grad_out``'s dims): see the module docstring."""
+    expected = ctx.expected_upstream
+    if _upstream_is_expected(saved, grad_out, expected):
+        return saved
+    factor = grad_out if expected == 1.0 else grad_out / expected
+    if ctx.inplace_backward and not torch.compiler.is_compiling() and is_plain(saved):
+        ctx.saved_consumed = True
+        from ._library import kernels_for
+
+        scale_rows_inplace = getattr(kernels_for(saved), "scale_rows_inplace", None)
+        flat = saved.view(factor.numel(), saved.numel() // max(factor.numel(), 1))
+        if scale_rows_inplace is not None:  # Triton: rows whose factor is 1 are skipped on the device
+            scale_rows_inplace(flat, factor.reshape(-1), SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps)
+            return saved
+        return saved.mul_(row_factor(factor.to(saved.dtype), saved.dim()))
+    return saved * row_factor(factor.to(saved.dtype), saved.dim())
+
+
+def mark_non_differentiable(ctx, *outputs) -> None:
+    """ctx.mark_non_differentiable for the outputs that are tensors (absent ones are None)."""
+    tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
+    if tensors:
+        ctx.mark_non_differentiable(*tensors)
+
+
+def saved_gradients(ctx):
+    """ctx.saved_tensors, after checking that no earlier in-place backward consumed them (whose
+    version-counter error would not say why)."""
+    if getattr(ctx, "saved_consumed", False):
+        raise RuntimeError(
+            f"vae_fast.{ctx.op_name}: the saved gradient was already scaled in place by an earlier backward "
+            "pass (the op ran inside vae_fast.inplace_backward()); run it outside that context to "
+            "backpropagate through it more than once (retain_graph=True, gradcheck)")
+    return ctx.saved_tensors
+
+
+class InputRefs:
+    """The op's inputs for double backward: weak references by default (see the module docstring),
+    strong ones inside ``vae_fast.save_inputs()`` or when first-order backward needs them too.
+    Versions are recorded so an input modified in place after forward is detected."""
+
+    def __init__(self, tensors, strong: bool):
+        self.compiled = torch.compiler.is_compiling()
+        if self.compiled:  # traced graphs have no double backward (AOTAutograd does not support it)
+            return
+        self.strong = strong
+        self.refs = [None if t is None else (t if strong else weakref.ref(t)) for t in tensors]
+        self.versions = [None if t is None else t._version for t in tensors]
+
+    def get(self, op_name: str, what: str):
+        if self.compiled:
+            raise RuntimeError(f"vae_fast.{op_name}: double backward (create_graph=True) through a torch.compile'd "
+                               "graph is not supported (AOTAutograd traces one backward); call the op eagerly")
+        tensors = []
+        for ref, version in zip(self.refs, self.versions):
+            if ref is None:
+                tensors.append(None)
+                continue
+            t = ref if self.strong else ref()
+            if t is None:
+                raise RuntimeError(
+                    f"vae_fast.{op_name}: double backward (create_graph=True) needs {what}, which was freed after "
+                    "the forward pass (the fused op keeps only its gradient). Keep a reference to it until "
+                    "backward, or run the forward pass inside `with vae_fast.save_inputs():`")
+            if t._version != version:
+                raise RuntimeError(f"vae_fast.{op_name}: {what} was modified in place after the forward pass; "
+                                   "double backward (create_graph=True) needs its original value")
+            tensors.append(t)
+        return tensors
+
+
+def differentiable_backward(op_name: str, log_prob_fn, inputs, needs, grad_outputs):
+    """Gradients of ``log_prob_fn(*inputs)`` (a tuple of outputs, or one output) w.r.t. the inputs
+    flagged in ``needs``, as differentiable tensors: the create_graph=True path of every op."""
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    if not wanted:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        outputs = log_prob_fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None and o.requires_grad]
+        if not pairs:
+            grads = [None] * len(wanted)
+        else:
+            grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g.to(o.dtype) for o, g in pairs],
+                                        create_graph=True, allow_unused=True)
+    result, it = [], iter(grads)
+    for t, need in zip(inputs, needs):
+        if need and t is not None:
+            g = next(it)
+            result.append(torch.zeros_like(t) if g is None else g)
+        else:
+            result.append(None)
+    return result
+
+
+def loop_vmap(fn):
+    """A vmap rule ``(info, in_dims, *args) -> (outputs, out_dims)`` that maps ``fn`` over the
+    batch one slice at a time and stacks the results along dim 0.
+
+    Exact (each slice is one ordinary call, so ``vmap`` matches a Python loop over the batch) and
+    general; the cost is one kernel call per slice."""
+
+    def rule(info, in_dims, *args):
+        outs = []
+        for index in range(info.batch_size):
+            sliced = [a.select(d, index) if d is not None else a for a, d in zip(args, in_dims)]
+            outs.append(fn(*sliced))
+        if isinstance(outs[0], tuple):
+            stacked = tuple(torch.stack(list(parts)) for parts in zip(*outs))
+            return stacked, (0,) * len(stacked)
+        return torch.stack(outs), 0
+
+    return rule

@@ -1,0 +1,26 @@
+"""Integer codes shared by the Python layer, the C++ kernels (``csrc/kernels.h``) and the Triton
+kernels (constexpr arguments). Defined once here; ``tests/test_contracts.py`` checks them
+against the enums in ``csrc/kernels.h``."""
+from __future__ import annotations
+
+import enum
+
+
+class ScaleParam(enum.IntEnum):
+    """How the encoder's second output is read: sigma = exp(s / 2), exp(s) or softplus(s)."""
+
+    LOGVAR = 0
+    LOGSTD = 1
+    SOFTPLUS = 2
+
+
+class Likelihood(enum.IntEnum):
+    """The elementwise likelihoods served by one parameterised kernel."""
+
+    BERNOULLI = 0
+    CONTINUOUS_BERNOULLI = 1
+    GAUSSIAN = 2
+
+
+SCALE_PARAMS = {p.name.lower(): p for p in ScaleParam}
+ELEMENTWISE_LIKELIHOODS = {lk.name.lower(): lk for lk in Likelihood}
