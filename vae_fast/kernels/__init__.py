@@ -1,6 +1,6 @@
-"""Kernel backends. Each module implements the same four functions on prepared inputs
-(see :mod:`vae_fast.ops`): ``latent_forward``, ``latent_backward``,
-``elementwise_log_prob`` and ``categorical_log_prob``."""
+"""Kernel backends. Each module satisfies :class:`vae_fast.kernels.protocol.KernelBackend`
+(latent forward/backward, elementwise, categorical and logistic-mixture log-likelihoods on
+inputs prepared by :mod:`vae_fast.ops`)."""
 import importlib
 
 _MODULES = {"cpu": "vae_fast.kernels.cpu", "triton": "vae_fast.kernels.triton", "reference": "vae_fast.kernels.reference"}

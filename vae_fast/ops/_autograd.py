@@ -14,9 +14,9 @@ by the upstream gradient the caller most likely sends (``expected_upstream``). B
 * receives anything else: returns ``saved * (grad_out / expected)``, a new tensor; inside
   ``vae_fast.inplace_backward()`` the saved buffer is scaled in place instead (one backward per
   graph, checked), which on CUDA lets the rescaling kernel skip expected rows on the device;
-* runs with grad mode on (``create_graph=True``): the gradient is recomputed from the inputs in
-  differentiable torch ops (the formulas of :mod:`vae_fast.reference`), so higher derivatives are
-  exact. The decoder output is referenced weakly, not saved (it would cost a decoder-sized buffer
+* runs with grad mode on (``create_graph=True``, torch.func): the gradient is recomputed from the
+  inputs by its closed form in differentiable torch ops, so higher derivatives are exact and
+  torch.func can transform it. The decoder output is referenced weakly, not saved (it would cost a decoder-sized buffer
   in every training step): if it was freed before backward, a RuntimeError says how to keep it.
 """
 from __future__ import annotations
@@ -91,17 +91,23 @@ def saved_gradients(ctx):
     return ctx.saved_tensors
 
 
-class InputRefs:
-    """The op's inputs for double backward: weak references by default (see the module docstring),
-    strong ones inside ``vae_fast.save_inputs()`` or when first-order backward needs them too.
-    Versions are recorded so an input modified in place after forward is detected."""
+def keep_inputs_strongly(needed_by_first_order: bool = False) -> bool:
+    """Whether an op saves its inputs with ``ctx.save_for_backward`` (strong references) instead
+    of weak ones: inside ``vae_fast.save_inputs()``, under torch.func transforms (whose ``grad``
+    always runs backward with grad mode on, and which track only tensors saved this way), or
+    when first-order backward needs them."""
+    return needed_by_first_order or config.SAVE_INPUTS.get() or torch._C._are_functorch_transforms_active()
 
-    def __init__(self, tensors, strong: bool):
+
+class InputRefs:
+    """Weak references to an op's inputs for double backward (see the module docstring), with
+    their versions, so an input modified in place after forward is detected."""
+
+    def __init__(self, tensors):
         self.compiled = torch.compiler.is_compiling()
         if self.compiled:  # traced graphs have no double backward (AOTAutograd does not support it)
             return
-        self.strong = strong
-        self.refs = [None if t is None else (t if strong else weakref.ref(t)) for t in tensors]
+        self.refs = [None if t is None else weakref.ref(t) for t in tensors]
         self.versions = [None if t is None else t._version for t in tensors]
 
     def get(self, op_name: str, what: str):
@@ -113,7 +119,7 @@ class InputRefs:
             if ref is None:
                 tensors.append(None)
                 continue
-            t = ref if self.strong else ref()
+            t = ref()
             if t is None:
                 raise RuntimeError(
                     f"vae_fast.{op_name}: double backward (create_graph=True) needs {what}, which was freed after "
@@ -126,29 +132,24 @@ class InputRefs:
         return tensors
 
 
-def differentiable_backward(op_name: str, log_prob_fn, inputs, needs, grad_outputs):
-    """Gradients of ``log_prob_fn(*inputs)`` (a tuple of outputs, or one output) w.r.t. the inputs
-    flagged in ``needs``, as differentiable tensors: the create_graph=True path of every op."""
-    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-    if not wanted:
-        return [None] * len(inputs)
-    with torch.enable_grad():
-        outputs = log_prob_fn(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None and o.requires_grad]
-        if not pairs:
-            grads = [None] * len(wanted)
-        else:
-            grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g.to(o.dtype) for o, g in pairs],
-                                        create_graph=True, allow_unused=True)
-    result, it = [], iter(grads)
-    for t, need in zip(inputs, needs):
-        if need and t is not None:
-            g = next(it)
-            result.append(torch.zeros_like(t) if g is None else g)
-        else:
-            result.append(None)
-    return result
+def save_with_inputs(ctx, saved, inputs, strong: bool) -> None:
+    """ctx.save_for_backward(*saved) plus the op's inputs: strongly (saved too) or as InputRefs."""
+    ctx.strong_inputs = strong
+    ctx.num_saved = len(saved)
+    if strong:
+        ctx.save_for_backward(*saved, *inputs)
+    else:
+        ctx.save_for_backward(*saved)
+        ctx.inputs = InputRefs(inputs)
+
+
+def saved_and_inputs(ctx, what: str, want_inputs: bool):
+    """(the saved tensors, the inputs or None) of an op set up with :func:`save_with_inputs`."""
+    saved = saved_gradients(ctx)
+    mine, rest = list(saved[:ctx.num_saved]), list(saved[ctx.num_saved:])
+    if not want_inputs:
+        return mine, None
+    return mine, (rest if ctx.strong_inputs else ctx.inputs.get(ctx.op_name, what))
 
 
 def loop_vmap(fn):

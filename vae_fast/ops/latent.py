@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference as ref
-from ._autograd import differentiable_backward, loop_vmap
+from ._autograd import loop_vmap
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op
 from .codes import ScaleParam
 
@@ -87,17 +86,47 @@ def _latent_noise(mu, eps, seed, num_samples):
     return z
 
 
-def _differentiable_latent(param, noise):
-    name = ScaleParam(param).name.lower()
+def _sigma_and_log_variance(scale, param):
+    """(sigma, d sigma / d scale, log sigma^2, d log sigma^2 / d scale) in differentiable torch ops."""
+    if param == ScaleParam.LOGVAR:
+        sigma = torch.exp(0.5 * scale)
+        return sigma, 0.5 * sigma, scale, torch.ones_like(scale)
+    if param == ScaleParam.LOGSTD:
+        sigma = torch.exp(scale)
+        return sigma, sigma, 2 * scale, torch.full_like(scale, 2.0)
+    sigma = torch.nn.functional.softplus(scale)
+    d_sigma = torch.sigmoid(scale)
+    return sigma, d_sigma, 2 * torch.log(sigma), 2 * d_sigma / sigma
 
-    def latent(mu, scale, prior_mu, prior_logvar):
-        z = ref.reparameterize(mu, scale, noise, name)
-        kl_per_dim = ref.gaussian_kl(mu, scale, prior_mu, prior_logvar, name, reduce=False)
-        if prior_mu is not None:
-            kl_per_dim = kl_per_dim.expand(mu.shape)
-        return z, kl_per_dim.sum(-1), kl_per_dim
 
-    return latent
+def _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, param, needs, grad_z, grad_kl,
+                                    grad_kl_per_dim):
+    """The latent backward by its closed form in differentiable torch ops (create_graph, torch.func):
+    dL/dmu = sum_k gz_k + g (mu - pmu) e^-plv;  dL/dscale = sum_k gz_k eps_k dsigma + g 1/2 (e^(lv-plv) - 1) dlv;
+    dL/dpmu = -g (mu - pmu) e^-plv;  dL/dplv = -g [1/2 (e^(lv-plv) - 1) + 1/2 (mu - pmu)^2 e^-plv],
+    g = dL/dKL + dL/dKL_j."""
+    sigma, d_sigma, lv, d_lv = _sigma_and_log_variance(scale, param)
+    pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.to(mu.dtype)
+    plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.to(mu.dtype)
+    g = torch.zeros_like(mu)
+    if grad_kl is not None:
+        g = g + grad_kl.to(mu.dtype).unsqueeze(-1)
+    if grad_kl_per_dim is not None:
+        g = g + grad_kl_per_dim.to(mu.dtype)
+    inv_prior_std = torch.exp(-0.5 * plv)
+    scaled_diff = (mu - pm) * inv_prior_std
+    dkl_dmu = scaled_diff * inv_prior_std
+    dkl_dlv = 0.5 * (torch.exp(lv - plv) - 1)
+    grad_mu = g * dkl_dmu
+    grad_scale = g * dkl_dlv * d_lv
+    if grad_z is not None:
+        grad_z = grad_z.to(mu.dtype)
+        grad_mu = grad_mu + grad_z.sum(0)
+        grad_scale = grad_scale + (grad_z * noise).sum(0) * d_sigma
+    grad_pm = (-g * dkl_dmu).sum_to_size(prior_mu.shape) if prior_mu is not None and needs[2] else None
+    grad_plv = (-g * (dkl_dlv + 0.5 * scaled_diff ** 2)).sum_to_size(prior_logvar.shape) \
+        if prior_logvar is not None and needs[3] else None
+    return grad_mu if needs[0] else None, grad_scale if needs[1] else None, grad_pm, grad_plv
 
 
 class LatentFunction(torch.autograd.Function):
@@ -107,9 +136,9 @@ class LatentFunction(torch.autograd.Function):
         -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or None/empty, log_ratio (K,B) or None/empty
 
     log_ratio (the IWAE log-weights' latent part) is for evaluation: it is not differentiable here
-    (``vae_fast.elbo(objective="iwae")`` forms differentiable log-weights from z). Backward with
-    ``create_graph=True`` recomputes z and the KL in differentiable torch ops from the saved inputs
-    and the same noise, so higher derivatives are exact.
+    (``vae_fast.elbo(objective="iwae")`` forms differentiable log-weights from z). Backward with grad
+    mode on (``create_graph=True``, torch.func) is the closed form in differentiable torch ops, from
+    the saved inputs and the same noise, so higher derivatives are exact.
     """
 
     @staticmethod
@@ -130,12 +159,11 @@ class LatentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio=None):
         grad_z, grad_kl, grad_kl_per_dim = (present(g) for g in (grad_z, grad_kl, grad_kl_per_dim))
-        if torch.is_grad_enabled():  # create_graph=True
+        if torch.is_grad_enabled():  # create_graph=True, torch.func
             mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
-            noise = _latent_noise(mu, eps, seed, ctx.num_samples)
-            grads = differentiable_backward("latent_forward", _differentiable_latent(ctx.param, noise),
-                                            (mu, scale, prior_mu, prior_logvar), ctx.needs_input_grad[:4],
-                                            (grad_z, grad_kl, grad_kl_per_dim))
+            noise = _latent_noise(mu, eps, seed, ctx.num_samples) if grad_z is not None else None
+            grads = _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, ctx.param,
+                                                    ctx.needs_input_grad, grad_z, grad_kl, grad_kl_per_dim)
         else:
             grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
                                      grad_z, grad_kl, grad_kl_per_dim)

@@ -21,10 +21,10 @@ import math
 
 import torch
 
-from .. import config, reference as ref
+from .. import config
 from .._validation import raise_if_invalid
-from ._autograd import (InputRefs, differentiable_backward, loop_vmap, mark_non_differentiable, row_factor,
-                        saved_gradients, scale_saved)
+from ._autograd import (keep_inputs_strongly, loop_vmap, mark_non_differentiable, row_factor,
+                        save_with_inputs, saved_and_inputs, scale_saved)
 from ._library import acc_dtype, call, kernels_for, register_op, with_shape
 from .codes import Likelihood
 
@@ -61,18 +61,26 @@ def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_l
     return log_prob, grad, grad_lv, theta.new_empty((), dtype=torch.int64)
 
 
-def _reference_elementwise(likelihood: int, lead_ndim: int):
-    """The op's log-likelihood in differentiable torch ops (double backward)."""
+def _continuous_bernoulli_dlog_norm(logits):
+    """d/dl log C(l) = 1/l - 1/sinh(l) for C = l / tanh(l / 2), by its series l/6 - 7 l^3/360 near 0
+    (both branches finite, so autograd through the select stays finite)."""
+    small = logits.abs() < 1e-2
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    return torch.where(small, logits / 6 - 7 * logits ** 3 / 360, 1 / safe - 1 / torch.sinh(safe))
 
-    def log_prob(theta, x, logvar):
-        x = x.to(theta.dtype)
-        if likelihood == Likelihood.GAUSSIAN:
-            return ref.gaussian_log_prob(theta, x, logvar, batch_dims=lead_ndim)
-        if likelihood == Likelihood.BERNOULLI:
-            return ref.bernoulli_log_prob(theta, x, batch_dims=lead_ndim)
-        return ref.continuous_bernoulli_log_prob(theta, x, batch_dims=lead_ndim)
 
-    return log_prob
+def _elementwise_derivatives(likelihood: int, theta, x, logvar):
+    """(d log p / d theta, d log p / d x, d log p / d logvar) per element, in differentiable torch
+    ops: the create_graph / torch.func path of backward (the kernels give the first-order values)."""
+    x = x.to(theta.dtype)
+    if likelihood == Likelihood.GAUSSIAN:
+        inv_var = torch.exp(-logvar.to(theta.dtype))
+        d_mean = (x - theta) * inv_var
+        return d_mean, -d_mean, 0.5 * ((x - theta) ** 2 * inv_var - 1)
+    d_theta = x - torch.sigmoid(theta)
+    if likelihood == Likelihood.CONTINUOUS_BERNOULLI:
+        d_theta = d_theta + _continuous_bernoulli_dlog_norm(theta)
+    return d_theta, theta, None
 
 
 class ElementwiseLogProb(torch.autograd.Function):
@@ -95,9 +103,10 @@ class ElementwiseLogProb(torch.autograd.Function):
         ctx.likelihood, ctx.lead_ndim = likelihood, lead_ndim
         ctx.shapes = (theta.shape, x.shape, None if logvar is None else logvar.shape)
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
-        keep = config.SAVE_INPUTS.get() or (x.requires_grad and likelihood != Likelihood.GAUSSIAN)
-        ctx.inputs = InputRefs((theta, x, logvar), strong=keep)
-        ctx.save_for_backward(grad if want_grad else None, grad_lv if want_lv and logvar is not None else None)
+        # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
+        strong = keep_inputs_strongly(x.requires_grad and likelihood != Likelihood.GAUSSIAN)
+        save_with_inputs(ctx, (grad if want_grad else None, grad_lv if want_lv and logvar is not None else None),
+                         (theta, x, logvar), strong)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_theta=None, _grad_logvar=None, _num_invalid=None):
@@ -105,12 +114,17 @@ class ElementwiseLogProb(torch.autograd.Function):
             return (None,) * 8
         needs = ctx.needs_input_grad
         theta_shape, x_shape, lv_shape = ctx.shapes
-        if torch.is_grad_enabled():  # create_graph=True: recompute in differentiable torch ops
-            inputs = ctx.inputs.get(ctx.op_name, "the decoder output (theta)")
-            grads = differentiable_backward(ctx.op_name, _reference_elementwise(ctx.likelihood, ctx.lead_ndim),
-                                            inputs, needs[:3], (grad_out,))
-            return (*grads, None, None, None, None, None)
-        grad, grad_lv = saved_gradients(ctx)
+        double = torch.is_grad_enabled()  # create_graph=True: recompute in differentiable torch ops
+        want_theta = needs[1] and ctx.likelihood != Likelihood.GAUSSIAN
+        (grad, grad_lv), inputs = saved_and_inputs(ctx, "the decoder output (theta)", double or want_theta)
+        if double:
+            theta, x, logvar = inputs
+            d_theta, d_x, d_lv = _elementwise_derivatives(ctx.likelihood, theta, x, logvar)
+            upstream = row_factor(grad_out, theta.dim()).to(theta.dtype)
+            grad_theta = (d_theta * upstream).sum_to_size(theta_shape) if needs[0] else None
+            grad_x = (d_x * upstream).sum_to_size(x_shape) if needs[1] else None
+            grad_logvar = (d_lv * upstream).sum_to_size(lv_shape) if needs[2] else None
+            return grad_theta, grad_x, grad_logvar, None, None, None, None, None
         if (needs[0] or needs[1]) and grad is None and not (needs[1] and ctx.likelihood != Likelihood.GAUSSIAN):
             raise RuntimeError("vae_fast.elementwise_log_prob: call with want_grad=True to differentiate w.r.t. theta")
         grad_theta = grad_x = grad_logvar = None
@@ -118,7 +132,7 @@ class ElementwiseLogProb(torch.autograd.Function):
             if ctx.likelihood == Likelihood.GAUSSIAN:  # d/dx = -d/dmean
                 grad_x = -(grad * row_factor(grad_out / ctx.expected_upstream, grad.dim()).to(grad.dtype))
             else:  # d/dx [x l - softplus(l) (+ log C(l))] = l
-                theta = ctx.inputs.get(ctx.op_name, "theta")[0]
+                theta = inputs[0]
                 grad_x = theta * row_factor(grad_out, theta.dim()).to(theta.dtype)
             grad_x = grad_x.sum_to_size(x_shape)
         if needs[0]:
@@ -194,19 +208,20 @@ class CategoricalLogProb(torch.autograd.Function):
         ctx.expected_upstream = inputs[4] if len(inputs) > 4 else 1.0
         ctx.inplace_backward = config.INPLACE_BACKWARD.get()
         ctx.lead_ndim = lead_ndim
-        ctx.inputs = InputRefs((logits, target), strong=config.SAVE_INPUTS.get())
-        ctx.save_for_backward(grad if want_grad else None)
+        save_with_inputs(ctx, (grad if want_grad else None,), (logits, target), keep_inputs_strongly())
 
     @staticmethod
     def backward(ctx, grad_out, _grad_logits=None, _num_invalid=None):
         if grad_out is None or not ctx.needs_input_grad[0]:
             return (None,) * 5
-        if torch.is_grad_enabled():
-            logits, target = ctx.inputs.get(ctx.op_name, "the decoder output (logits)")
-            fn = lambda lg: ref.categorical_log_prob(lg, target.expand(lg.shape[:-1]), batch_dims=ctx.lead_ndim)  # noqa: E731
-            (grad_logits,) = differentiable_backward(ctx.op_name, fn, [logits], [True], (grad_out,))
-            return grad_logits, None, None, None, None
-        (grad,) = saved_gradients(ctx)
+        double = torch.is_grad_enabled()
+        (grad,), inputs = saved_and_inputs(ctx, "the decoder output (logits)", double)
+        if double:  # d log softmax(l)[t] / d l = onehot(t) - softmax(l), differentiable
+            logits, target = inputs
+            classes = logits.shape[-1]
+            onehot = torch.nn.functional.one_hot(target.long().clamp(0, classes - 1), classes).to(logits.dtype)
+            d_logits = onehot - torch.softmax(logits, dim=-1)
+            return (d_logits * row_factor(grad_out, logits.dim()).to(logits.dtype), None, None, None, None)
         if grad is None:
             raise RuntimeError("vae_fast.categorical_log_prob: call with want_grad=True to differentiate w.r.t. logits")
         return scale_saved(ctx, grad, grad_out), None, None, None, None

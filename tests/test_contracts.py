@@ -1,0 +1,441 @@
+"""The PyTorch contracts of every public op, with default settings (no switches).
+
+One test per contract: several backward passes, gradcheck / gradgradcheck, create_graph,
+torch.func (vmap, grad, jacrev, vmap(grad)), autocast, meta and fake tensors, gradients w.r.t.
+x, the learned-variance requires_grad patterns, narrow priors, API hygiene, thread-safe
+settings, the deferred CUDA support check, and the codes shared with the C++ kernels.
+Each runs on the reference, C++ and Triton (interpreter on CPU) backends where it applies.
+"""
+import inspect
+import math
+import re
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import grad, jacrev, vmap
+
+import vae_fast
+from vae_fast import reference as ref
+from vae_fast._validation import DeferredChecks
+from vae_fast.kernels import protocol
+
+from .conftest import assert_matches_reference
+
+F64 = torch.float64
+
+
+def _elementwise_cases(device, batch=3, dim=5, dtype=F64, seed=0):
+    """(name, fn(theta, x), theta, x) for each elementwise likelihood, x differentiable-friendly."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(batch, dim, generator=gen, dtype=dtype).to(device)
+    x = (torch.rand(batch, dim, generator=gen, dtype=dtype) * 0.8 + 0.1).to(device)
+    lv = (0.3 * torch.randn(1, dim, generator=gen, dtype=dtype)).to(device)
+    return [
+        ("bernoulli", lambda t, xx: vae_fast.bernoulli_log_prob(t, xx), theta, x),
+        ("continuous_bernoulli", lambda t, xx: vae_fast.continuous_bernoulli_log_prob(t, xx), theta, x),
+        ("gaussian", lambda t, xx: vae_fast.gaussian_log_prob(t, xx, lv), theta, x),
+    ]
+
+
+def _categorical_args(device, dtype=F64):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, generator=gen, dtype=dtype).to(device)
+    target = torch.randint(0, 4, (2, 3), generator=gen).to(device)
+    return logits, target
+
+
+def _dmol_args(device, dtype=F64):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randint(0, 256, (2, 1, 2, 2), generator=gen).to(dtype) / 127.5 - 1).to(device)
+    params = (0.5 * torch.randn(2, 6, 2, 2, generator=gen, dtype=dtype)).to(device)  # M = 2, C = 1
+    return x, params
+
+
+# --------------------------------------------------------------------------------------------
+# nn is reachable as documented
+# --------------------------------------------------------------------------------------------
+
+
+def test_nn_module_is_an_attribute_of_the_package():
+    loss = vae_fast.nn.ELBOLoss(likelihood="bernoulli")
+    x = torch.rand(4, 6)
+    mu, logvar = torch.zeros(4, 2, requires_grad=True), torch.zeros(4, 2)
+    loss(x, mu, logvar, lambda z: z.sum(-1, keepdim=True).expand(4, 6)).backward()
+    assert mu.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# several backward passes, gradcheck, gradgradcheck
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_op_backpropagates_any_number_of_times(backend):
+    for name, fn, theta, x in _elementwise_cases(backend):
+        theta = theta.requires_grad_()
+        for loss in (-fn(theta, x).mean(), fn(theta, x).sum() * 3.0):  # expected upstream, then another
+            first, = torch.autograd.grad(loss, theta, retain_graph=True)
+            second, = torch.autograd.grad(loss, theta, retain_graph=True)
+            loss.backward(retain_graph=True)
+            loss.backward()
+            torch.testing.assert_close(first, second, msg=name)
+            torch.testing.assert_close(theta.grad, 2 * first, msg=name)
+            theta.grad = None
+    mu = torch.randn(4, 3, dtype=F64, device=backend, requires_grad=True)
+    logvar = torch.randn(4, 3, dtype=F64, device=backend, requires_grad=True)
+    x = torch.rand(4, 6, dtype=F64, device=backend)
+    w = torch.randn(3, 6, dtype=F64, device=backend, requires_grad=True)
+    out = vae_fast.elbo(x, mu, logvar, lambda z: z @ w, eps=torch.randn(4, 3, dtype=F64, device=backend))
+    g1 = torch.autograd.grad(out.loss, [mu, logvar, w], retain_graph=True)
+    g2 = torch.autograd.grad(out.loss, [mu, logvar, w])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_and_gradgradcheck_with_default_settings(backend):
+    for name, fn, theta, x in _elementwise_cases(backend):
+        theta = theta.requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: fn(t, x), (theta,)), name
+        assert torch.autograd.gradgradcheck(lambda t: fn(t, x), (theta,)), name
+    logits, target = _categorical_args(backend)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda lg: vae_fast.categorical_log_prob(lg, target), (logits,))
+    assert torch.autograd.gradgradcheck(lambda lg: vae_fast.categorical_log_prob(lg, target), (logits,))
+    mu = torch.randn(3, 4, dtype=F64, device=backend, requires_grad=True)
+    logvar = (0.5 * torch.randn(3, 4, dtype=F64, device=backend)).requires_grad_()
+    prior_mu = torch.randn(1, 4, dtype=F64, device=backend, requires_grad=True)
+    prior_logvar = (0.3 * torch.randn(4, dtype=F64, device=backend)).requires_grad_()
+    eps = torch.randn(2, 3, 4, dtype=F64, device=backend)
+
+    def latent(m, lv, pm, plv):
+        z, kl = vae_fast.gaussian_sample_kl(m, lv, prior_mu=pm, prior_logvar=plv, eps=eps, num_samples=2)
+        return (z * z).sum(0), kl  # a non-linear use of z, so second derivatives are not trivially 0
+
+    inputs = (mu, logvar, prior_mu, prior_logvar)
+    assert torch.autograd.gradcheck(latent, inputs)
+    assert torch.autograd.gradgradcheck(latent, inputs)
+    # the in-kernel noise: the same stream is recomputed for every backward pass
+    seeded = lambda m, lv: vae_fast.gaussian_sample_kl(m, lv, generator=torch.Generator(m.device).manual_seed(5))[0]  # noqa: E731
+    assert torch.autograd.gradcheck(seeded, (mu, logvar))
+    assert torch.autograd.gradgradcheck(seeded, (mu, logvar))
+    x, params = _dmol_args(backend)
+    params.requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: vae_fast.dmol_packed_log_prob(x, p), (params,))
+
+
+def test_create_graph_gives_exact_second_derivatives_or_a_clear_error(backend):
+    # gradient penalty / Hessian-vector product: d/dtheta of ||d log p / d theta||^2
+    theta = torch.randn(3, 5, dtype=F64, device=backend, requires_grad=True)
+    x = torch.rand(3, 5, dtype=F64, device=backend)
+    g, = torch.autograd.grad(vae_fast.bernoulli_log_prob(theta, x).sum(), theta, create_graph=True)
+    assert g.requires_grad
+    hvp, = torch.autograd.grad((g * g).sum(), theta)
+    s = torch.sigmoid(theta.detach())
+    torch.testing.assert_close(hvp, 2 * (x - s) * (-s * (1 - s)))  # d/dl (x - s)^2 = -2 (x - s) s (1 - s)
+    # latent: d^2/dmu^2 of sum z^2 is 2 per element; d/dlogvar of the KL's mu-gradient is 0
+    mu = torch.randn(2, 3, dtype=F64, device=backend, requires_grad=True)
+    lv = torch.zeros(2, 3, dtype=F64, device=backend, requires_grad=True)
+    z, kl = vae_fast.gaussian_sample_kl(mu, lv)
+    g_mu, = torch.autograd.grad((z * z).sum() + kl.sum(), mu, create_graph=True)
+    h, = torch.autograd.grad(g_mu.sum(), mu)
+    torch.testing.assert_close(h, torch.full_like(h, 3.0))  # 2 from z^2, 1 from the KL's mu^2 / 2
+    # the decoder output freed before backward: a clear error, never a silently constant gradient
+    h_in = torch.randn(3, 4, dtype=F64, device=backend, requires_grad=True)
+    w = torch.randn(4, 5, dtype=F64, device=backend)
+    loss = vae_fast.bernoulli_log_prob(h_in @ w, x).sum()  # h_in @ w dies here
+    with pytest.raises(RuntimeError, match="elementwise_log_prob.*save_inputs"):
+        torch.autograd.grad(loss, h_in, create_graph=True)
+    with vae_fast.save_inputs():
+        loss = vae_fast.bernoulli_log_prob(h_in @ w, x).sum()
+    g_h, = torch.autograd.grad(loss, h_in, create_graph=True)
+    assert g_h.requires_grad
+    x_img, params = _dmol_args(backend)
+    params.requires_grad_()
+    with pytest.raises(RuntimeError, match="dmol_packed_log_prob: double backward"):
+        torch.autograd.grad(vae_fast.dmol_packed_log_prob(x_img, params).sum(), params, create_graph=True)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func
+# --------------------------------------------------------------------------------------------
+
+
+def test_torch_func_vmap_grad_jacrev_match_loops(backend):
+    for name, fn, theta, x in _elementwise_cases(backend, batch=4):
+        # vmap over a leading dim of (4, 1, 5) slices: each slice is a batch of one example
+        t3, x3 = theta.unsqueeze(1), x.unsqueeze(1)
+        loop = torch.stack([fn(t3[i], x3[i]) for i in range(4)])
+        torch.testing.assert_close(vmap(fn)(t3, x3), loop, msg=name)
+        scalar = lambda t, xx: fn(t, xx).sum()  # noqa: E731
+        per_example = vmap(grad(scalar))(t3, x3)  # per-sample gradients (DP-SGD, Fisher)
+        loop_grads = torch.stack([_autograd_grad(scalar, t3[i], x3[i]) for i in range(4)])
+        torch.testing.assert_close(per_example, loop_grads, msg=name)
+        jac = jacrev(lambda t: fn(t, x))(theta)  # (B, B, D): block diagonal
+        torch.testing.assert_close(jac.diagonal(dim1=0, dim2=1).T, _autograd_grad(scalar, theta, x), msg=name)
+    logits, target = _categorical_args(backend)
+    lp = lambda lg, tg: vae_fast.categorical_log_prob(lg, tg)  # noqa: E731
+    torch.testing.assert_close(vmap(lp)(logits.unsqueeze(1), target.unsqueeze(1)).squeeze(1), lp(logits, target))
+    mu = torch.randn(4, 2, 3, dtype=F64, device=backend)
+    lv = torch.randn(4, 2, 3, dtype=F64, device=backend)
+    eps = torch.randn(4, 2, 3, dtype=F64, device=backend)
+    z, kl = vmap(lambda m, l, e: vae_fast.gaussian_sample_kl(m, l, eps=e))(mu, lv, eps)
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * lv) * eps)
+    torch.testing.assert_close(kl, ref.gaussian_kl(mu, lv))
+    loss = lambda m, l, e: (lambda out: (out[0] ** 2).sum() + out[1].sum())(vae_fast.gaussian_sample_kl(m, l, eps=e))  # noqa: E731
+    g_mu, g_lv = vmap(grad(loss, argnums=(0, 1)))(mu, lv, eps)
+    for i in range(4):
+        m, l = mu[i].clone().requires_grad_(), lv[i].clone().requires_grad_()
+        em, el = torch.autograd.grad(loss(m, l, eps[i]), [m, l])
+        torch.testing.assert_close(g_mu[i], em)
+        torch.testing.assert_close(g_lv[i], el)
+    x_img, params = _dmol_args(backend)
+    dm = lambda xx, p: vae_fast.dmol_packed_log_prob(xx, p)  # noqa: E731
+    torch.testing.assert_close(vmap(dm)(x_img.unsqueeze(1), params.unsqueeze(1)).squeeze(1), dm(x_img, params))
+
+
+def _autograd_grad(scalar_fn, theta, x):
+    t = theta.detach().clone().requires_grad_()
+    return torch.autograd.grad(scalar_fn(t, x), t)[0]
+
+
+def test_vmap_of_in_kernel_noise_follows_torch_randomness_modes(backend):
+    mu = torch.zeros(3, 2, 4, dtype=F64, device=backend)
+    sample = lambda m: vae_fast.gaussian_sample_kl(m, m)[0]  # noqa: E731
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(sample)(mu)  # torch's default: random ops inside vmap are an error
+    same = vmap(sample, randomness="same")(mu)
+    torch.testing.assert_close(same[0], same[1])
+    different = vmap(sample, randomness="different")(mu)
+    assert not torch.equal(different[0], different[1])
+
+
+# --------------------------------------------------------------------------------------------
+# autocast, meta, fake
+# --------------------------------------------------------------------------------------------
+
+
+def test_autocast_gives_float32_losses_and_gradients_in_each_inputs_dtype(backend):
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(12, 8).to(backend)
+    dec = torch.nn.Linear(4, 12).to(backend)
+    x = torch.rand(6, 12, device=backend)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mu, logvar = enc(x).chunk(2, dim=-1)
+        assert mu.dtype == torch.bfloat16
+        out = vae_fast.elbo(x, mu, logvar, dec)
+    for name in ("loss", "elbo", "kl", "log_likelihood"):
+        assert getattr(out, name).dtype == torch.float32, name
+    assert out.z.dtype == torch.bfloat16
+    out.loss.backward()
+    assert enc.weight.grad.dtype == torch.float32 and dec.weight.grad.dtype == torch.float32
+    # the float32 loss is the exact loss of the bf16 values (no bf16 rounding of a 580-nat sum)
+    logits = torch.randn(4, 784, device=backend).to(torch.bfloat16)
+    xb = torch.rand(4, 784, device=backend).round()
+    got = vae_fast.bernoulli_log_prob(logits, xb)
+    assert_matches_reference(got, ref.bernoulli_log_prob(logits.double(), xb.double()), torch.float32, terms=784)
+
+
+def test_meta_tensors_and_fake_tensor_mode(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(device):
+        mu = torch.randn(5, 3, device=device, requires_grad=True)
+        lv = torch.randn(5, 3, device=device, requires_grad=True)
+        x = torch.rand(5, 8, device=device)
+        out = vae_fast.elbo(x, mu, lv, lambda z: z.repeat(1, 3)[:, :8], prior_mu=torch.zeros(3, device=device))
+        out.loss.backward()
+        cat = vae_fast.categorical_log_prob(torch.randn(5, 8, 4, device=device), torch.zeros(5, 8, dtype=torch.long,
+                                                                                             device=device))
+        gauss = vae_fast.gaussian_log_prob(torch.randn(5, 8, device=device), x, torch.zeros(8, device=device))
+        img = torch.zeros(5, 1, 2, 2, device=device)
+        dm = vae_fast.dmol_packed_log_prob(img, torch.randn(5, 6, 2, 2, device=device))
+        return out.loss.shape, out.kl.shape, out.z.shape, mu.grad.shape, cat.shape, gauss.shape, dm.shape
+
+    expected = ((), (5,), (5, 3), (5, 3), (5,), (5,), (5,))
+    assert run("meta") == expected
+    with FakeTensorMode():
+        assert run(backend) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# gradients w.r.t. x; learned variance with any requires_grad pattern
+# --------------------------------------------------------------------------------------------
+
+
+def test_gradients_with_respect_to_x_where_the_density_is_differentiable(backend):
+    for name, fn, theta, x in _elementwise_cases(backend):
+        x = x.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda xx: fn(theta, xx), (x,)), name
+        both = theta.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t, xx: fn(t, xx), (both, x)), name
+        # K decoder samples share x: its gradient sums over them
+        theta_k = torch.stack([theta, theta * 0.5])
+        assert torch.autograd.gradcheck(lambda xx: fn(theta_k, xx), (x,)), name
+    x_img, params = _dmol_args(backend)
+    with pytest.raises(ValueError, match="x is treated as data"):
+        vae_fast.dmol_packed_log_prob(x_img.requires_grad_(), params)
+
+
+@pytest.mark.parametrize("pattern", ["mean", "logvar", "neither", "both", "no_grad"])
+def test_gaussian_learned_variance_with_any_requires_grad_pattern(backend, pattern):
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.randn(4, 6, generator=gen, dtype=F64).to(backend).requires_grad_(pattern in ("mean", "both", "no_grad"))
+    logvar = torch.tensor(0.3, dtype=F64, device=backend).requires_grad_(pattern in ("logvar", "both", "no_grad"))
+    x = torch.randn(4, 6, generator=gen, dtype=F64).to(backend)
+    expected = ref.gaussian_log_prob(mean.detach(), x, logvar.detach())
+    if pattern == "no_grad":
+        with torch.no_grad():
+            got = vae_fast.gaussian_log_prob(mean, x, logvar)
+        assert not got.requires_grad
+    else:
+        got = vae_fast.gaussian_log_prob(mean, x, logvar)
+    assert_matches_reference(got, expected, F64, terms=6)
+    if pattern in ("mean", "logvar", "both"):
+        wanted = [t for t in (mean, logvar) if t.requires_grad]
+        assert torch.autograd.gradcheck(lambda *ts: vae_fast.gaussian_log_prob(
+            ts[0] if mean.requires_grad else mean, x, ts[-1] if logvar.requires_grad else logvar), tuple(wanted))
+    # the evaluation recipes that used to crash on the C++ backend
+    with torch.no_grad():
+        vae_fast.iwae_bound(x, torch.zeros(4, 2, dtype=F64, device=backend), torch.zeros(4, 2, dtype=F64, device=backend),
+                            lambda z: (z.sum(-1, keepdim=True).expand(*z.shape[:-1], 6), logvar), likelihood="gaussian",
+                            k=3)
+
+
+# --------------------------------------------------------------------------------------------
+# narrow learned priors (hierarchical VAEs): the prior side of the KL is overflow-safe
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior_logvar", [-100.0, -90.0, -60.0])
+def test_kl_is_finite_and_accurate_against_narrow_priors_in_float32(kernel_backend, prior_logvar):
+    dev = kernel_backend
+    plv = torch.full((3, 4), prior_logvar, device=dev, requires_grad=True)
+    pm = torch.zeros(3, 4, device=dev, requires_grad=True)
+    # q = p exactly: KL 0 with zero gradients (was NaN: 0 * e^100 overflowed)
+    mu = torch.zeros(3, 4, device=dev, requires_grad=True)
+    lv = torch.full((3, 4), prior_logvar, device=dev, requires_grad=True)
+    kl = vae_fast.gaussian_kl(mu, lv, pm, plv)
+    assert torch.equal(kl, torch.zeros_like(kl))
+    kl.sum().backward()
+    for t in (mu, lv, pm, plv):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().max() == 0
+    # q close to p: a large but representable KL, accurate to float32 rounding
+    offset = math.exp(0.5 * prior_logvar) * 1e3  # 1000 prior standard deviations
+    mu2 = torch.full((3, 4), offset, device=dev, requires_grad=True)
+    kl2 = vae_fast.gaussian_kl(mu2, lv.detach(), pm, plv.detach())
+    expected = ref.gaussian_kl(mu2.double().detach(), lv.double().detach(), pm.double().detach(),
+                               plv.double().detach())
+    assert torch.isfinite(kl2).all()
+    torch.testing.assert_close(kl2.double(), expected, rtol=1e-5, atol=0)
+    kl2.sum().backward()
+    assert torch.isfinite(mu2.grad).all() and torch.isfinite(pm.grad).all()
+    # the sample path (log q - log p of each sample, IWAE) too
+    z, kl3, _, log_ratio = vae_fast.functional.latent._latent(mu.detach(), lv.detach(), pm.detach(), plv.detach(),
+                                                             "logvar", None, None, 2, False, want_log_ratio=True)
+    assert torch.isfinite(kl3).all() and torch.isfinite(log_ratio).all()
+
+
+# --------------------------------------------------------------------------------------------
+# API hygiene, settings, codes, backend contract
+# --------------------------------------------------------------------------------------------
+
+
+def test_public_signatures_have_no_underscore_parameters():
+    for name in vae_fast.__all__:
+        obj = getattr(vae_fast, name)
+        targets = [obj] if callable(obj) and not inspect.isclass(obj) else []
+        if inspect.isclass(obj):
+            targets = [getattr(obj, m) for m in ("__init__", "forward", "__call__") if m in vars(obj)]
+        for fn in targets:
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                continue
+            private = [p for p in params if p.startswith("_")]
+            assert not private, f"vae_fast.{name} has private parameters {private}"
+
+
+def test_settings_are_per_thread_context_managers():
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other_thread():
+        inside.wait()
+        seen["backend"] = vae_fast.backend("cpu")
+        seen["validate"] = vae_fast.config.VALIDATE_ARGS.get()
+        release.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    default = vae_fast.backend("cpu")
+    with vae_fast.use_backend("reference"), vae_fast.validate_args(False):
+        assert vae_fast.backend("cpu") == "reference"
+        inside.set()
+        release.wait(10)
+    thread.join(10)
+    assert seen == {"backend": default, "validate": True}
+    assert vae_fast.backend("cpu") == default
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        vae_fast.validate_args("no")
+
+
+def test_deferred_support_check_raises_on_a_later_call_without_waiting():
+    class Event:  # stands in for torch.cuda.Event
+        def __init__(self):
+            self.done = False
+
+        def record(self):
+            pass
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    events = []
+
+    def make_event():
+        events.append(Event())
+        return events[-1]
+
+    checks = DeferredChecks(make_event=make_event, copy_to_host=lambda t: t.clone())
+    checks.add(torch.tensor(0), "first")
+    checks.add(torch.tensor(2), "x must lie in [0, 1]")  # not complete yet: nothing raised, nothing waited for
+    assert len(checks.pending) == 2
+    events[0].done = True
+    checks.add(torch.tensor(0), "third")  # the first one completed with 0: fine
+    events[1].done = True
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*deferred.*call 2"):
+        checks.add(torch.tensor(0), "fourth")
+    checks.add(torch.tensor(1), "fifth")
+    with pytest.raises(ValueError, match="fifth"):
+        checks.raise_completed(wait=True)  # what vae_fast.check_pending_errors() does
+    vae_fast.check_pending_errors()  # nothing pending on CPU: a no-op
+
+
+def test_codes_match_the_cpp_enums():
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "kernels.h").read_text()
+    from vae_fast.ops.codes import Likelihood, ScaleParam
+
+    for enum_type, cpp_name in ((ScaleParam, "ScaleParam"), (Likelihood, "Likelihood")):
+        body = re.search(rf"enum class {cpp_name} : int \{{([^}}]*)\}}", header).group(1)
+        # kLogVar <-> LOGVAR, kContinuousBernoulli <-> CONTINUOUS_BERNOULLI
+        cpp = {k.strip()[1:].lower(): int(v) for k, v in (item.split("=") for item in body.split(","))}
+        assert cpp == {m.name.lower().replace("_", ""): m.value for m in enum_type}, cpp_name
+
+
+def test_every_backend_satisfies_the_kernel_protocol():
+    from vae_fast import _backend, kernels
+
+    names = ["reference"] + (["cpu"] if _backend._cpu_ext is not None else []) + \
+        (["triton"] if _backend._triton_available() else [])
+    members = [m for m in vars(protocol.KernelBackend) if not m.startswith("_")]
+    for name in names:
+        module = kernels.get(name)
+        assert isinstance(module, protocol.KernelBackend), name
+        for member in members:
+            want = list(inspect.signature(getattr(protocol.KernelBackend, member)).parameters)[1:]
+            assert list(inspect.signature(getattr(module, member)).parameters) == want, (name, member)

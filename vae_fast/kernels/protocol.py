@@ -1,0 +1,42 @@
+"""The contract every kernel backend (``cpu``, ``triton``, ``reference``) satisfies.
+
+Inputs arrive prepared by :mod:`vae_fast.ops`: row-major 2-D/3-D/4-D views (rows first), one
+floating dtype, priors and log-variances as broadcast (stride-0) views, codes from
+:mod:`vae_fast.ops.codes`. Outputs not asked for are None; out-of-support counts are 0-d
+int64 tensors (or ints). Reductions (log-likelihoods, KL) are returned in float32 for half
+inputs, float64 for float64; gradients and z in the input dtype. ``tests/test_contracts.py``
+checks that each backend module has these functions with these parameters.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@runtime_checkable
+class KernelBackend(Protocol):
+    def latent_forward(self, mu: Tensor, scale: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+                       eps: Tensor | None, seed: Tensor, param: int, num_samples: int, want_kl_per_dim: bool,
+                       want_log_ratio: bool = False):
+        """mu, scale (B, Z) -> z (K, B, Z), kl (B,), kl_per_dim (B, Z) | None, log_ratio (K, B) | None."""
+
+    def latent_backward(self, mu: Tensor, scale: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+                        eps: Tensor | None, seed: Tensor, grad_z: Tensor | None, grad_kl: Tensor | None,
+                        grad_kl_per_dim: Tensor | None, param: int, num_samples: int, want_prior_grad: bool):
+        """-> grad_mu, grad_scale (B, Z), grad_prior_mu, grad_prior_logvar (B, Z) | None."""
+
+    def elementwise_log_prob(self, theta: Tensor, x: Tensor, logvar: Tensor | None, likelihood: int, want_grad: bool,
+                             want_logvar_grad: bool, expected_upstream: float = 1.0):
+        """theta (N, D), x (Bx, D) (row r scored against x row r % Bx) -> log_prob (N,),
+        grad_theta (N, D) | None, grad_logvar (N, D) | None, num_invalid; gradients times expected_upstream."""
+
+    def categorical_log_prob(self, logits: Tensor, target: Tensor, want_grad: bool, expected_upstream: float = 1.0):
+        """logits (N, P, C), target (Bx, P) int64 -> log_prob (N,), grad_logits | None, num_invalid."""
+
+    def dmol_log_prob(self, x: Tensor, logit_probs: Tensor, means: Tensor, log_scales: Tensor, coeffs: Tensor | None,
+                      num_bits: int, log_scale_min: float, coeffs_tanh: bool, grads, expected_upstream: float = 1.0):
+        """x (Bx, C, P), logit_probs (N, M, P), means/log_scales/coeffs (N, C, M, P) -> log_prob (N,),
+        num_invalid; fills ``grads`` (four views or None) with the gradients times expected_upstream."""
