@@ -8,7 +8,7 @@ import torch
 from .._validation import (check_broadcastable, check_choice, check_no_grad, check_positive_int, check_same_device,
                            check_same_dtype, check_tensor)
 from ..ops.codes import SCALE_PARAMS
-from ..ops.latent import LatentFunction
+from ..ops.latent import apply_latent
 
 
 def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -79,7 +79,7 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
         seed = _draw_seed(mu.device, generator)
     else:
         seed = torch.zeros((), dtype=torch.int64, device=mu.device)
-    z, kl, kl_per_dim, log_ratio = LatentFunction.apply(
+    z, kl, kl_per_dim, log_ratio = apply_latent(
         mu2, logvar2, prior_mu, prior_logvar, eps, seed, param_code, samples, want_kl_per_dim, want_log_ratio)
     if samples == 1:
         z = z.view(mu.shape)

@@ -24,7 +24,7 @@ import torch
 
 from .. import config
 from .._validation import raise_if_invalid
-from ._autograd import loop_vmap, mark_non_differentiable, saved_gradients, scale_saved
+from ._autograd import fast_apply, loop_vmap, mark_non_differentiable, saved_gradients, scale_saved
 from ._library import acc_dtype, call, kernels_for, register_op
 
 
@@ -179,11 +179,15 @@ register_op(
     _dmol_packed_kernel, _dmol_packed_fake, DmolPackedLogProb)
 
 
+_apply_split = fast_apply(DmolLogProb)
+_apply_packed = fast_apply(DmolPackedLogProb)
+
+
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_upstream):
     """(N,) log-likelihoods of the split parameters; raises ValueError for x outside [-1, 1]."""
     want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (logit_probs, means, log_scales, coeffs))
-    log_prob, *_, num_invalid = DmolLogProb.apply(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min,
+    log_prob, *_, num_invalid = _apply_split(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min,
                                                   want_grad, expected_upstream)
     raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
     return log_prob
@@ -192,7 +196,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
 def dmol_packed_log_prob(x, params, num_mixtures, num_bits, log_scale_min, expected_upstream):
     """(N,) log-likelihoods of a packed parameter tensor; raises ValueError for x outside [-1, 1]."""
     want_grad = torch.is_grad_enabled() and params.requires_grad
-    log_prob, _, num_invalid = DmolPackedLogProb.apply(x, params, num_mixtures, num_bits, log_scale_min, want_grad,
+    log_prob, _, num_invalid = _apply_packed(x, params, num_mixtures, num_bits, log_scale_min, want_grad,
                                                        expected_upstream)
     raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
     return log_prob

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import loop_vmap
+from ._autograd import fast_apply, loop_vmap
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op
 from .codes import ScaleParam
 
@@ -173,6 +173,8 @@ class LatentFunction(torch.autograd.Function):
     def vmap(info, in_dims, *args):
         return loop_vmap(torch.ops.vae_fast.latent_forward.default)(info, in_dims, *args)
 
+
+apply_latent = fast_apply(LatentFunction)
 
 register_op(
     "latent_forward",

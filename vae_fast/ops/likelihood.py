@@ -23,7 +23,7 @@ import torch
 
 from .. import config
 from .._validation import raise_if_invalid
-from ._autograd import (keep_inputs_strongly, loop_vmap, mark_non_differentiable, row_factor,
+from ._autograd import (fast_apply, keep_inputs_strongly, loop_vmap, mark_non_differentiable, row_factor,
                         save_with_inputs, saved_and_inputs, scale_saved)
 from ._library import acc_dtype, call, kernels_for, register_op, with_shape
 from .codes import Likelihood
@@ -157,12 +157,15 @@ register_op(
     _elementwise_kernel, _elementwise_fake, ElementwiseLogProb)
 
 
+_apply_elementwise = fast_apply(ElementwiseLogProb)
+
+
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
     """log p(x | theta) of shape theta.shape[:lead_ndim]; raises ValueError for x outside the support."""
     grad_mode = torch.is_grad_enabled()
     want_grad = grad_mode and (theta.requires_grad or (likelihood == Likelihood.GAUSSIAN and x.requires_grad))
     want_lv = grad_mode and logvar is not None and logvar.requires_grad
-    log_prob, _, _, num_invalid = ElementwiseLogProb.apply(theta, x, logvar, int(likelihood), lead_ndim, want_grad,
+    log_prob, _, _, num_invalid = _apply_elementwise(theta, x, logvar, int(likelihood), lead_ndim, want_grad,
                                                            want_lv, expected_upstream)
     if likelihood != Likelihood.GAUSSIAN:
         raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {Likelihood(likelihood).name.lower()} likelihood")
@@ -237,9 +240,12 @@ register_op(
     _categorical_kernel, _categorical_fake, CategoricalLogProb)
 
 
+_apply_categorical = fast_apply(CategoricalLogProb)
+
+
 def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
     """log p(target | logits) of shape logits.shape[:lead_ndim]; raises ValueError for targets outside [0, C)."""
     want_grad = torch.is_grad_enabled() and logits.requires_grad
-    log_prob, _, num_invalid = CategoricalLogProb.apply(logits, target, lead_ndim, want_grad, expected_upstream)
+    log_prob, _, num_invalid = _apply_categorical(logits, target, lead_ndim, want_grad, expected_upstream)
     raise_if_invalid(num_invalid, f"x must hold class indices in [0, {logits.shape[-1]})")
     return log_prob
