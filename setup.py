@@ -25,6 +25,7 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("VAE_FAST_SANITIZE") == "1":
             cmake_args.append("-DVAE_FAST_SANITIZE=ON")
+        cmake_args += os.environ.get("CMAKE_ARGS", "").split()  # e.g. -DVAE_FAST_LINK_OPENMP=ON
         try:
             import pybind11
 

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cmath>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -17,6 +18,37 @@
 
 namespace py = pybind11;
 using namespace vae_fast;
+
+#if defined(__GLIBC__)
+// See glibc_compat.h: a hidden stand-in for glibc 2.32's __libc_single_threaded, always "no".
+extern "C" __attribute__((visibility("hidden"))) char __libc_single_threaded = 0;
+#endif
+#if defined(__GLIBCXX__) && _GLIBCXX_RELEASE >= 11
+// GCC >= 11 inlines std::exception_ptr's copy and destruction (pybind11's error handling uses
+// them) as calls to _M_addref / _M_release, exported only since CXXABI_1.3.13 (GCC 11; manylinux_2_28
+// has 1.3.11). Local definitions through the out-of-line copy constructor and destructor that every
+// libstdc++ since GCC 4.4 exports (CXXABI_1.3.3) do the same reference counting: a copy that is
+// never destroyed is one reference more; destroying a bitwise copy is one reference less.
+extern "C" void vf_exception_ptr_copy(void* self, const void* other) __asm__("_ZNSt15__exception_ptr13exception_ptrC1ERKS0_");
+extern "C" void vf_exception_ptr_destroy(void* self) __asm__("_ZNSt15__exception_ptr13exception_ptrD1Ev");
+namespace std::__exception_ptr {
+void exception_ptr::_M_addref() noexcept {
+  void* extra_reference;
+  vf_exception_ptr_copy(&extra_reference, this);
+}
+void exception_ptr::_M_release() noexcept {
+  void* copy = *reinterpret_cast<void**>(this);
+  vf_exception_ptr_destroy(&copy);
+}
+}  // namespace std::__exception_ptr
+#endif
+#if defined(__GLIBCXX__)
+// GCC 12's <vector> calls std::__throw_bad_array_new_length (GLIBCXX_3.4.29, GCC 11); a hidden
+// local definition keeps the extension within GLIBCXX_3.4.24 (manylinux_2_28's libstdc++).
+namespace std {
+[[noreturn]] __attribute__((visibility("hidden"))) void __throw_bad_array_new_length() { throw bad_array_new_length(); }
+}  // namespace std
+#endif
 
 namespace {
 

@@ -37,6 +37,10 @@ except ImportError as exc:  # pragma: no cover - exercised by the fallback test 
     if not _built:
         # Python's own message here ("partially initialized module ... circular import") misleads
         _cpu_error = "no compiled extension vae_fast/_C*.so was found (build it: pip install . or make test)"
+    elif "GOMP_" in str(exc) or "omp_" in str(exc):
+        _cpu_error = (f"{type(exc).__name__}: {exc}. vae_fast._C uses the OpenMP runtime that torch loads "
+                      "(libgomp in torch's wheels); this torch build provides none: rebuild vae_fast with "
+                      "-DVAE_FAST_LINK_OPENMP=ON (pip install . with CMAKE_ARGS) to bring its own")
     else:
         _cpu_error = f"{type(exc).__name__}: {exc}"
 
