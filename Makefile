@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.vae_fast-built
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-fast test-asan bench bench-report wheel wheels wheels-check clean
+.PHONY: all demo test test-fast test-asan bench bench-report triton-aot wheel wheels wheels-check clean
 
 all: test
 
@@ -44,9 +44,16 @@ test-asan: $(DEPS_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.report --quick
+	$(VPY) -m benchmarks.bench_steps --quick
+
+# every Triton kernel compiled ahead of time for sm_80 and sm_90 (no GPU needed): registers, spills,
+# shared memory per kernel and configuration; fails on a compile error or a spill
+triton-aot: $(DEPS_STAMP)
+	$(VPY) -m benchmarks.triton_aot
 
 bench-report: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.report
+	$(VPY) -m benchmarks.bench_steps
 
 wheel: $(DEPS_STAMP)
 	$(VPY) -m pip wheel -q --no-build-isolation --no-deps . -w dist

@@ -21,13 +21,24 @@ from .likelihood import categorical_kernel, elementwise_kernel, scale_rows_kerne
 
 MAX_CATEGORICAL_CLASSES = 16384
 
-_ROW_CONFIGS = [
+# Row kernels' autotuning spaces, sized by `make triton-aot` (benchmarks/triton_aot.py) so that no
+# configuration spills on sm_80 / sm_90. The likelihood rows: up to 2048 elements on 8 warps
+# (4096 on 16 warps spilled 16 B for the Gaussian with a logvar gradient on sm_80). The latent rows
+# draw Philox + Box-Muller noise per element: 4 elements per thread at most (8 spilled 28 B on sm_80
+# with a prior, softplus and the log-ratio; 16 spilled 216-248 B).
+LATENT_CONFIGS = [
+    triton.Config({"BLOCK": 64}, num_warps=1),
+    triton.Config({"BLOCK": 256}, num_warps=2),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+    triton.Config({"BLOCK": 1024}, num_warps=8),
+    triton.Config({"BLOCK": 2048}, num_warps=16),
+]
+ROW_CONFIGS = [
     triton.Config({"BLOCK": 64}, num_warps=1),
     triton.Config({"BLOCK": 256}, num_warps=2),
     triton.Config({"BLOCK": 512}, num_warps=4),
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=8),
-    triton.Config({"BLOCK": 4096}, num_warps=16),
 ]
 
 
@@ -49,9 +60,9 @@ def _tuned(fn, configs, key):
     return triton.autotune(configs=configs, key=key)(fn)
 
 
-_latent_forward = _tuned(latent_forward_kernel, _ROW_CONFIGS, ["dim", "samples"])
-_latent_backward = _tuned(latent_backward_kernel, _ROW_CONFIGS, ["dim", "samples"])
-_elementwise = _tuned(elementwise_kernel, _ROW_CONFIGS, ["dim", "LIKELIHOOD", "WANT_GRAD"])
+_latent_forward = _tuned(latent_forward_kernel, LATENT_CONFIGS, ["dim", "samples"])
+_latent_backward = _tuned(latent_backward_kernel, LATENT_CONFIGS, ["dim", "samples"])
+_elementwise = _tuned(elementwise_kernel, ROW_CONFIGS, ["dim", "LIKELIHOOD", "WANT_GRAD"])
 
 
 _scale_tensors: dict = {}
@@ -178,6 +189,11 @@ def _dmol_view(t, fallback):
 MAX_DMOL_MIXTURES = 256
 
 
+def dmol_tile(channels: int) -> tuple[int, int]:
+    """(elements of the (M, PIX) tile, warps) of the mixture kernel for ``channels`` channels."""
+    return (1024, 8) if channels == 3 else (2048, 4)
+
+
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, coeffs_tanh, grads,
                   expected_upstream=1.0):
     rows, channels, mixtures, pixels = means.shape
@@ -185,7 +201,11 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
         raise ValueError(f"means: the Triton mixture kernel supports at most {MAX_DMOL_MIXTURES} components "
                          f"(one tile per pixel block), got {mixtures}")
     mix_block = triton.next_power_of_2(mixtures)
-    pixel_block = max(1, min(triton.next_power_of_2(max(pixels, 1)), max(16, 2048 // mix_block)))
+    # an (M, PIX) tile per channel: coupled RGB keeps three channels' terms live, so its tile is
+    # half as large and spread over 8 warps (`make triton-aot`: 2048-element RGB tiles on 4 warps
+    # used 255 registers and spilled 2.8 KB; 1024 on 8 warps: 128 registers, no spill)
+    tile_budget, num_warps = dmol_tile(channels)
+    pixel_block = max(1, min(triton.next_power_of_2(max(pixels, 1)), max(1, tile_budget // mix_block)))
     if triton_interpreting():
         pixel_block = min(pixel_block, 16)
     num_blocks = triton.cdiv(pixels, pixel_block)
@@ -205,7 +225,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             x.shape[0], mixtures, pixels, num_blocks,
             CHANNELS=channels, HAS_COEFFS=coeffs is not None, COEFF_TANH=bool(coeffs_tanh), WANT_GRAD=grads is not None,
             HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
-            MIX=mix_block, PIX=pixel_block, num_warps=4,
+            MIX=mix_block, PIX=pixel_block, num_warps=num_warps,
         )
     return partial.sum(1), invalid.sum(dtype=torch.int64)
 
