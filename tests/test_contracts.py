@@ -439,3 +439,13 @@ def test_every_backend_satisfies_the_kernel_protocol():
         for member in members:
             want = list(inspect.signature(getattr(protocol.KernelBackend, member)).parameters)[1:]
             assert list(inspect.signature(getattr(module, member)).parameters) == want, (name, member)
+
+
+def test_the_ops_themselves_vmap_like_the_public_functions(backend):
+    # torch.ops.vae_fast.* carry the same vmap rule as the public functions' autograd.Functions
+    theta = torch.randn(3, 2, 5, dtype=F64, device=backend)
+    x = torch.rand(3, 2, 5, dtype=F64, device=backend)
+    op = torch.ops.vae_fast.elementwise_log_prob.default
+    batched = vmap(lambda t, xx: op(t, xx, None, 0, 1, False, False)[0])(theta, x)
+    torch.testing.assert_close(batched, torch.stack([op(theta[i], x[i], None, 0, 1, False, False)[0] for i in range(3)]))
+    torch.testing.assert_close(batched, ref.bernoulli_log_prob(theta.reshape(6, 5), x.reshape(6, 5)).reshape(3, 2))

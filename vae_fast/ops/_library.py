@@ -45,9 +45,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def register_op(name: str, schema: str, kernel, fake, function) -> None:
     """Defines ``torch.ops.vae_fast.<name>`` with ``kernel`` for CPU and CUDA tensors, ``fake`` for
-    meta/fake tensors, and the autograd and vmap of the ``autograd.Function`` ``function`` (if
-    given: its setup_context and backward are the op's, so the op and the public functions share
-    one autograd implementation). Without a function, the op gets the generic loop vmap rule.
+    meta/fake tensors, and the autograd of the ``autograd.Function`` ``function`` (if given: its
+    setup_context and backward are the op's, so the op and the public functions share one autograd
+    implementation). The op and the function get the same vmap rule: the generic loop over the
+    vmapped dim (:func:`loop_vmap`) unless the function defines its own.
 
     ``kernel`` returns None for outputs that were not asked for and may count invalid inputs as
     a Python int; the registered wrapper turns those into the op schema's empty tensors and 0-d
@@ -65,12 +66,14 @@ def register_op(name: str, schema: str, kernel, fake, function) -> None:
         LIB.impl(name, op_kernel, key)
     torch.library.register_fake(f"vae_fast::{name}", fake, lib=LIB)
     op = getattr(torch.ops.vae_fast, name).default
+    vmap_rule = loop_vmap(op)
     if function is not None:
         torch.library.register_autograd(f"vae_fast::{name}", function.backward, setup_context=function.setup_context,
                                         lib=LIB)
-        torch.library.register_vmap(f"vae_fast::{name}", function.vmap, lib=LIB)
-    else:
-        torch.library.register_vmap(f"vae_fast::{name}", loop_vmap(op), lib=LIB)
+        if "vmap" not in vars(function):
+            function.vmap = staticmethod(vmap_rule)
+        vmap_rule = function.vmap
+    torch.library.register_vmap(f"vae_fast::{name}", vmap_rule, lib=LIB)
 
 
 def call(op, kernel, first: torch.Tensor, *args):

@@ -24,7 +24,7 @@ import torch
 
 from .. import config
 from .._validation import raise_if_invalid
-from ._autograd import fast_apply, loop_vmap, mark_non_differentiable, saved_gradients, scale_saved
+from ._autograd import fast_apply, mark_non_differentiable, saved_gradients, scale_saved
 from ._library import acc_dtype, call, kernels_for, register_op
 
 
@@ -133,10 +133,6 @@ class DmolLogProb(torch.autograd.Function):
             grads.append(scale_saved(ctx, g, grad_out) if needed else None)
         return (None, *grads, None, None, None, None)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return loop_vmap(torch.ops.vae_fast.dmol_log_prob.default)(info, in_dims, *args)
-
 
 class DmolPackedLogProb(torch.autograd.Function):
     """``torch.ops.vae_fast.dmol_packed_log_prob`` with its autograd: one gradient buffer of params' size."""
@@ -161,10 +157,6 @@ class DmolPackedLogProb(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("vae_fast.dmol_packed_log_prob: call with want_grad=True to differentiate")
         return None, scale_saved(ctx, grad, grad_out), None, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return loop_vmap(torch.ops.vae_fast.dmol_packed_log_prob.default)(info, in_dims, *args)
 
 
 register_op(

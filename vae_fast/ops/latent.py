@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import fast_apply, loop_vmap
+from ._autograd import fast_apply
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op
 from .codes import ScaleParam
 
@@ -168,10 +168,6 @@ class LatentFunction(torch.autograd.Function):
             grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
                                      grad_z, grad_kl, grad_kl_per_dim)
         return (*grads, None, None, None, None, None, None)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return loop_vmap(torch.ops.vae_fast.latent_forward.default)(info, in_dims, *args)
 
 
 apply_latent = fast_apply(LatentFunction)

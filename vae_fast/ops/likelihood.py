@@ -23,7 +23,7 @@ import torch
 
 from .. import config
 from .._validation import raise_if_invalid
-from ._autograd import (fast_apply, keep_inputs_strongly, loop_vmap, mark_non_differentiable, row_factor,
+from ._autograd import (fast_apply, keep_inputs_strongly, mark_non_differentiable, row_factor,
                         save_with_inputs, saved_and_inputs, scale_saved)
 from ._library import acc_dtype, call, kernels_for, register_op, with_shape
 from .codes import Likelihood
@@ -145,10 +145,6 @@ class ElementwiseLogProb(torch.autograd.Function):
             grad_logvar = (grad_lv * factor).sum_to_size(lv_shape)
         return grad_theta, grad_x, grad_logvar, None, None, None, None, None
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return loop_vmap(torch.ops.vae_fast.elementwise_log_prob.default)(info, in_dims, *args)
-
 
 register_op(
     "elementwise_log_prob",
@@ -228,10 +224,6 @@ class CategoricalLogProb(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("vae_fast.categorical_log_prob: call with want_grad=True to differentiate w.r.t. logits")
         return scale_saved(ctx, grad, grad_out), None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return loop_vmap(torch.ops.vae_fast.categorical_log_prob.default)(info, in_dims, *args)
 
 
 register_op(
