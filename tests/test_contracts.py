@@ -220,7 +220,7 @@ def test_autocast_gives_float32_losses_and_gradients_in_each_inputs_dtype(backen
     enc = torch.nn.Linear(12, 8).to(backend)
     dec = torch.nn.Linear(4, 12).to(backend)
     x = torch.rand(6, 12, device=backend)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type=torch.device(backend).type, dtype=torch.bfloat16):
         mu, logvar = enc(x).chunk(2, dim=-1)
         assert mu.dtype == torch.bfloat16
         out = vae_fast.elbo(x, mu, logvar, dec)
