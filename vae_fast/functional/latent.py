@@ -95,6 +95,71 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
     return z, kl, kl_per_dim
 
 
+def _normalize_dims(dim, ndim: int) -> tuple[int, ...]:
+    """``dim`` (an int or a tuple, negative counting from the end, like torch reductions) as a
+    sorted tuple of distinct non-negative dims of a tensor with ``ndim`` dims."""
+    dims = (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else dim
+    if not isinstance(dims, (tuple, list)) or not dims or \
+            not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"dim must be an int or a non-empty tuple of ints, got {dim!r}")
+    if any(not -ndim <= d < ndim for d in dims):
+        raise ValueError(f"dim {dim!r} is out of range for mu with {ndim} dims")
+    normal = tuple(sorted({d % ndim for d in dims}))
+    if len(normal) != len(dims):
+        raise ValueError(f"dim {dim!r} names a dim twice")
+    return normal
+
+
+def _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim,
+                 want_log_ratio=False, dim=-1):
+    """:func:`_latent` with the KL summed over ``dim`` (any dims of mu, e.g. (1, 2, 3) of a
+    convolutional (B, C, H, W) latent) instead of the last one.
+
+    The KL dims are moved last and flattened into one (a view when they already are the trailing
+    dims of a contiguous mu, as for conv latents); z and kl_per_dim come back in mu's layout, kl
+    with the remaining dims. The noise stream is indexed in that (batch dims, KL dims) order."""
+    if isinstance(dim, int) and not isinstance(dim, bool) and (dim == -1 or dim == mu.dim() - 1):
+        return _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim,
+                       want_log_ratio)
+    check_tensor("mu", mu)
+    dims = _normalize_dims(dim, mu.dim())
+    batch_dims = tuple(d for d in range(mu.dim()) if d not in dims)
+    order = batch_dims + dims
+    batch_shape = tuple(mu.shape[d] for d in batch_dims)
+    event_shape = tuple(mu.shape[d] for d in dims)
+    flat = math.prod(event_shape)
+
+    def to_rows(name, t, lead=0):
+        # t laid out like mu (after `lead` leading sample dims; priors broadcast) -> (*lead, *batch, flat)
+        if t is None:
+            return None
+        check_tensor(name, t)
+        if lead == 0 and t.shape != mu.shape:
+            check_broadcastable(name, t, mu.shape, "mu")
+            t = t.expand(mu.shape)
+        permuted = t.permute(*range(lead), *(lead + d for d in order))
+        return permuted.reshape(*permuted.shape[:lead], *batch_shape, flat)
+
+    check_tensor("logvar", logvar)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if eps is not None:
+        eps = to_rows("eps", eps, lead=1 if isinstance(eps, torch.Tensor) and eps.dim() == mu.dim() + 1 else 0)
+    outs = _latent(to_rows("mu", mu), to_rows("logvar", logvar), to_rows("prior_mu", prior_mu),
+                   to_rows("prior_logvar", prior_logvar), param, eps, generator, num_samples, want_kl_per_dim,
+                   want_log_ratio)
+    inverse = [order.index(d) for d in range(mu.dim())]
+
+    def back(t, lead):
+        # (*lead, *batch, flat) -> mu's layout with the lead dims in front
+        t = t.reshape(*t.shape[:lead], *batch_shape, *event_shape)
+        return t.permute(*range(lead), *(lead + i for i in inverse))
+
+    z = outs[0] if num_samples == 0 else back(outs[0], 1 if num_samples > 1 else 0)  # 0: KL only
+    kl_per_dim = None if outs[2] is None else back(outs[2], 0)
+    return (z, outs[1], kl_per_dim, *outs[3:])
+
+
 def gaussian_sample_kl(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -105,15 +170,18 @@ def gaussian_sample_kl(
     eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     num_samples: int = 1,
+    dim: int | tuple[int, ...] = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reparameterised sample and analytic KL in one fused pass.
 
     ``z = mu + sigma * eps`` with ``sigma`` from ``logvar`` read as ``param``
     (``"logvar"``: log sigma^2, ``"logstd"``: log sigma, ``"softplus"``: sigma = softplus(raw)),
-    and ``KL(N(mu, sigma^2) || N(prior_mu, exp(prior_logvar)))`` summed over the last dim.
+    and ``KL(N(mu, sigma^2) || N(prior_mu, exp(prior_logvar)))`` summed over ``dim``.
 
     Args:
-        mu, logvar: ``(*B, Z)``.
+        mu, logvar: ``(*B, Z)``; any shape with ``dim`` naming the dims the KL sums over
+            (an int or tuple, like torch reductions), e.g. ``dim=(1, 2, 3)`` for a convolutional
+            ``(B, C, H, W)`` latent (views such as ``moments.chunk(2, dim=1)`` are fine).
         prior_mu, prior_logvar: a learned diagonal Gaussian prior, broadcastable to ``mu``
             (default N(0, I)); gradients flow to them.
         eps: explicit noise ``(K, *B, Z)`` (or ``(*B, Z)`` for K = 1); by default noise comes
@@ -122,10 +190,10 @@ def gaussian_sample_kl(
         num_samples: K.
 
     Returns:
-        ``z`` of shape ``(*B, Z)`` (``(K, *B, Z)`` for K > 1) and ``kl`` of shape ``(*B,)``.
+        ``z`` of mu's shape (``(K, *mu.shape)`` for K > 1) and ``kl`` with the dims not in ``dim``.
     """
     check_positive_int("num_samples", num_samples)
-    z, kl, _ = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False)
+    z, kl, _ = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False, dim=dim)
     return z, kl
 
 
@@ -137,13 +205,15 @@ def gaussian_kl(
     *,
     param: str = "logvar",
     reduce: bool = True,
+    dim: int | tuple[int, ...] = -1,
 ) -> torch.Tensor:
     """Analytic KL(N(mu, sigma^2) || N(prior_mu, exp(prior_logvar))), fused and overflow-safe.
 
-    Per dim, with lv = log sigma^2 and d = lv - prior_logvar:
-    ``exp(d - ln 2) - (1 + d)/2 + (mu - prior_mu)^2 / (2 exp(prior_logvar))``.
-    Returns ``(*B,)`` (summed over the last dim) or, with ``reduce=False``, ``(*B, Z)``.
+    Per element, with lv = log sigma^2 and d = lv - prior_logvar:
+    ``exp(d - ln 2) - (1 + d)/2 + ((mu - prior_mu) e^(-prior_logvar/2))^2 / 2``.
+    Returns the sum over ``dim`` (default the last dim; e.g. ``(1, 2, 3)`` for a (B, C, H, W)
+    latent) or, with ``reduce=False``, the per-element KL in mu's shape.
     """
-    _, kl, kl_per_dim = _latent(mu, logvar, prior_mu, prior_logvar, param, None, None, 0, not reduce)
+    _, kl, kl_per_dim = _latent_over(mu, logvar, prior_mu, prior_logvar, param, None, None, 0, not reduce, dim=dim)
     return kl if reduce else kl_per_dim
 

@@ -10,7 +10,7 @@ import torch
 from .._validation import check_choice, check_positive_int, check_tensor
 from ._common import REDUCTIONS, reduce
 from .dmol import _dmol_packed, _dmol_split
-from .latent import _latent
+from .latent import _latent_over
 from .likelihoods import _bernoulli, _categorical, _continuous_bernoulli, _gaussian
 
 LikelihoodFn = Callable[[object, torch.Tensor], torch.Tensor]
@@ -71,7 +71,7 @@ class ELBOResult(NamedTuple):
     loss: the quantity to minimise, ``-(log_likelihood - beta * KL)`` with free bits, reduced.
     elbo: ``(B,)`` the true per-example ELBO ``log_likelihood - kl`` (never altered by beta or free bits).
     log_likelihood: ``(B,)`` E_q[log p(x|z)], averaged over the K samples.
-    kl: ``(B,)``; kl_per_dim: ``(B, Z)``; z: ``(B, Z)`` or ``(K, B, Z)``.
+    kl: ``(B,)``; kl_per_dim and z: mu's shape (z: ``(K, *mu.shape)`` for K samples).
     """
 
     loss: torch.Tensor
@@ -93,6 +93,11 @@ def _importance_log_weights(log_lik, z, mu, scale, prior_mu, prior_logvar, param
     from ..reference import gaussian_log_density, logvar_from_scale
 
     log_lik = log_lik if log_lik.dim() == 2 else log_lik.unsqueeze(0)
+    if mu.dim() > 2:  # a (B, *latent) latent: the densities sum over all latent dims
+        latent_ndim = mu.dim() - 1
+        prior_mu = None if prior_mu is None else prior_mu.expand(mu.shape).flatten(1)
+        prior_logvar = None if prior_logvar is None else prior_logvar.expand(mu.shape).flatten(1)
+        z, mu, scale = z.flatten(-latent_ndim), mu.flatten(1), scale.flatten(1)
     lv = logvar_from_scale(scale, param)
     q_mu, q_lv = (mu.detach(), lv.detach()) if stop_q_params else (mu, lv)
     p_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
@@ -130,7 +135,9 @@ def elbo(
 
     Args:
         x: data ``(B, ...)``.
-        mu, logvar: encoder outputs ``(B, Z)`` (``logvar`` read as ``param``).
+        mu, logvar: encoder outputs ``(B, Z)``, or ``(B, *latent)`` for convolutional latents (e.g.
+            ``moments.chunk(2, dim=1)`` of an SD/LDM encoder's (B, 2C, H, W)): the KL sums over
+            every non-batch dim, free bits apply per latent element (``logvar`` read as ``param``).
         decode: callable ``z -> decoder output``: logits for ``"bernoulli"``,
             ``"continuous_bernoulli"`` and ``"categorical"``; the mean or ``(mean, logvar)`` for
             ``"gaussian"``; for ``"dmol"`` the packed PixelCNN++/NVAE tensor (see
@@ -180,7 +187,10 @@ def elbo(
     if mu.dim() >= 1 and x.dim() >= 1 and mu.shape[0] != x.shape[0]:
         raise ValueError(f"mu has batch size {mu.shape[0]} but x has {x.shape[0]}")
 
-    z, kl, kl_per_dim = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, True)
+    # (B, Z), or (B, *latent) for convolutional latents: the KL sums over every non-batch dim
+    latent_dims = -1 if mu.dim() <= 2 else tuple(range(1, mu.dim()))
+    z, kl, kl_per_dim = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, True,
+                                     dim=latent_dims)
     if objective == "iwae_dreg" and z.requires_grad:
         z_for_decoder = z.view(num_samples, *mu.shape) if num_samples == 1 else z
         dreg_weights = []  # filled below, once the importance weights are known
@@ -215,7 +225,8 @@ def elbo(
                           kl_per_dim=kl_per_dim, z=z)
     if free_bits > 0:
         batch_mean_kl = kl_per_dim.mean(0, keepdim=True)
-        kl_term = torch.where(batch_mean_kl >= free_bits, kl_per_dim, torch.full_like(kl_per_dim, free_bits)).sum(-1)
+        kl_term = torch.where(batch_mean_kl >= free_bits, kl_per_dim,
+                              torch.full_like(kl_per_dim, free_bits)).flatten(1).sum(-1)
     else:
         kl_term = kl
     per_example_loss = -(log_lik - beta * kl_term)
