@@ -25,6 +25,7 @@ from .functional import (
     register_likelihood,
 )
 from . import diagnostics, nn
+from .distributions import DiagonalGaussian
 from .diagnostics import iwae_bound
 from .schedules import KLWarmup
 
@@ -37,4 +38,5 @@ __all__ = [
     "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
     "gaussian_log_prob", "gaussian_sample_kl", "register_likelihood", "iwae_bound", "diagnostics",
     "DMOLParams", "discretized_logistic_mixture_log_prob", "dmol_from_packed", "dmol_packed_log_prob",
+    "DiagonalGaussian",
 ]
