@@ -52,7 +52,7 @@ KERNELS = [
     ]),
     (elementwise_kernel, {"invalid_ptr": "*i32"}, [
         (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=likelihood == 2, ACC=F32, BLOCK=block), warps)
-        for block, warps in _ROW for likelihood in (0, 1, 2)
+        for block, warps in _ROW for likelihood in (0, 1, 2, 3)
     ]),
     (categorical_kernel, {"target_ptr": "*i64", "invalid_ptr": "*i32"}, [
         (dict(WANT_GRAD=True, ACC=F32, PIXELS=16, CLASSES=256), 4),  # the launcher's 4096-element tile

@@ -210,7 +210,7 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
-  require(likelihood >= 0 && likelihood <= 2, "likelihood code must be 0, 1 or 2");
+  require(likelihood >= 0 && likelihood <= 3, "likelihood code must be 0, 1, 2 or 3");
   require(rows >= 0 && dim >= 0 && x_rows >= 0, "sizes must be non-negative");
   require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
   const bool empty = rows == 0 || dim == 0;

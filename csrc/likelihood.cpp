@@ -129,6 +129,11 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           value = T(-0.5) * (scaled_sq + lvi + T(kLog2Pi));
           grad = diff * inv_var;
           if constexpr (WANT_LV_GRAD) g_lv[i] = T(0.5) * (scaled_sq - T(1)) * expected_upstream;
+        } else if constexpr (L == Likelihood::kSquaredError) {
+          // -(x - mean)^2: the Gaussian's quadratic without variance or normaliser ("MSE" losses)
+          const T diff = xi - ti;
+          value = -diff * diff;
+          grad = T(2) * diff;
         } else {
           row_bad += (xi < T(0) || xi > T(1)) ? 1 : 0;
           const T t = vexp(-std::fabs(ti));
@@ -185,6 +190,9 @@ int64_t elementwise_dispatch(const ElementwiseLikelihoodArgs& a) {
     case LL::kContinuousBernoulli:
       return grad ? elementwise_impl<T, LL::kContinuousBernoulli, true, false, LV::kContiguous>(a)
                   : elementwise_impl<T, LL::kContinuousBernoulli, false, false, LV::kContiguous>(a);
+    case LL::kSquaredError:
+      return grad ? elementwise_impl<T, LL::kSquaredError, true, false, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kSquaredError, false, false, LV::kContiguous>(a);
     case LL::kGaussian:
       return grad ? elementwise_gaussian_layout<T, LL::kGaussian, true>(a)
                   : elementwise_gaussian_layout<T, LL::kGaussian, false>(a);

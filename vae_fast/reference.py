@@ -173,6 +173,11 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, batch_dim
     return _sum_event(per_pixel.expand(torch.broadcast_shapes(mean.shape, x.shape)), batch_dims)
 
 
+def squared_error_log_prob(mean: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+    """sum -(x - mean)^2: the Gaussian's quadratic term without variance or normaliser."""
+    return _sum_event(-((x - mean) ** 2).expand(torch.broadcast_shapes(mean.shape, x.shape)), batch_dims)
+
+
 def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
     """sum log softmax(logits)[x] over pixels; logits (..., C), integer x (...)."""
     log_probs = torch.log_softmax(logits, dim=-1)

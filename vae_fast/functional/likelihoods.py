@@ -80,6 +80,30 @@ def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
     return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, logvar, reduction, expected_upstream)
 
 
+def mse_log_prob(mean: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
+    """Negative per-example mean squared error ``-1/D sum_j (x_j - mean_j)^2``, fused with its gradient.
+
+    The reconstruction term of "MSE + weighted KL" VAEs, number for number:
+    ``-mse_log_prob(recons, x).mean() == F.mse_loss(recons, x)``, so
+    ``elbo(x, mu, logvar, decode, likelihood="mse", beta=kld_weight).loss`` is AntixK PyTorch-VAE's
+    ``F.mse_loss(recons, x) + kld_weight * kld_loss`` without its constant-free Gaussian detour
+    (a unit-variance Gaussian differs by D/2 log 2 pi per example, which swamps a float32 loss).
+    Shapes as :func:`gaussian_log_prob`; gradients flow to mean and x.
+    """
+    return _mse(mean, x, reduction, None)
+
+
+def _mse(mean, x, reduction="none", expected_upstream=None):
+    check_tensor("mean", mean)
+    check_x(x, "mean", mean, differentiable=True)
+    size = max(math.prod(x.shape[1:]), 1)  # D (an empty event gives 0, not 0/0)
+    if expected_upstream is None:
+        expected_upstream = default_expected_upstream(reduction, mean.numel() // size)
+    # the kernel sums -(x - mean)^2 over the event; its rows receive the upstream gradient / D
+    total = _elementwise(Likelihood.SQUARED_ERROR, "mean", mean, x, None, "none", expected_upstream / size)
+    return reduce(total / size, reduction)
+
+
 def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:
     """Categorical log-likelihood per example, e.g. 256-way 8-bit pixels.
 

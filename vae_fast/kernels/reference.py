@@ -84,6 +84,7 @@ _ELEMENTWISE = {
     0: lambda t, x, lv: ref.bernoulli_log_prob(t, x),
     1: lambda t, x, lv: ref.continuous_bernoulli_log_prob(t, x),
     2: lambda t, x, lv: ref.gaussian_log_prob(t, x, lv),
+    3: lambda t, x, lv: ref.squared_error_log_prob(t, x),
 }
 
 
@@ -92,7 +93,7 @@ def _x_rows(x, rows):
 
 
 def _num_invalid(x, likelihood):
-    if likelihood == 2:
+    if likelihood in (2, 3):
         return torch.zeros((), dtype=torch.int64)
     return ((x < 0) | (x > 1)).sum().cpu()
 

@@ -20,6 +20,7 @@ class Likelihood(enum.IntEnum):
     BERNOULLI = 0
     CONTINUOUS_BERNOULLI = 1
     GAUSSIAN = 2
+    SQUARED_ERROR = 3
 
 
 SCALE_PARAMS = {p.name.lower(): p for p in ScaleParam}

@@ -61,6 +61,10 @@ def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_l
     return log_prob, grad, grad_lv, theta.new_empty((), dtype=torch.int64)
 
 
+# logits whose x must lie in [0, 1] and whose d/dx is theta itself
+_LOGIT_FAMILY = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
+
+
 def _continuous_bernoulli_dlog_norm(logits):
     """d/dl log C(l) = 1/l - 1/sinh(l) for C = l / tanh(l / 2), by its series l/6 - 7 l^3/360 near 0
     (both branches finite, so autograd through the select stays finite)."""
@@ -73,6 +77,8 @@ def _elementwise_derivatives(likelihood: int, theta, x, logvar):
     """(d log p / d theta, d log p / d x, d log p / d logvar) per element, in differentiable torch
     ops: the create_graph / torch.func path of backward (the kernels give the first-order values)."""
     x = x.to(theta.dtype)
+    if likelihood == Likelihood.SQUARED_ERROR:
+        return 2 * (x - theta), -2 * (x - theta), None
     if likelihood == Likelihood.GAUSSIAN:
         inv_var = torch.exp(-logvar.to(theta.dtype))
         d_mean = (x - theta) * inv_var
@@ -104,7 +110,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         ctx.shapes = (theta.shape, x.shape, None if logvar is None else logvar.shape)
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
-        strong = keep_inputs_strongly(x.requires_grad and likelihood != Likelihood.GAUSSIAN)
+        strong = keep_inputs_strongly(x.requires_grad and likelihood in _LOGIT_FAMILY)
         save_with_inputs(ctx, (grad if want_grad else None, grad_lv if want_lv and logvar is not None else None),
                          (theta, x, logvar), strong)
 
@@ -115,7 +121,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         needs = ctx.needs_input_grad
         theta_shape, x_shape, lv_shape = ctx.shapes
         double = torch.is_grad_enabled()  # create_graph=True: recompute in differentiable torch ops
-        want_theta = needs[1] and ctx.likelihood != Likelihood.GAUSSIAN
+        want_theta = needs[1] and ctx.likelihood in _LOGIT_FAMILY
         (grad, grad_lv), inputs = saved_and_inputs(ctx, "the decoder output (theta)", double or want_theta)
         if double:
             theta, x, logvar = inputs
@@ -125,11 +131,11 @@ class ElementwiseLogProb(torch.autograd.Function):
             grad_x = (d_x * upstream).sum_to_size(x_shape) if needs[1] else None
             grad_logvar = (d_lv * upstream).sum_to_size(lv_shape) if needs[2] else None
             return grad_theta, grad_x, grad_logvar, None, None, None, None, None
-        if (needs[0] or needs[1]) and grad is None and not (needs[1] and ctx.likelihood != Likelihood.GAUSSIAN):
+        if (needs[0] or needs[1]) and grad is None and not (needs[1] and ctx.likelihood in _LOGIT_FAMILY):
             raise RuntimeError("vae_fast.elementwise_log_prob: call with want_grad=True to differentiate w.r.t. theta")
         grad_theta = grad_x = grad_logvar = None
         if needs[1]:
-            if ctx.likelihood == Likelihood.GAUSSIAN:  # d/dx = -d/dmean
+            if ctx.likelihood not in _LOGIT_FAMILY:  # Gaussian, squared error: d/dx = -d/dmean
                 grad_x = -(grad * row_factor(grad_out / ctx.expected_upstream, grad.dim()).to(grad.dtype))
             else:  # d/dx [x l - softplus(l) (+ log C(l))] = l
                 theta = inputs[0]
@@ -159,11 +165,11 @@ _apply_elementwise = fast_apply(ElementwiseLogProb)
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
     """log p(x | theta) of shape theta.shape[:lead_ndim]; raises ValueError for x outside the support."""
     grad_mode = torch.is_grad_enabled()
-    want_grad = grad_mode and (theta.requires_grad or (likelihood == Likelihood.GAUSSIAN and x.requires_grad))
+    want_grad = grad_mode and (theta.requires_grad or (likelihood not in _LOGIT_FAMILY and x.requires_grad))
     want_lv = grad_mode and logvar is not None and logvar.requires_grad
     log_prob, _, _, num_invalid = _apply_elementwise(theta, x, logvar, int(likelihood), lead_ndim, want_grad,
                                                            want_lv, expected_upstream)
-    if likelihood != Likelihood.GAUSSIAN:
+    if likelihood in _LOGIT_FAMILY:
         raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {Likelihood(likelihood).name.lower()} likelihood")
     return log_prob
 

@@ -41,6 +41,10 @@ def elementwise_kernel(
             grad = diff * inv_var
             if WANT_LOGVAR_GRAD:
                 tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0) * upstream, mask=mask)
+        elif LIKELIHOOD == 3:  # squared error -(x - mean)^2 (no variance, no normaliser)
+            diff = x - theta
+            value = -diff * diff
+            grad = 2.0 * diff
         else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
             invalid += tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, 0)
             t = tl.exp(-tl.abs(theta))
