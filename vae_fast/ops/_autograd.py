@@ -21,7 +21,6 @@ by the upstream gradient the caller most likely sends (``expected_upstream``). B
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
@@ -33,11 +32,6 @@ from .._validation import is_plain
 # than the scaling pass it saves (a new buffer and a pass: 30 us at 128 x 784 here).
 SKIP_CHECK_MIN_ELEMENTS = 1 << 14
 SKIP_CHECK_ULPS = 4
-
-
-def expected_upstream(expected: float) -> float:
-    """The gradient scale to request from the kernels (1 where ``expected`` is unusable)."""
-    return expected if expected != 0.0 and math.isfinite(expected) else 1.0
 
 
 def row_factor(grad_out: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -72,6 +66,16 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
             return saved
         return saved.mul_(row_factor(factor.to(saved.dtype), saved.dim()))
     return saved * row_factor(factor.to(saved.dtype), saved.dim())
+
+
+def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int) -> None:
+    """The ctx state every saved-gradient op's backward reads: the op's name (for errors), the
+    expected upstream gradient its kernel pre-scaled by (input ``expected_index``, default 1.0),
+    and the ``inplace_backward`` setting at forward time."""
+    ctx.set_materialize_grads(False)
+    ctx.op_name = op_name
+    ctx.expected_upstream = inputs[expected_index] if len(inputs) > expected_index else 1.0
+    ctx.inplace_backward = config.INPLACE_BACKWARD.get()
 
 
 def mark_non_differentiable(ctx, *outputs) -> None:

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import config
 from .._validation import raise_if_invalid
-from ._autograd import fast_apply, mark_non_differentiable, saved_gradients, scale_saved
+from ._autograd import fast_apply, mark_non_differentiable, saved_gradients, scale_saved, setup_saved_gradient
 from ._library import acc_dtype, call, kernels_for, register_op
 
 
@@ -97,14 +96,6 @@ def _no_double_backward(op_name: str) -> None:
                            "higher-order gradients")
 
 
-def _setup_saved_gradients(ctx, op_name, expected, grads, wanted):
-    ctx.set_materialize_grads(False)
-    ctx.op_name = op_name
-    ctx.expected_upstream = expected
-    ctx.inplace_backward = config.INPLACE_BACKWARD.get()
-    ctx.save_for_backward(*(g if want else None for g, want in zip(grads, wanted)))
-
-
 class DmolLogProb(torch.autograd.Function):
     """``torch.ops.vae_fast.dmol_log_prob`` with its autograd: only the gradients of the parameters
     that need one are saved (no mixture-sized temporaries)."""
@@ -119,7 +110,8 @@ class DmolLogProb(torch.autograd.Function):
         params, want_grad = inputs[1:5], inputs[7]
         mark_non_differentiable(ctx, *output[1:])
         wanted = [want_grad and t is not None and t.requires_grad for t in params]
-        _setup_saved_gradients(ctx, "dmol_log_prob", inputs[8] if len(inputs) > 8 else 1.0, output[1:5], wanted)
+        setup_saved_gradient(ctx, "dmol_log_prob", inputs, expected_index=8)
+        ctx.save_for_backward(*(g if want else None for g, want in zip(output[1:5], wanted)))
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
@@ -145,8 +137,8 @@ class DmolPackedLogProb(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         mark_non_differentiable(ctx, *output[1:])
-        _setup_saved_gradients(ctx, "dmol_packed_log_prob", inputs[6] if len(inputs) > 6 else 1.0, output[1:2],
-                               [inputs[5]])
+        setup_saved_gradient(ctx, "dmol_packed_log_prob", inputs, expected_index=6)
+        ctx.save_for_backward(output[1] if inputs[5] else None)
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):

@@ -21,10 +21,9 @@ import math
 
 import torch
 
-from .. import config
 from .._validation import raise_if_invalid
 from ._autograd import (fast_apply, keep_inputs_strongly, mark_non_differentiable, row_factor,
-                        save_with_inputs, saved_and_inputs, scale_saved)
+                        save_with_inputs, saved_and_inputs, scale_saved, setup_saved_gradient)
 from ._library import acc_dtype, call, kernels_for, register_op, with_shape
 from .codes import Likelihood
 
@@ -102,10 +101,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         theta, x, logvar, likelihood, lead_ndim, want_grad, want_lv = inputs[:7]
         _, grad, grad_lv, num_invalid = output
         mark_non_differentiable(ctx, grad, grad_lv, num_invalid)
-        ctx.set_materialize_grads(False)
-        ctx.op_name = "elementwise_log_prob"
-        ctx.expected_upstream = inputs[7] if len(inputs) > 7 else 1.0
-        ctx.inplace_backward = config.INPLACE_BACKWARD.get()
+        setup_saved_gradient(ctx, "elementwise_log_prob", inputs, expected_index=7)
         ctx.likelihood, ctx.lead_ndim = likelihood, lead_ndim
         ctx.shapes = (theta.shape, x.shape, None if logvar is None else logvar.shape)
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
@@ -208,10 +204,7 @@ class CategoricalLogProb(torch.autograd.Function):
         logits, target, lead_ndim, want_grad = inputs[:4]
         _, grad, num_invalid = output
         mark_non_differentiable(ctx, grad, num_invalid)
-        ctx.set_materialize_grads(False)
-        ctx.op_name = "categorical_log_prob"
-        ctx.expected_upstream = inputs[4] if len(inputs) > 4 else 1.0
-        ctx.inplace_backward = config.INPLACE_BACKWARD.get()
+        setup_saved_gradient(ctx, "categorical_log_prob", inputs, expected_index=4)
         ctx.lead_ndim = lead_ndim
         save_with_inputs(ctx, (grad if want_grad else None,), (logits, target), keep_inputs_strongly())
 
