@@ -51,8 +51,9 @@ KERNELS = [
         for block, warps in _LATENT for param, prior in ((0, False), (2, True))
     ]),
     (elementwise_kernel, {"invalid_ptr": "*i32"}, [
-        (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=likelihood == 2, ACC=F32, BLOCK=block), warps)
-        for block, warps in _ROW for likelihood in (0, 1, 2, 3)
+        (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=likelihood in (2, 4), ACC=F32, BLOCK=block),
+         warps)
+        for block, warps in _ROW for likelihood in (0, 1, 2, 3, 4)
     ]),
     (categorical_kernel, {"target_ptr": "*i64", "invalid_ptr": "*i32"}, [
         (dict(WANT_GRAD=True, ACC=F32, PIXELS=16, CLASSES=256), 4),  # the launcher's 4096-element tile

@@ -125,7 +125,7 @@ Strided2D strided(uintptr_t ptr, int64_t row_stride, int64_t col_stride, const c
 }
 
 LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
-                       uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs,
+                       int64_t mu_rs, uintptr_t scale, int64_t scale_rs, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs,
                        uintptr_t prior_logvar, int64_t plv_rs, int64_t plv_cs, uintptr_t eps,
                        uint64_t seed, uint64_t offset, int num_threads) {
   check_dtype(dtype);
@@ -135,6 +135,7 @@ LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t
   const bool empty = batch == 0 || dim == 0;
   require(empty || (mu != 0 && scale != 0), "mu and scale must be non-null");
   require((prior_mu == 0) == (prior_logvar == 0), "prior_mu and prior_logvar must be given together");
+  require(mu_rs >= 0 && scale_rs >= 0, "mu and scale row strides must be non-negative");
   LatentArgs a;
   a.batch = batch;
   a.dim = dim;
@@ -142,6 +143,8 @@ LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t
   a.param = static_cast<ScaleParam>(param);
   a.mu = as_ptr(mu);
   a.scale = as_ptr(scale);
+  a.mu_row_stride = mu_rs;
+  a.scale_row_stride = scale_rs;
   a.prior_mu = strided(prior_mu, pm_rs, pm_cs, "prior_mu");
   a.prior_logvar = strided(prior_logvar, plv_rs, plv_cs, "prior_logvar");
   a.eps = as_ptr(eps);
@@ -152,16 +155,16 @@ LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t
 }
 
 void latent_forward(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
-                    uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs, uintptr_t prior_logvar,
+                    int64_t mu_rs, uintptr_t scale, int64_t scale_rs, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs, uintptr_t prior_logvar,
                     int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed, uint64_t offset,
                     uintptr_t z, uintptr_t kl, uintptr_t kl_per_dim, uintptr_t log_ratio, int num_threads,
                     const std::vector<int64_t>& extents) {
-  LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
+  LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, mu_rs, scale, scale_rs, prior_mu, pm_rs, pm_cs,
                              prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
   const int64_t n = batch * dim;
   check_extents({"mu", "scale", "prior_mu", "prior_logvar", "eps", "z", "kl", "kl_per_dim", "log_ratio"},
                 {mu, scale, prior_mu, prior_logvar, eps, z, kl, kl_per_dim, log_ratio},
-                {n, n, extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
+                {extent(batch, dim, mu_rs, 1), extent(batch, dim, scale_rs, 1), extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
                  batch, n, samples * batch},
                 extents);
   require(batch == 0 || kl != 0, "kl output must be non-null");
@@ -175,19 +178,19 @@ void latent_forward(int dtype, int param, int64_t batch, int64_t dim, int64_t sa
 }
 
 void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t samples, uintptr_t mu,
-                     uintptr_t scale, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs,
+                     int64_t mu_rs, uintptr_t scale, int64_t scale_rs, uintptr_t prior_mu, int64_t pm_rs, int64_t pm_cs,
                      uintptr_t prior_logvar, int64_t plv_rs, int64_t plv_cs, uintptr_t eps, uint64_t seed,
                      uint64_t offset, uintptr_t grad_z, uintptr_t grad_kl, uintptr_t grad_kl_per_dim,
                      uintptr_t grad_mu, uintptr_t grad_scale, uintptr_t grad_prior_mu,
                      uintptr_t grad_prior_logvar, int num_threads, const std::vector<int64_t>& extents) {
-  LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, scale, prior_mu, pm_rs, pm_cs,
+  LatentArgs a = latent_args(dtype, param, batch, dim, samples, mu, mu_rs, scale, scale_rs, prior_mu, pm_rs, pm_cs,
                              prior_logvar, plv_rs, plv_cs, eps, seed, offset, num_threads);
   const int64_t n = batch * dim;
   check_extents({"mu", "scale", "prior_mu", "prior_logvar", "eps", "grad_z", "grad_kl", "grad_kl_per_dim", "grad_mu",
                  "grad_scale", "grad_prior_mu", "grad_prior_logvar"},
                 {mu, scale, prior_mu, prior_logvar, eps, grad_z, grad_kl, grad_kl_per_dim, grad_mu, grad_scale,
                  grad_prior_mu, grad_prior_logvar},
-                {n, n, extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
+                {extent(batch, dim, mu_rs, 1), extent(batch, dim, scale_rs, 1), extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
                  batch, n, n, n, n, n},
                 extents);
   require(batch == 0 || dim == 0 || (grad_mu != 0 && grad_scale != 0), "grad_mu and grad_scale must be non-null");
@@ -210,15 +213,16 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
-  require(likelihood >= 0 && likelihood <= 3, "likelihood code must be 0, 1, 2 or 3");
+  require(likelihood >= 0 && likelihood <= 4, "likelihood code must be 0, 1, 2, 3 or 4");
   require(rows >= 0 && dim >= 0 && x_rows >= 0, "sizes must be non-negative");
   require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
   const bool empty = rows == 0 || dim == 0;
   require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
   require(empty || (theta != 0 && x != 0), "theta and x must be non-null");
-  const bool gaussian = likelihood == static_cast<int>(Likelihood::kGaussian);
-  require(!gaussian || empty || logvar != 0, "the Gaussian likelihood needs logvar");
-  require(gaussian || grad_logvar == 0, "grad_logvar is only for the Gaussian likelihood");
+  const bool has_scale = likelihood == static_cast<int>(Likelihood::kGaussian) ||
+                         likelihood == static_cast<int>(Likelihood::kLaplace);
+  require(!has_scale || empty || logvar != 0, "the Gaussian and Laplace likelihoods need logvar (their log-scale)");
+  require(has_scale || grad_logvar == 0, "grad_logvar is only for the Gaussian and Laplace likelihoods");
   check_extents({"theta", "x", "logvar", "log_prob", "grad_theta", "grad_logvar"},
                 {theta, x, logvar, log_prob, grad_theta, grad_logvar},
                 {rows * dim, x_rows * dim, extent(rows, dim, lv_rs, lv_cs), rows, rows * dim, rows * dim}, extents);

@@ -10,7 +10,7 @@
 namespace vae_fast {
 
 enum class ScaleParam : int { kLogVar = 0, kLogStd = 1, kSoftplus = 2 };
-enum class Likelihood : int { kBernoulli = 0, kContinuousBernoulli = 1, kGaussian = 2, kSquaredError = 3 };
+enum class Likelihood : int { kBernoulli = 0, kContinuousBernoulli = 1, kGaussian = 2, kSquaredError = 3, kLaplace = 4 };
 
 // A read-only (rows, cols) operand addressed as ptr[r * row_stride + c * col_stride];
 // strides may be 0 (broadcast). ptr == nullptr means "absent".
@@ -21,13 +21,16 @@ struct Strided2D {
 };
 
 // Latent block: z = mu + sigma * eps, KL(q || p) per dim and per row.
-// mu, scale: (batch, dim) contiguous. eps: (samples, batch, dim) contiguous or null
-// (then eps is Philox noise with counter offset + k*batch*dim + b*dim + j).
+// mu, scale: (batch, dim) with unit column stride and any row stride (the halves of
+// moments.chunk(2, dim=1) are read in place). eps: (samples, batch, dim) contiguous or null
+// (then eps is Philox noise with counter offset + k*batch*dim + b*dim + j: the logical index,
+// whatever the layout).
 struct LatentArgs {
   int64_t batch = 0, dim = 0, samples = 1;
   ScaleParam param = ScaleParam::kLogVar;
   const void* mu = nullptr;
   const void* scale = nullptr;
+  int64_t mu_row_stride = 0, scale_row_stride = 0;
   Strided2D prior_mu, prior_logvar;
   const void* eps = nullptr;
   uint64_t seed = 0, offset = 0;
@@ -55,10 +58,10 @@ struct ElementwiseLikelihoodArgs {
   Likelihood likelihood = Likelihood::kBernoulli;
   const void* theta = nullptr;
   const void* x = nullptr;
-  Strided2D logvar;  // Gaussian only; (rows, dim) view, may broadcast
+  Strided2D logvar;  // Gaussian log-variance / Laplace log-scale only; (rows, dim) view, may broadcast
   void* log_prob = nullptr;        // (rows,)
   void* grad_theta = nullptr;      // (rows, dim) or null
-  void* grad_logvar = nullptr;     // (rows, dim) or null (Gaussian only)
+  void* grad_logvar = nullptr;     // (rows, dim) or null (Gaussian and Laplace only)
   double expected_upstream = 1.0;         // gradients are written multiplied by this (see ops/likelihood.py)
   int num_threads = 1;
 };

@@ -107,6 +107,19 @@ inline void gather_tile(const Strided2D& src, const Tile& tile, T* dst) {
   }
 }
 
+// The tile's part of a (batch, dim) operand with unit column stride and row stride `row_stride`:
+// a pointer into it where the tile is contiguous there (one row, or rows packed back to back),
+// otherwise the rows copied into `buffer` (a multi-row tile spans whole rows of a small dim, so
+// the copy is at most kChunk elements that are in cache anyway).
+template <typename T>
+inline const T* row_tile(const T* base, int64_t row_stride, const Tile& tile, int64_t dim, T* buffer) {
+  const T* first = base + tile.row0 * row_stride + tile.col0;
+  if (tile.rows == 1 || row_stride == dim) return first;
+  for (int64_t r = 0; r < tile.rows; ++r)
+    std::copy(first + r * row_stride, first + r * row_stride + tile.cols, buffer + r * tile.cols);
+  return buffer;
+}
+
 // eps of sample k over a tile (flat offset `start` within one sample): given, or Philox noise.
 template <typename T>
 inline const T* noise_tile(const LatentArgs& a, int64_t k, int64_t start, int64_t n, T* buffer, float* normal) {
@@ -154,13 +167,13 @@ void forward_impl(const LatentArgs& a) {
   for (int64_t block = 0; block < tiling.blocks(); ++block) {
     alignas(64) T sigma[kChunk], kl[kChunk], prior_mu[kChunk], prior_logvar[kChunk], eps_buf[kChunk];
     alignas(64) T ratio_base[kChunk], ratio_term[kChunk];
-    alignas(64) T row_kl[kChunk];
+    alignas(64) T row_kl[kChunk], mu_buf[kChunk], scale_buf[kChunk];
     alignas(64) float normal[kChunk];
     std::fill(row_kl, row_kl + tiling.rows_per_block, T(0));
     for_each_tile(tiling, block, [&](const Tile& tile) {
       const int64_t start = tile.start(Z), n = tile.size();
-      const T* __restrict mu_t = mu + start;
-      const T* __restrict s_t = scale + start;
+      const T* __restrict mu_t = row_tile(mu, a.mu_row_stride, tile, Z, mu_buf);
+      const T* __restrict s_t = row_tile(scale, a.scale_row_stride, tile, Z, scale_buf);
       if constexpr (HAS_PRIOR) {
         gather_tile(a.prior_mu, tile, prior_mu);
         gather_tile(a.prior_logvar, tile, prior_logvar);
@@ -237,12 +250,14 @@ void backward_impl(const LatentArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.batch * Z * (K + 1) > kParallelGrain)
   for (int64_t block = 0; block < tiling.blocks(); ++block) {
     alignas(64) T sum_gz[kChunk], sum_gz_eps[kChunk], g_kl[kChunk], prior_mu[kChunk], prior_logvar[kChunk],
-        eps_buf[kChunk];
+        eps_buf[kChunk], mu_buf[kChunk], scale_buf[kChunk];
     alignas(64) float normal[kChunk];
     for_each_tile(tiling, block, [&](const Tile& tile) {
       const int64_t start = tile.start(Z), n = tile.size();
-      prefetch_next_tile(mu + start, n);
-      prefetch_next_tile(scale + start, n);
+      const T* __restrict mu_t = row_tile(mu, a.mu_row_stride, tile, Z, mu_buf);
+      const T* __restrict s_t = row_tile(scale, a.scale_row_stride, tile, Z, scale_buf);
+      prefetch_next_tile(mu_t, n);  // within a strided row the next tile follows; else a harmless hint
+      prefetch_next_tile(s_t, n);
       if (grad_z != nullptr) prefetch_next_tile(grad_z + start, n);
       // 1. sum_k dL/dz_k and sum_k dL/dz_k * eps_k, eps recomputed from the stream
       std::fill(sum_gz, sum_gz + n, T(0));
@@ -266,8 +281,6 @@ void backward_impl(const LatentArgs& a) {
         gather_tile(a.prior_mu, tile, prior_mu);
         gather_tile(a.prior_logvar, tile, prior_logvar);
       }
-      const T* __restrict mu_t = mu + start;
-      const T* __restrict s_t = scale + start;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         T sig, lv, dsig, dlv;

@@ -10,6 +10,9 @@
 //       C(l) = l / tanh(l/2) (Loaiza-Ganem & Cunningham 2019, written in logits; even in l)
 //   Gaussian:              log p = -1/2 ((x - m)^2 e^-lv + lv + log 2 pi)
 //       d/dm = (x - m) e^-lv,   d/dlv = 1/2 ((x - m)^2 e^-lv - 1)
+//   Laplace (s = log b):   log p = -|x - m| e^-s - s - log 2
+//       d/dm = sign(x - m) e^-s (0 at x = m, as torch.abs),   d/ds = |x - m| e^-s - 1
+//   (x - m)^2 e^-lv and |x - m| e^-s map 0 * inf to 0: an exact fit under a collapsed scale adds nothing)
 //   Categorical:           log p = l_x - logsumexp(l),           d/dl_c = [c == x] - softmax(l)_c
 #include <algorithm>
 #include <limits>
@@ -73,7 +76,10 @@ inline void continuous_bernoulli_log_norm(T l, T t, T& log_c, T& dlog_c) {
   dlog_c = use_series ? T(2) * l * dseries : dclosed;
 }
 
-// How the Gaussian log-variance is read along a row: one value per row (scalar or
+template <Likelihood L>
+constexpr bool kHasScale = L == Likelihood::kGaussian || L == Likelihood::kLaplace;
+
+// How the Gaussian log-variance (Laplace log-scale) is read along a row: one value per row (scalar or
 // per-example logvar: col_stride 0), a contiguous row, or any other stride (gathered).
 enum class LogVarLayout { kRowConstant, kContiguous, kStrided };
 
@@ -96,9 +102,9 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     const T* __restrict x_row = x + (r % a.x_rows) * D;
     // for a row-constant logvar, e^-lv is computed once per row (an empty row reads nothing:
     // a zero-size logvar may have no storage at all)
-    const bool read_row_lv = L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant && D > 0;
+    const bool read_row_lv = kHasScale<L> && LV == LogVarLayout::kRowConstant && D > 0;
     const T row_lv = read_row_lv ? logvar[r * a.logvar.row_stride] : T(0);
-    const T row_inv_var = (L == Likelihood::kGaussian && LV == LogVarLayout::kRowConstant) ? vexp(-row_lv) : T(1);
+    const T row_inv_var = (kHasScale<L> && LV == LogVarLayout::kRowConstant) ? vexp(-row_lv) : T(1);
     T row_sum = T(0);
     int64_t row_bad = 0;
     for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
@@ -106,7 +112,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
       const T* __restrict th = th_row + j0;
       const T* __restrict xs = x_row + j0;
       const T* __restrict lv = lv_buf;
-      if constexpr (L == Likelihood::kGaussian && LV != LogVarLayout::kRowConstant) {
+      if constexpr (kHasScale<L> && LV != LogVarLayout::kRowConstant) {
         const T* lv_src = logvar + r * a.logvar.row_stride + j0 * a.logvar.col_stride;
         if constexpr (LV == LogVarLayout::kContiguous) {
           lv = lv_src;
@@ -125,10 +131,20 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           const T lvi = LV == LogVarLayout::kRowConstant ? row_lv : lv[i];
           const T inv_var = LV == LogVarLayout::kRowConstant ? row_inv_var : vexp(-lvi);
           const T diff = xi - ti;
-          const T scaled_sq = diff * diff * inv_var;
+          const T sq = diff * diff;
+          const T scaled_sq = sq == T(0) ? T(0) : sq * inv_var;
           value = T(-0.5) * (scaled_sq + lvi + T(kLog2Pi));
-          grad = diff * inv_var;
+          grad = diff == T(0) ? T(0) : diff * inv_var;
           if constexpr (WANT_LV_GRAD) g_lv[i] = T(0.5) * (scaled_sq - T(1)) * expected_upstream;
+        } else if constexpr (L == Likelihood::kLaplace) {
+          const T s_i = LV == LogVarLayout::kRowConstant ? row_lv : lv[i];
+          const T inv_b = LV == LogVarLayout::kRowConstant ? row_inv_var : vexp(-s_i);
+          const T diff = xi - ti;
+          const T abs_diff = std::fabs(diff);
+          const T scaled = abs_diff == T(0) ? T(0) : abs_diff * inv_b;
+          value = -scaled - s_i - T(kLn2);
+          grad = diff > T(0) ? inv_b : (diff < T(0) ? -inv_b : T(0));
+          if constexpr (WANT_LV_GRAD) g_lv[i] = (scaled - T(1)) * expected_upstream;
         } else if constexpr (L == Likelihood::kSquaredError) {
           // -(x - mean)^2: the Gaussian's quadratic without variance or normaliser ("MSE" losses)
           const T diff = xi - ti;
@@ -160,7 +176,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
 }
 
 template <typename T, Likelihood L, bool WANT_GRAD>
-int64_t elementwise_gaussian_layout(const ElementwiseLikelihoodArgs& a) {
+int64_t elementwise_scale_layout(const ElementwiseLikelihoodArgs& a) {
   const bool want_lv = a.grad_logvar != nullptr;
   const LogVarLayout layout = a.logvar.col_stride == 0   ? LogVarLayout::kRowConstant
                               : a.logvar.col_stride == 1 ? LogVarLayout::kContiguous
@@ -194,8 +210,11 @@ int64_t elementwise_dispatch(const ElementwiseLikelihoodArgs& a) {
       return grad ? elementwise_impl<T, LL::kSquaredError, true, false, LV::kContiguous>(a)
                   : elementwise_impl<T, LL::kSquaredError, false, false, LV::kContiguous>(a);
     case LL::kGaussian:
-      return grad ? elementwise_gaussian_layout<T, LL::kGaussian, true>(a)
-                  : elementwise_gaussian_layout<T, LL::kGaussian, false>(a);
+      return grad ? elementwise_scale_layout<T, LL::kGaussian, true>(a)
+                  : elementwise_scale_layout<T, LL::kGaussian, false>(a);
+    case LL::kLaplace:
+      return grad ? elementwise_scale_layout<T, LL::kLaplace, true>(a)
+                  : elementwise_scale_layout<T, LL::kLaplace, false>(a);
   }
   return 0;
 }

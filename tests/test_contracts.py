@@ -36,6 +36,7 @@ def _elementwise_cases(device, batch=3, dim=5, dtype=F64, seed=0):
         ("bernoulli", lambda t, xx: vae_fast.bernoulli_log_prob(t, xx), theta, x),
         ("continuous_bernoulli", lambda t, xx: vae_fast.continuous_bernoulli_log_prob(t, xx), theta, x),
         ("gaussian", lambda t, xx: vae_fast.gaussian_log_prob(t, xx, lv), theta, x),
+        ("laplace", lambda t, xx: vae_fast.laplace_log_prob(t, xx, lv), theta, x),
     ]
 
 

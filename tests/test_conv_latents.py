@@ -101,3 +101,86 @@ def test_iwae_objective_with_a_conv_latent(backend):
              + ref.gaussian_log_density(z.flatten(2), torch.zeros_like(mu).flatten(1), torch.zeros_like(mu).flatten(1))
              - ref.gaussian_log_density(z.flatten(2), mu.flatten(1), logvar.flatten(1)))
     assert_matches_reference(out.loss, -ref.log_mean_exp(log_w, 0).mean(), F64, terms=18)
+
+
+class _RecordingExtension:
+    """Stands in for vae_fast._C in the CPU backend, recording the mu/scale pointers (and row
+    strides) the latent kernels receive."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if not name.startswith("latent_"):
+            return fn
+
+        def record(*args):
+            # (dtype, param, batch, dim, samples, mu, mu_row_stride, scale, scale_row_stride, ...)
+            self.calls.append((name, args[5], args[6], args[7], args[8]))
+            return fn(*args)
+        return record
+
+
+@pytest.mark.skipif(vae_fast._backend._cpu_ext is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("shape, split_dim, kl_dims", [
+    ((8, 8, 32, 32), 1, (1, 2, 3)),  # SD-like 4x32x32 latent from (B, 2C, H, W) moments
+    ((128, 40), -1, -1),             # an MLP encoder's h.chunk(2, -1): rows of 20, several per tile
+])
+def test_chunked_moments_reach_the_cpu_kernels_without_a_copy(monkeypatch, shape, split_dim, kl_dims):
+    from vae_fast.kernels import cpu
+    recorder = _RecordingExtension(cpu._C)
+    monkeypatch.setattr(cpu, "_C", recorder)
+    moments = torch.randn(*shape, requires_grad=True)
+    with vae_fast.use_backend("cpu"):
+        mu, logvar = moments.chunk(2, dim=split_dim)
+        z, kl = vae_fast.gaussian_sample_kl(mu, logvar, dim=kl_dims)
+        (z.square().sum() + kl.sum()).backward()
+    assert [c[0] for c in recorder.calls] == ["latent_forward", "latent_backward"]
+    row_stride = moments[0].numel()  # one batch row of the moments: both halves
+    for _, mu_ptr, mu_rs, scale_ptr, scale_rs in recorder.calls:
+        assert mu_ptr == mu.data_ptr() == moments.data_ptr()
+        assert scale_ptr == logvar.data_ptr()
+        assert mu_rs == scale_rs == row_stride
+    # values: the strided read equals a contiguous copy, noise included (the stream follows the
+    # logical index, not the memory layout)
+    with vae_fast.use_backend("cpu"):
+        torch.manual_seed(3)
+        z_strided, kl_strided = vae_fast.gaussian_sample_kl(mu, logvar, dim=kl_dims)
+        torch.manual_seed(3)
+        z_dense, kl_dense = vae_fast.gaussian_sample_kl(mu.contiguous(), logvar.contiguous(), dim=kl_dims)
+    torch.testing.assert_close(z_strided, z_dense, rtol=0, atol=0)
+    torch.testing.assert_close(kl_strided, kl_dense, rtol=0, atol=0)
+    g_mu, g_lv = torch.autograd.grad((z_strided.square().sum() + kl_strided.sum()), (moments,))[0].chunk(2, split_dim)
+    expected_mu = 2 * z_dense.detach() + mu.detach()
+    sigma = (0.5 * logvar.detach()).exp()
+    eps = (z_dense.detach() - mu.detach()) / sigma
+    expected_lv = 2 * z_dense.detach() * eps * 0.5 * sigma + 0.5 * (logvar.detach().exp() - 1)
+    torch.testing.assert_close(g_mu, expected_mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_lv, expected_lv, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [3, 20, 333])
+def test_strided_rows_match_the_reference_for_every_tile_shape(kernel_backend, dim):
+    """Row strides with several rows per tile (small dim), one row (dim 333 > one tile on C++ for the
+    Triton interpreter's 64-wide blocks), a learned prior and K = 2 samples with explicit eps."""
+    gen = torch.Generator().manual_seed(dim)
+    batch = 7
+    h = torch.randn(batch, 2 * dim + 5, generator=gen, dtype=F64).to(kernel_backend)  # padded rows
+    mu, logvar = h[:, :dim].requires_grad_(), h[:, dim + 5:].requires_grad_()
+    assert mu.stride(0) == 2 * dim + 5 and not mu.is_contiguous()
+    prior_mu = torch.randn(dim, generator=gen, dtype=F64).to(kernel_backend)
+    prior_logvar = torch.randn(batch, 1, generator=gen, dtype=F64).to(kernel_backend)
+    eps = torch.randn(2, batch, dim, generator=gen, dtype=F64).to(kernel_backend)
+    z, kl = vae_fast.gaussian_sample_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, eps=eps,
+                                        num_samples=2)
+    assert_matches_reference(z, ref.reparameterize(mu, logvar, eps), F64)
+    pm, plv = prior_mu.expand_as(mu), prior_logvar.expand_as(mu)
+    assert_matches_reference(kl, ref.gaussian_kl(mu, logvar, pm, plv), F64, terms=dim)
+    upstream = torch.randn(2, batch, dim, generator=gen, dtype=F64).to(kernel_backend)
+    got = torch.autograd.grad((z * upstream).sum() + kl.sum(), (mu, logvar))
+    mu_r, lv_r = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
+    expected = torch.autograd.grad((ref.reparameterize(mu_r, lv_r, eps) * upstream).sum()
+                                   + ref.gaussian_kl(mu_r, lv_r, pm, plv).sum(), (mu_r, lv_r))
+    for g, e in zip(got, expected):
+        assert_matches_reference(g, e, F64, terms=2)

@@ -370,9 +370,15 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
             C.elementwise_likelihood(*ok[:13], bad_scale, 1, [32, 32, 0, 4, 32, 0])
     mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
     ratio = torch.zeros(1, 2)
-    args = (0, 0, 2, 3, 1, mu.data_ptr(), mu.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 5, 0, z.data_ptr(), kl.data_ptr(), 0,
-            ratio.data_ptr(), 1)
+    # (dtype, param, batch, dim, samples, mu, mu row stride, scale, scale row stride, ...)
+    args = (0, 0, 2, 3, 1, mu.data_ptr(), 3, mu.data_ptr(), 3, 0, 0, 0, 0, 0, 0, 0, 5, 0, z.data_ptr(),
+            kl.data_ptr(), 0, ratio.data_ptr(), 1)
     C.latent_forward(*args, [6, 6, 0, 0, 0, 6, 2, 0, 2])
+    # a row stride reaches further: (2 - 1) * 4 + 3 = 7 elements of mu
+    with pytest.raises(ValueError, match="mu holds 6 elements but the kernel would touch 7"):
+        C.latent_forward(*args[:6], 4, *args[7:], [6, 6, 0, 0, 0, 6, 2, 0, 2])
+    with pytest.raises(ValueError, match="row strides must be non-negative"):
+        C.latent_forward(*args[:8], -3, *args[9:], [6, 6, 0, 0, 0, 6, 2, 0, 2])
     with pytest.raises(ValueError, match="z holds 5 elements"):
         C.latent_forward(*args, [6, 6, 0, 0, 0, 5, 2, 0, 2])
     with pytest.raises(ValueError, match="log_ratio holds 1 elements"):

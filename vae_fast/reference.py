@@ -178,6 +178,13 @@ def squared_error_log_prob(mean: torch.Tensor, x: torch.Tensor, batch_dims: int 
     return _sum_event(-((x - mean) ** 2).expand(torch.broadcast_shapes(mean.shape, x.shape)), batch_dims)
 
 
+def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, batch_dims: int = 1) -> torch.Tensor:
+    """sum -[log 2b + |x - mean| / b], b = exp(log_scale)."""
+    log_scale = torch.as_tensor(log_scale, dtype=mean.dtype, device=mean.device)
+    per_pixel = -(math.log(2.0) + log_scale + (x - mean).abs() / torch.exp(log_scale))
+    return _sum_event(per_pixel.expand(torch.broadcast_shapes(mean.shape, x.shape)), batch_dims)
+
+
 def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
     """sum log softmax(logits)[x] over pixels; logits (..., C), integer x (...)."""
     log_probs = torch.log_softmax(logits, dim=-1)

@@ -17,14 +17,14 @@ from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 
 
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
-                 expected_upstream: float | None) -> torch.Tensor:
+                 expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
     check_tensor(theta_name, theta)
     check_x(x, theta_name, theta, differentiable=True)
     if x.requires_grad and not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor to differentiate w.r.t. it, got dtype {x.dtype}")
     lead = lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
     if logvar is not None:
-        check_broadcastable("logvar", logvar, theta.shape, theta_name)
+        check_broadcastable(scale_name, logvar, theta.shape, theta_name)
     if expected_upstream is None:
         expected_upstream = default_expected_upstream(reduction, math.prod(theta.shape[:lead]))
     log_prob = likelihood_ops.elementwise_log_prob(theta, x, logvar, likelihood, lead, expected_upstream)
@@ -71,13 +71,39 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduct
     return _gaussian(mean, x, logvar, reduction, None)
 
 
-def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
+def _scale_operand(name: str, mean, value) -> torch.Tensor:
+    # a float (fixed) becomes a 0-d tensor of mean's dtype; tensors are checked, not converted
     check_tensor("mean", mean)
-    if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
-        logvar = torch.tensor(float(logvar), dtype=mean.dtype, device=mean.device)
-    check_tensor("logvar", logvar)
-    check_same_device(("mean", "logvar"), (mean, logvar))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = torch.tensor(float(value), dtype=mean.dtype, device=mean.device)
+    check_tensor(name, value)
+    check_same_device(("mean", name), (mean, value))
+    return value
+
+
+def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
+    logvar = _scale_operand("logvar", mean, logvar)
     return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, logvar, reduction, expected_upstream)
+
+
+def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, *, reduction: str = "none") -> torch.Tensor:
+    """Laplace log-likelihood ``-sum_j [log 2 + s_j + |x_j - mean_j| e^-s_j]``, scale b = e^s, fused with
+    its gradients (d/dmean = sign(x - mean) e^-s, 0 where x = mean as for ``torch.abs``; d/ds = |x - mean| e^-s - 1).
+
+    ``log_scale``: a float (fixed), a 0-d tensor (learned scalar) or any tensor broadcastable to
+    ``mean`` (per pixel, per example, a second decoder head); gradients flow to mean, log_scale and x.
+    The L1 reconstruction of the LDM / Stable Diffusion autoencoder, ``|x - mean| / e^lv + lv`` with
+    its learned scalar ``lv`` (``LPIPSWithDiscriminator``'s ``nll_loss`` without the perceptual term),
+    is exactly the Laplace NLL with ``log_scale = lv`` minus log 2 per element:
+    ``(|x - mean| / e^lv + lv).sum(dims) == -laplace_log_prob(mean, x, lv) - D log 2``.
+    Shapes as :func:`gaussian_log_prob`.
+    """
+    return _laplace(mean, x, log_scale, reduction, None)
+
+
+def _laplace(mean, x, log_scale=0.0, reduction="none", expected_upstream=None):
+    log_scale = _scale_operand("log_scale", mean, log_scale)
+    return _elementwise(Likelihood.LAPLACE, "mean", mean, x, log_scale, reduction, expected_upstream, "log_scale")
 
 
 def mse_log_prob(mean: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:

@@ -11,7 +11,7 @@ from .._validation import check_choice, check_positive_int, check_tensor
 from ._common import REDUCTIONS, reduce
 from .dmol import _dmol_packed, _dmol_split
 from .latent import _latent_over
-from .likelihoods import _bernoulli, _categorical, _continuous_bernoulli, _gaussian, _mse
+from .likelihoods import _bernoulli, _categorical, _continuous_bernoulli, _gaussian, _laplace, _mse
 
 LikelihoodFn = Callable[[object, torch.Tensor], torch.Tensor]
 LIKELIHOODS: dict[str, LikelihoodFn] = {}
@@ -51,6 +51,11 @@ def _gaussian_output(output, x, expected):
     return _gaussian(mean, x, logvar, "none", expected)
 
 
+def _laplace_output(output, x, expected):
+    mean, log_scale = output if isinstance(output, (tuple, list)) else (output, 0.0)
+    return _laplace(mean, x, log_scale, "none", expected)
+
+
 def _dmol_output(output, x, expected):
     # a packed decoder output (read in place) or (logit_probs, means, log_scales[, coeffs])
     if isinstance(output, torch.Tensor):
@@ -61,6 +66,7 @@ def _dmol_output(output, x, expected):
 _builtin_likelihood("bernoulli", lambda logits, x, expected: _bernoulli(logits, x, "none", expected))
 _builtin_likelihood("continuous_bernoulli", lambda logits, x, expected: _continuous_bernoulli(logits, x, "none", expected))
 _builtin_likelihood("gaussian", _gaussian_output)
+_builtin_likelihood("laplace", _laplace_output)
 _builtin_likelihood("mse", lambda mean, x, expected: _mse(mean, x, "none", expected))
 _builtin_likelihood("categorical", lambda logits, x, expected: _categorical(logits, x, "none", expected))
 _builtin_likelihood("dmol", _dmol_output)
@@ -141,7 +147,9 @@ def elbo(
             every non-batch dim, free bits apply per latent element (``logvar`` read as ``param``).
         decode: callable ``z -> decoder output``: logits for ``"bernoulli"``,
             ``"continuous_bernoulli"`` and ``"categorical"``; the mean or ``(mean, logvar)`` for
-            ``"gaussian"``; the reconstruction for ``"mse"`` (log-likelihood = minus the per-example
+            ``"gaussian"``; the mean or ``(mean, log_scale)`` for ``"laplace"`` (L1; the LDM
+            autoencoder's learned-logvar reconstruction, see :func:`vae_fast.laplace_log_prob`);
+            the reconstruction for ``"mse"`` (log-likelihood = minus the per-example
             mean squared error, so the loss is ``F.mse_loss + beta * KL``, see :func:`vae_fast.mse_log_prob`); for ``"dmol"`` the packed PixelCNN++/NVAE tensor (see
             :func:`dmol_from_packed`) or ``(logit_probs, means, log_scales[, coeffs])``. With ``num_samples=K`` it is called once on ``z`` of shape ``(K, B, Z)``.
         likelihood: a registered name (:data:`LIKELIHOODS`) or a callable

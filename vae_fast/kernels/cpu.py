@@ -1,7 +1,7 @@
 """CPU backend: hands raw pointers, sizes and strides to the C++ kernels in vae_fast._C.
 
-Inputs arrive prepared by :mod:`vae_fast.ops` (contiguous, one floating dtype,
-priors/log-variances expanded to 2-D views). float16/bfloat16 are computed in
+Inputs arrive prepared by :mod:`vae_fast.ops` (contiguous, or 2-D with unit column stride where a
+kernel reads row strides; one floating dtype; priors/log-variances expanded to 2-D views). float16/bfloat16 are computed in
 float32; gradients and z are written back in the input dtype, reductions (log-likelihoods,
 KL) stay float32.
 """
@@ -37,6 +37,11 @@ def _extent(t: torch.Tensor | None) -> int:
 
 def _strided(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.data_ptr(), t.stride(0), t.stride(1))
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    # (ptr, row stride) of a (rows, cols) operand with unit column stride (see ops.latent.unit_columns)
+    return t.data_ptr(), t.stride(0)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -77,16 +82,16 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     if dtype != out_dtype:
         mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
-    n = batch * dim  # mu, scale (and eps) arrive contiguous; the outputs are made here
+    n = batch * dim  # mu, scale: unit column stride, any row stride; eps contiguous; outputs made here
     z = _new_output(mu, (num_samples, batch, dim))
     kl = mu.new_empty((batch,))
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
     log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # the kernel accumulates into it
     _C.latent_forward(
-        _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
+        _DTYPE_CODE[dtype], param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), _ptr(log_ratio), torch.get_num_threads(),
-        [mu.numel(), scale.numel(), _extent(prior_mu), _extent(prior_logvar), _extent(eps), num_samples * n, batch,
+        [_extent(mu), _extent(scale), _extent(prior_mu), _extent(prior_logvar), _extent(eps), num_samples * n, batch,
          n if want_kl_per_dim else 0, num_samples * batch if want_log_ratio else 0],
     )
     return (z.to(out_dtype) if dtype != out_dtype else z), kl, kl_per_dim, log_ratio
@@ -103,14 +108,14 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     n = batch * dim
     grad_mu = _new_output(mu)
     grad_scale = _new_output(mu)
-    grad_pm = torch.empty_like(mu) if want_prior_grad else None
-    grad_plv = torch.empty_like(mu) if want_prior_grad else None
+    grad_pm = mu.new_empty(mu.shape) if want_prior_grad else None
+    grad_plv = mu.new_empty(mu.shape) if want_prior_grad else None
     _C.latent_backward(
-        _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), scale.data_ptr(),
+        _DTYPE_CODE[dtype], param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
-        [mu.numel(), scale.numel(), _extent(prior_mu), _extent(prior_logvar), _extent(eps), _extent(grad_z),
+        [_extent(mu), _extent(scale), _extent(prior_mu), _extent(prior_logvar), _extent(eps), _extent(grad_z),
          _extent(grad_kl), _extent(grad_kl_per_dim), n, n, n if want_prior_grad else 0, n if want_prior_grad else 0],
     )
     outs = (grad_mu, grad_scale, grad_pm, grad_plv)

@@ -85,6 +85,7 @@ _ELEMENTWISE = {
     1: lambda t, x, lv: ref.continuous_bernoulli_log_prob(t, x),
     2: lambda t, x, lv: ref.gaussian_log_prob(t, x, lv),
     3: lambda t, x, lv: ref.squared_error_log_prob(t, x),
+    4: lambda t, x, lv: ref.laplace_log_prob(t, x, lv),
 }
 
 
@@ -93,7 +94,7 @@ def _x_rows(x, rows):
 
 
 def _num_invalid(x, likelihood):
-    if likelihood in (2, 3):
+    if likelihood in (2, 3, 4):
         return torch.zeros((), dtype=torch.int64)
     return ((x < 0) | (x > 1)).sum().cpu()
 

@@ -21,6 +21,7 @@ class Likelihood(enum.IntEnum):
     CONTINUOUS_BERNOULLI = 1
     GAUSSIAN = 2
     SQUARED_ERROR = 3
+    LAPLACE = 4
 
 
 SCALE_PARAMS = {p.name.lower(): p for p in ScaleParam}

@@ -4,7 +4,7 @@ Op schemas (``torch.ops.vae_fast``), theta (B, *event) or (K, B, *event) (``lead
 x (B, *event), logvar broadcastable to theta::
 
     elementwise_log_prob(theta, x, logvar?, likelihood, lead_ndim, want_grad, want_logvar_grad,
-                         expected_upstream=1.0)
+                         expected_upstream=1.0)      [logvar: the Gaussian's log-variance, the Laplace's log-scale]
         -> log_prob theta.shape[:lead_ndim] (float32 for half inputs), grad_theta (theta's shape) or (0,),
            grad_logvar (theta's lead dims + logvar's event dims) or (0,), num_invalid () int64
     categorical_log_prob(logits (*lead, *pixels, C), target (B, *pixels) integer, lead_ndim, want_grad,
@@ -82,6 +82,10 @@ def _elementwise_derivatives(likelihood: int, theta, x, logvar):
         inv_var = torch.exp(-logvar.to(theta.dtype))
         d_mean = (x - theta) * inv_var
         return d_mean, -d_mean, 0.5 * ((x - theta) ** 2 * inv_var - 1)
+    if likelihood == Likelihood.LAPLACE:  # logvar holds the log-scale s = log b
+        inv_b = torch.exp(-logvar.to(theta.dtype))
+        d_mean = torch.sign(x - theta) * inv_b
+        return d_mean, -d_mean, (x - theta).abs() * inv_b - 1
     d_theta = x - torch.sigmoid(theta)
     if likelihood == Likelihood.CONTINUOUS_BERNOULLI:
         d_theta = d_theta + _continuous_bernoulli_dlog_norm(theta)
@@ -131,7 +135,7 @@ class ElementwiseLogProb(torch.autograd.Function):
             raise RuntimeError("vae_fast.elementwise_log_prob: call with want_grad=True to differentiate w.r.t. theta")
         grad_theta = grad_x = grad_logvar = None
         if needs[1]:
-            if ctx.likelihood not in _LOGIT_FAMILY:  # Gaussian, squared error: d/dx = -d/dmean
+            if ctx.likelihood not in _LOGIT_FAMILY:  # Gaussian, squared error, Laplace: d/dx = -d/dmean
                 grad_x = -(grad * row_factor(grad_out / ctx.expected_upstream, grad.dim()).to(grad.dtype))
             else:  # d/dx [x l - softplus(l) (+ log C(l))] = l
                 theta = inputs[0]

@@ -103,7 +103,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     if batch == 0:
         return z, kl, kl_per_dim, log_ratio
     _latent_forward[(batch,)](
-        mu, scale, *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
+        mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
         mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
         kl if log_ratio is None else log_ratio,
         batch, dim, num_samples,
@@ -117,14 +117,14 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                     num_samples, want_prior_grad):
     batch, dim = mu.shape
-    grad_mu = torch.empty_like(mu)
-    grad_scale = torch.empty_like(mu)
-    grad_pm = torch.empty_like(mu) if want_prior_grad else None
-    grad_plv = torch.empty_like(mu) if want_prior_grad else None
+    grad_mu = mu.new_empty(mu.shape)  # contiguous, whatever mu's row stride
+    grad_scale = mu.new_empty(mu.shape)
+    grad_pm = mu.new_empty(mu.shape) if want_prior_grad else None
+    grad_plv = mu.new_empty(mu.shape) if want_prior_grad else None
     if batch == 0:
         return grad_mu, grad_scale, grad_pm, grad_plv
     _latent_backward[(batch,)](
-        mu, scale, *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
+        mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
         mu if eps is None else eps, seed,
         mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl,
         mu if grad_kl_per_dim is None else grad_kl_per_dim,

@@ -1,5 +1,8 @@
 """Triton latent kernels: one program per batch row, looping over the latent dim.
 
+mu and scale are read through their row strides (unit column stride): the halves of a chunked
+encoder output (``moments.chunk(2, dim=1)``) go in without a copy. Outputs are contiguous.
+
 Forward: z = mu + sigma * eps for K samples and the analytic KL (per row, and per
 dim if asked) in one pass. Backward: eps is recomputed from the Philox stream (tl.randn4x)
 — the same Philox stream as csrc/latent.cpp — and never stored. The per-row KL is
@@ -36,7 +39,7 @@ def scaled_by(value, inv_prior_std):
 
 @triton.jit
 def latent_forward_kernel(
-    mu_ptr, scale_ptr,
+    mu_ptr, mu_row_stride, scale_ptr, scale_row_stride,
     prior_mu_ptr, pm_row_stride, pm_col_stride,
     prior_logvar_ptr, plv_row_stride, plv_col_stride,
     eps_ptr, seed_ptr,
@@ -52,10 +55,10 @@ def latent_forward_kernel(
     for j0 in range(0, dim, BLOCK):
         cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < dim
-        offs = row * dim + cols
+        offs = row * dim + cols  # outputs are contiguous; mu and scale rows may be strided
         # 1. load q's parameters (and the prior's, through its broadcast strides)
-        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
-        s = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mu = tl.load(mu_ptr + row * mu_row_stride + cols, mask=mask, other=0.0).to(ACC)
+        s = tl.load(scale_ptr + row * scale_row_stride + cols, mask=mask, other=0.0).to(ACC)
         sigma, logvar, _, _ = scale_terms(s, PARAM)
         plv, diff, inv_prior_std = prior_terms(
             mu, row, cols, mask, prior_mu_ptr, pm_row_stride, pm_col_stride,
@@ -90,7 +93,7 @@ def latent_forward_kernel(
 
 @triton.jit
 def latent_backward_kernel(
-    mu_ptr, scale_ptr,
+    mu_ptr, mu_row_stride, scale_ptr, scale_row_stride,
     prior_mu_ptr, pm_row_stride, pm_col_stride,
     prior_logvar_ptr, plv_row_stride, plv_col_stride,
     eps_ptr, seed_ptr,
@@ -111,8 +114,8 @@ def latent_backward_kernel(
         cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < dim
         offs = row * dim + cols
-        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
-        s = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mu = tl.load(mu_ptr + row * mu_row_stride + cols, mask=mask, other=0.0).to(ACC)
+        s = tl.load(scale_ptr + row * scale_row_stride + cols, mask=mask, other=0.0).to(ACC)
         sigma, logvar, dsigma, dlogvar = scale_terms(s, PARAM)
         # 1. sum_k dL/dz_k and sum_k dL/dz_k * eps_k, with eps recomputed, not loaded
         sum_gz = mu * 0.0

@@ -1,6 +1,6 @@
 """Triton reconstruction kernels with the gradient computed in the forward pass.
 
-Elementwise likelihoods (Bernoulli, continuous Bernoulli, Gaussian): one program
+Elementwise likelihoods (Bernoulli, continuous Bernoulli, Gaussian, squared error, Laplace): one program
 per row of the decoder output; the row's log-likelihood is accumulated in
 registers and stored once, d log p / d theta is written in the same pass.
 Categorical: one program per (row, block of pixels); a block of PIXELS x C logits
@@ -10,7 +10,7 @@ partial sums are reduced afterwards (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from ._math import LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
+from ._math import LN2, LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
 
 
 @triton.jit
@@ -32,15 +32,24 @@ def elementwise_kernel(
         offs = row * dim + cols
         theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + x_row * dim + cols, mask=mask, other=0.0).to(ACC)
-        if LIKELIHOOD == 2:  # Gaussian: theta is the mean
+        if LIKELIHOOD == 2:  # Gaussian: theta is the mean (0 * inf -> 0 where x = mean, as in C++)
             lv = tl.load(logvar_ptr + row * lv_row_stride + cols * lv_col_stride, mask=mask, other=0.0).to(ACC)
             diff = x - theta
             inv_var = tl.exp(-lv)
-            scaled_sq = diff * diff * inv_var
+            scaled_sq = tl.where(diff == 0.0, 0.0, diff * diff * inv_var)
             value = -0.5 * (scaled_sq + lv + LOG_2PI)
-            grad = diff * inv_var
+            grad = tl.where(diff == 0.0, 0.0, diff * inv_var)
             if WANT_LOGVAR_GRAD:
                 tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0) * upstream, mask=mask)
+        elif LIKELIHOOD == 4:  # Laplace: theta is the mean, the logvar operand the log-scale s = log b
+            log_b = tl.load(logvar_ptr + row * lv_row_stride + cols * lv_col_stride, mask=mask, other=0.0).to(ACC)
+            diff = x - theta
+            inv_b = tl.exp(-log_b)
+            scaled = tl.where(diff == 0.0, 0.0, tl.abs(diff) * inv_b)
+            value = -scaled - log_b - LN2
+            grad = tl.where(diff > 0.0, inv_b, tl.where(diff < 0.0, -inv_b, 0.0))
+            if WANT_LOGVAR_GRAD:
+                tl.store(grad_logvar_ptr + offs, (scaled - 1.0) * upstream, mask=mask)
         elif LIKELIHOOD == 3:  # squared error -(x - mean)^2 (no variance, no normaliser)
             diff = x - theta
             value = -diff * diff
