@@ -46,6 +46,43 @@ def latent_distributions(mu, logvar, weight):
     return (z * weight).sum() + kl.sum()
 
 
+# ------------------------------------------------------------------ conv latent: SD / LDM moments (B, 2C, H, W)
+
+
+def conv_latent_inputs(shape, device, dtype=torch.float32):
+    """shape (B, C, H, W) of the latent; the leaf is the encoder's moments (B, 2C, H, W)."""
+    batch, channels, height, width = shape
+    gen = torch.Generator().manual_seed(0)
+    moments = torch.randn(batch, 2 * channels, height, width, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(batch, channels, height, width, generator=gen).to(device, dtype)
+    return moments, weight
+
+
+def conv_latent_fused(moments, weight):
+    mean, logvar = moments.chunk(2, dim=1)  # strided views, read in place by the kernel
+    z, kl = vae_fast.gaussian_sample_kl(mean, logvar, dim=(1, 2, 3))
+    return (z * weight).sum() + kl.sum()
+
+
+def conv_latent_posterior(moments, weight):
+    posterior = vae_fast.DiagonalGaussian(moments)
+    return (posterior.sample() * weight).sum() + posterior.kl().sum()
+
+
+def conv_latent_eager(moments, weight):
+    # diffusers' DiagonalGaussianDistribution: chunk, clamp, sample, kl
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    logvar = torch.clamp(logvar, -30.0, 20.0)
+    std = torch.exp(0.5 * logvar)
+    z = mean + std * torch.randn_like(mean)
+    kl = 0.5 * torch.sum(torch.pow(mean, 2) + torch.exp(logvar) - 1.0 - logvar, dim=[1, 2, 3])
+    return (z * weight).sum() + kl.sum()
+
+
+def conv_latent_bytes(shape, itemsize=4):
+    return latent_bytes((shape[0], math.prod(shape[1:])), itemsize)
+
+
 # ------------------------------------------------------------------ reconstruction likelihoods
 
 

@@ -29,6 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LATENT_SHAPES = [(128, 32), (1024, 256), (4096, 512)]
 PIXEL_SHAPES = [(128, 784), (1024, 3072), (4096, 3072)]
 CATEGORICAL_SHAPES = [(64, 3, 32, 32, 256)]
+CONV_LATENT_SHAPES = [(8, 4, 32, 32), (8, 4, 64, 64)]  # SD-like latents (256 and 512 px images)
 ELBO_SHAPES = [(128, 32, 784), (1024, 64, 3072), (4096, 128, 3072)]
 DMOL_SHAPES = [(16, 3, 32, 32, 10), (64, 3, 32, 32, 10)]  # B, C, H, W, mixtures
 
@@ -76,6 +77,11 @@ def collect(quick: bool):
         run_case(rows, "latent", shape, lambda: impls.latent_inputs(shape, "cpu"),
                  {"vae_fast": impls.latent_fused, "eager": impls.latent_eager,
                   "distributions": impls.latent_distributions}, impls.latent_bytes(shape),
+                 with_compile=with_compile, budget=budget)
+    for shape in (CONV_LATENT_SHAPES[:1] if quick else CONV_LATENT_SHAPES):
+        run_case(rows, "conv_latent", shape, lambda: impls.conv_latent_inputs(shape, "cpu"),
+                 {"vae_fast": impls.conv_latent_fused, "DiagonalGaussian": impls.conv_latent_posterior,
+                  "eager": impls.conv_latent_eager}, impls.conv_latent_bytes(shape),
                  with_compile=with_compile, budget=budget)
     for kind in ("bernoulli", "continuous_bernoulli", "gaussian"):
         for shape in pixels:
