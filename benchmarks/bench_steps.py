@@ -10,6 +10,8 @@ Rounds alternate the implementations in one process and the medians are reported
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import platform
 import statistics
 import time
@@ -82,12 +84,154 @@ def time_steps(impls: dict, rounds: int, steps: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def training_step_cases(batch: int):
+class ConvBernoulliVAE(torch.nn.Module):
+    """A conv VAE on 28x28 binarised digits: 2 stride-2 convs -> 16-d latent -> 2 transposed convs -> logits."""
+
+    def __init__(self, latent: int = 16, width: int = 32):
+        super().__init__()
+        self.width = width
+        self.enc = torch.nn.Sequential(
+            torch.nn.Conv2d(1, width, 4, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2 * width, 4, 2, 1),
+            torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(2 * width * 49, 2 * latent))
+        self.dec_in = torch.nn.Linear(latent, 2 * width * 49)
+        self.dec = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+                                       torch.nn.ReLU(), torch.nn.ConvTranspose2d(width, 1, 4, 2, 1))
+
+    def encode(self, x):
+        return self.enc(x).chunk(2, dim=-1)
+
+    def decode(self, z):
+        return self.dec(self.dec_in(z).view(-1, 2 * self.width, 7, 7))
+
+
+class ConvLatentAE(torch.nn.Module):
+    """An SD/LDM-style autoencoder in miniature: 3x32x32 -> moments (B, 8, 8, 8) -> a 4x8x8 conv latent ->
+    3x32x32, L1 reconstruction with a learned scalar log-variance (LDM's nll_loss) + KL."""
+
+    def __init__(self, width: int = 32, channels: int = 4):
+        super().__init__()
+        self.enc = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, 1, 1), torch.nn.SiLU(), torch.nn.Conv2d(width, width, 4, 2, 1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 4, 2, 1), torch.nn.SiLU(), torch.nn.Conv2d(width, 2 * channels, 3, 1, 1))
+        self.dec = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, width, 3, 1, 1), torch.nn.SiLU(), torch.nn.ConvTranspose2d(width, width, 4, 2, 1),
+            torch.nn.SiLU(), torch.nn.ConvTranspose2d(width, width, 4, 2, 1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, 3, 3, 1, 1))
+        self.logvar = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return self.enc(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        return self.dec(z)
+
+
+KL_WEIGHT = 1e-6  # LDM's kl_weight
+
+
+def _mlp_losses(model, x):
+    def eager(model, x):
+        return eager_loss(model, x)
+
+    def null(model, x):  # the same network with a trivial loss: the step minus the ELBO's cost
+        mu, logvar = model.encode(x)
+        return model.decode(mu).mean() + logvar.mean()
+
+    return eager, fused_loss, null
+
+
+def _conv_bernoulli_losses():
+    def eager(model, x):
+        mu, logvar = model.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        rec = F.binary_cross_entropy_with_logits(model.decode(z), x, reduction="sum")
+        return (rec - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())) / x.shape[0]
+
+    def fused(model, x):
+        mu, logvar = model.encode(x)
+        return vae_fast.elbo(x, mu, logvar, model.decode).loss
+
+    def null(model, x):
+        mu, logvar = model.encode(x)
+        return model.decode(mu).mean() + logvar.mean()
+
+    return eager, fused, null
+
+
+def _dmol_losses():
+    from examples.train_dmol import eager_loss as dmol_eager, fused_loss as dmol_fused
+
+    def null(model, x):
+        mu, logvar = model.encode(x)
+        return model.decode(mu).mean() + logvar.mean()
+
+    return dmol_eager, lambda model, x: dmol_fused(model, x).loss, null
+
+
+def _hierarchical_losses():
+    from examples import train_hierarchical as hier
+
+    def null(model, x):
+        logits, kls = model(x, lambda mu, logvar, pm, plv, eps=None: (mu, (logvar + pm + plv).mean((1, 2, 3))))
+        return logits.mean() + torch.stack(kls).sum(0).mean()
+
+    return (lambda model, x: hier.negative_elbo(model, x, fused=False)[0],
+            lambda model, x: hier.negative_elbo(model, x, fused=True)[0], null)
+
+
+def _conv_latent_losses():
+    def eager(model, x):  # diffusers' DiagonalGaussianDistribution + LDM's L1 nll_loss
+        mean, logvar = model.encode(x)
+        logvar = torch.clamp(logvar, -30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        nll = (x - model.decode(z)).abs() / torch.exp(model.logvar) + model.logvar
+        kl = 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
+        return nll.sum() / x.shape[0] + KL_WEIGHT * kl.sum() / x.shape[0]
+
+    def fused(model, x):
+        mean, logvar = model.encode(x)
+        return vae_fast.elbo(x, mean, logvar, lambda z: (model.decode(z), model.logvar), likelihood="laplace",
+                             beta=KL_WEIGHT).loss
+
+    def null(model, x):
+        mean, logvar = model.encode(x)
+        return model.decode(mean).mean() + logvar.mean()
+
+    return eager, fused, null
+
+
+def model_cases(quick: bool):
+    """(name, model factory, batch of data, (eager, fused, null) losses) for every benchmarked model."""
     torch.manual_seed(0)
-    x = load_digits(batch)
+    digits = lambda batch: load_digits(batch)  # noqa: E731
+    cases = [("MLP VAE 784-400-20", MLPVAE, digits(128), _mlp_losses(None, None), "B=128"),
+             ("MLP VAE 784-400-20", MLPVAE, digits(1024), _mlp_losses(None, None), "B=1024"),
+             ("conv Bernoulli VAE 28x28", ConvBernoulliVAE, digits(64).view(-1, 1, 28, 28), _conv_bernoulli_losses(),
+              "B=64")]
+    from examples.train_dmol import ConvVAE
+    from examples.train_hierarchical import HierarchicalVAE
+
+    dmol_x = (torch.round(digits(32).view(-1, 1, 28, 28) * 255) / 127.5 - 1)
+    cases += [("conv DMOL VAE 28x28 (M=5)", ConvVAE, dmol_x, _dmol_losses(), "B=32"),
+              ("hierarchical VAE, 3 conv groups", HierarchicalVAE, digits(64).view(-1, 1, 28, 28),
+               _hierarchical_losses(), "B=64"),
+              ("SD-like conv-latent AE (4x8x8), Laplace", ConvLatentAE, torch.rand(16, 3, 32, 32) * 2 - 1,
+               _conv_latent_losses(), "B=16")]
+    return cases
+
+
+def training_step_impls(model_factory, x, losses, with_compile: bool) -> dict:
+    """name -> a zero-argument training step (forward, backward, Adam) on its own copy of one model."""
+    eager, fused, null = losses
+    torch.manual_seed(0)
+    base = model_factory()
+    variants = {"eager": eager, "vae_fast": fused, "network only": null}
+    if with_compile:
+        variants["torch.compile(eager)"] = torch.compile(eager)
+        variants["torch.compile(vae_fast)"] = torch.compile(fused)  # the fused ops trace as custom ops
     impls = {}
-    for name, loss_fn in (("eager", eager_loss), ("vae_fast", fused_loss)):
-        model = MLPVAE()
+    for name, loss_fn in variants.items():
+        model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step(model=model, opt=opt, loss_fn=loss_fn):
@@ -97,6 +241,22 @@ def training_step_cases(batch: int):
 
         impls[name] = step
     return impls
+
+
+def saved_mib(model_factory, x, loss_fn) -> float:
+    """MiB saved for backward by one forward of the loss (activations incl. the ELBO's own)."""
+    torch.manual_seed(0)
+    model = model_factory()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model, x)
+    return total / 2**20
 
 
 def overhead_cases(batch: int = 128, dim: int = 20):
@@ -130,19 +290,34 @@ def overhead_cases(batch: int = 128, dim: int = 20):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="MLP and conv Bernoulli only, fewer rounds, no compile")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    rounds, steps = (5, 10) if args.quick else (15, 20)
+    rounds, steps = (5, 5) if args.quick else (11, 10)
+    cases = model_cases(args.quick)
+    if args.quick:
+        cases = cases[:3]
+    lines = ["| model | batch | eager ms | vae_fast ms | speed-up | torch.compile(eager) ms | torch.compile(vae_fast) ms | "
+             "network only ms | ELBO ms eager / fused | saved for backward MiB eager / fused |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
-    for batch in (128, 1024):
-        result = time_steps(training_step_cases(batch), rounds, steps)
-        rows.append((f"MLP VAE 784-400-20 step, B={batch}", result["eager"], result["vae_fast"]))
-    over = time_steps(overhead_cases(), rounds, steps * 10)
-    lines = ["| case | eager ms | vae_fast ms | vae_fast / eager speed-up |", "|---|---|---|---|"]
-    for case, eager, fused in rows:
-        lines.append(f"| {case} | {eager * 1e3:.3f} | {fused * 1e3:.3f} | {eager / fused:.2f}x |")
-    lines += ["", "| op (128x20 latent, 128x784 Bernoulli), fwd+bwd | public us | kernels us | "
+    for name, factory, x, losses, batch in cases:
+        result = time_steps(training_step_impls(factory, x, losses, with_compile=not args.quick), rounds, steps)
+        eager, fused, null = result["eager"], result["vae_fast"], result["network only"]
+        compiled = result.get("torch.compile(eager)", float("nan"))
+        compiled_fused = result.get("torch.compile(vae_fast)", float("nan"))
+        saved = [saved_mib(factory, x, fn) for fn in losses[:2]]
+        rows.append(dict(model=name, batch=batch, eager_ms=eager * 1e3, fused_ms=fused * 1e3, compile_ms=compiled * 1e3,
+                         compile_fused_ms=compiled_fused * 1e3, null_ms=null * 1e3, saved_eager_mib=saved[0],
+                         saved_fused_mib=saved[1]))
+        lines.append(f"| {name} | {batch} | {eager * 1e3:.2f} | {fused * 1e3:.2f} | {eager / fused:.2f}x | "
+                     f"{compiled * 1e3:.2f} | {compiled_fused * 1e3:.2f} | {null * 1e3:.2f} | {(eager - null) * 1e3:.2f} / {(fused - null) * 1e3:.2f} | "
+                     f"{saved[0]:.2f} / {saved[1]:.2f} |")
+        print(lines[-1], flush=True)
+    over = time_steps(overhead_cases(), rounds, 200)
+    lines += ["", "ELBO ms = step minus the same network's step with a trivial loss (its share of the step); "
+              "saved for backward: the tensors autograd keeps from the forward pass.", "",
+              "| op (128x20 latent, 128x784 Bernoulli), fwd+bwd | public us | kernels us | "
               "overhead us (wrapper, autograd engine, the loss's own ops) |",
               "|---|---|---|---|"]
     for op in ("latent", "bernoulli"):
@@ -153,9 +328,40 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}-{torch.get_num_threads()}threads"
-    header = (f"Training steps and per-call overhead, torch {torch.__version__}, {machine}; medians of {rounds} "
-              f"alternated rounds.\n\n")
-    (out / f"steps-{machine}{'-quick' if args.quick else ''}.md").write_text(header + text + "\n")
+    header = (f"Training steps (forward, backward, Adam) and per-call overhead, torch {torch.__version__}, {machine}; "
+              f"medians of {rounds} alternated rounds of {steps} steps.\n\n")
+    stem = f"steps-{machine}{'-quick' if args.quick else ''}"
+    (out / f"{stem}.md").write_text(header + text + "\n")
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / f"{stem}.png")
+
+
+def plot(rows, path: Path) -> None:
+    """Speed-up of the fused step over eager (and over torch.compile where measured) per model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [f"{r['model']}\n{r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    positions = range(len(rows))
+    ax.bar([p - 0.2 for p in positions], [r["eager_ms"] / r["fused_ms"] for r in rows], width=0.4,
+           label="vae_fast vs eager")
+    ax.bar([p + 0.2 for p in positions], [r["compile_ms"] / r["compile_fused_ms"] for r in rows], width=0.4,
+           label="torch.compile(vae_fast) vs torch.compile(eager)")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(list(positions), labels, fontsize=7)
+    ax.set_ylabel("training-step speed-up")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,20 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch
     return seed if seed.device == device else seed.to(device)
 
 
+_unused_seeds: dict = {}
+
+
+def _unused_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument of calls that draw no noise (KL only, explicit eps): a cached 0-d zero
+    (making one is a kernel launch on CUDA)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((), dtype=torch.int64, device=device)
+    seed = _unused_seeds.get(device)
+    if seed is None:
+        seed = _unused_seeds[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return seed
+
+
 def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tensor | None:
     # priors broadcast against mu (*B, Z); the kernels take them broadcastable to (rows, Z)
     if t is None or mu.dim() <= 2:
@@ -73,12 +87,12 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
         rows, dim = mu.shape
         mu2, logvar2 = mu, logvar
     if eps is not None:
-        seed = torch.zeros((), dtype=torch.int64, device=mu.device)
+        seed = _unused_seed(mu.device)
         eps = eps.reshape(samples, rows, dim)
     elif samples > 0:
         seed = _draw_seed(mu.device, generator)
     else:
-        seed = torch.zeros((), dtype=torch.int64, device=mu.device)
+        seed = _unused_seed(mu.device)
     z, kl, kl_per_dim, log_ratio = apply_latent(
         mu2, logvar2, prior_mu, prior_logvar, eps, seed, param_code, samples, want_kl_per_dim, want_log_ratio)
     if samples == 1:

@@ -54,6 +54,10 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     expected = ctx.expected_upstream
     if _upstream_is_expected(saved, grad_out, expected):
         return saved
+    if not ctx.inplace_backward and grad_out.dtype == saved.dtype and expected != 1.0:
+        # saved * grad_out / expected in one pass (one kernel launch on CUDA, not a division and a
+        # product): addcmul onto a cached broadcast zero
+        return torch.addcmul(_zero_like(saved), saved, row_factor(grad_out, saved.dim()), value=1.0 / expected)
     factor = grad_out if expected == 1.0 else grad_out / expected
     if ctx.inplace_backward and not torch.compiler.is_compiling() and is_plain(saved):
         ctx.saved_consumed = True
@@ -66,6 +70,20 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
             return saved
         return saved.mul_(row_factor(factor.to(saved.dtype), saved.dim()))
     return saved * row_factor(factor.to(saved.dtype), saved.dim())
+
+
+_zeros: dict = {}
+
+
+def _zero_like(t: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d zero of t's dtype and device (creating one is a kernel launch on CUDA)."""
+    if torch.compiler.is_compiling() or not is_plain(t):
+        return t.new_zeros(())
+    key = (t.dtype, t.device)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = t.new_zeros(())
+    return zero
 
 
 def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int) -> None:

@@ -142,7 +142,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     log_prob = theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype))
     grad = torch.empty_like(theta) if want_grad else None
     grad_lv = torch.empty_like(theta) if want_logvar_grad else None
-    invalid = torch.zeros((rows,), dtype=torch.int32, device=theta.device)
+    invalid = torch.empty((rows,), dtype=torch.int32, device=theta.device)  # every row's program writes its count
     if rows > 0:
         _elementwise[(rows,)](
             theta, x, *_strided(logvar, theta), log_prob,
@@ -164,7 +164,7 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     pixel_block = max(1, min(triton.next_power_of_2(max(pixels, 1)), 4096 // class_block))
     num_blocks = triton.cdiv(pixels, pixel_block)
     partial = logits.new_empty((rows, num_blocks), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    invalid = torch.zeros((rows, num_blocks), dtype=torch.int32, device=logits.device)
+    invalid = torch.empty((rows, num_blocks), dtype=torch.int32, device=logits.device)  # written by every program
     grad = torch.empty_like(logits) if want_grad else None
     if rows > 0 and pixels > 0:
         categorical_kernel[(rows, num_blocks)](
@@ -211,7 +211,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
     num_blocks = triton.cdiv(pixels, pixel_block)
     acc_dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
     partial = means.new_empty((rows, num_blocks), dtype=acc_dtype)
-    invalid = torch.zeros((rows, num_blocks), dtype=torch.int32, device=means.device)
+    invalid = torch.empty((rows, num_blocks), dtype=torch.int32, device=means.device)  # written by every program
     grads4 = (None, None, None, None) if grads is None else grads
     if rows > 0 and pixels > 0:
         l_view = _dmol_view(logit_probs, means)
