@@ -348,8 +348,10 @@ def plot(rows, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    labels = [f"{r['model']}\n{r['batch']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    import textwrap
+
+    labels = ["\n".join(textwrap.wrap(f"{r['model']}, {r['batch']}", 18)) for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     positions = range(len(rows))
     ax.bar([p - 0.2 for p in positions], [r["eager_ms"] / r["fused_ms"] for r in rows], width=0.4,
            label="vae_fast vs eager")
