@@ -23,6 +23,7 @@ from .functional import (
     gaussian_log_prob,
     gaussian_sample_kl,
     laplace_log_prob,
+    linear_log_prob,
     mse_log_prob,
     register_likelihood,
 )
@@ -38,7 +39,7 @@ __all__ = [
     "set_inplace_backward", "save_inputs", "check_pending_errors", "LIKELIHOODS", "ELBOResult", "KLWarmup", "nn",
     "buffer_cache_bytes", "release_buffer_cache", "set_buffer_cache_limit",
     "bernoulli_log_prob", "categorical_log_prob", "continuous_bernoulli_log_prob", "elbo", "gaussian_kl",
-    "gaussian_log_prob", "gaussian_sample_kl", "laplace_log_prob", "mse_log_prob", "register_likelihood", "iwae_bound", "diagnostics",
+    "gaussian_log_prob", "gaussian_sample_kl", "laplace_log_prob", "linear_log_prob", "mse_log_prob", "register_likelihood", "iwae_bound", "diagnostics",
     "DMOLParams", "discretized_logistic_mixture_log_prob", "dmol_from_packed", "dmol_packed_log_prob",
     "DiagonalGaussian",
 ]

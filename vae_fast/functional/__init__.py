@@ -14,11 +14,12 @@ from .dmol import DMOLParams, discretized_logistic_mixture_log_prob, dmol_from_p
 from .latent import gaussian_kl, gaussian_sample_kl
 from .likelihoods import (bernoulli_log_prob, categorical_log_prob, continuous_bernoulli_log_prob, gaussian_log_prob,
                           laplace_log_prob, mse_log_prob)
+from .heads import linear_log_prob
 from .objectives import LIKELIHOODS, OBJECTIVES, ELBOResult, elbo, register_likelihood
 
 __all__ = [
     "REDUCTIONS", "DMOLParams", "discretized_logistic_mixture_log_prob", "dmol_from_packed", "dmol_packed_log_prob",
     "gaussian_kl", "gaussian_sample_kl", "bernoulli_log_prob", "categorical_log_prob",
     "continuous_bernoulli_log_prob", "gaussian_log_prob", "laplace_log_prob", "mse_log_prob", "LIKELIHOODS", "OBJECTIVES", "ELBOResult", "elbo",
-    "register_likelihood",
+    "register_likelihood", "linear_log_prob",
 ]

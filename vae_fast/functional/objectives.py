@@ -137,6 +137,8 @@ def elbo(
     eps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     objective: str = "elbo",
+    head=None,
+    head_kwargs: dict | None = None,
 ) -> ELBOResult:
     """The VAE objective on fused kernels: ``ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z))``.
 
@@ -173,6 +175,10 @@ def elbo(
             and prior parameters get the ordinary IWAE gradient. ``beta`` and ``free_bits`` apply
             to the ELBO objective only. ``elbo``, ``log_likelihood`` and ``kl`` are reported as for
             the ELBO objective.
+        head: a :class:`vae_fast.nn.FusedHead` (the decoder's last Linear / 1x1 conv with its
+            likelihood): ``decode`` then returns the head's input features h, and the
+            log-likelihood is ``head.log_prob(h, x, **head_kwargs)``, its output never held in full
+            (``likelihood`` is the head's own; e.g. ``head_kwargs={"logvar": self.log_sigma2}``).
     """
     check_tensor("x", x, floating=False)
     check_positive_int("num_samples", num_samples)
@@ -184,7 +190,14 @@ def elbo(
         raise ValueError(f"beta and free_bits apply to objective='elbo' only, got objective={objective!r} with "
                          f"beta={beta}, free_bits={free_bits}")
     fused = None
-    if callable(likelihood):
+    if head is not None:
+        if not callable(getattr(head, "log_prob", None)):
+            raise TypeError(f"head must be a vae_fast.nn.FusedHead (with .log_prob(h, x)), got {type(head).__name__}")
+        head_kwargs = dict(head_kwargs or {})
+        log_prob_fn = lambda features, data: head.log_prob(features, data, **head_kwargs)  # noqa: E731
+    elif head_kwargs:
+        raise ValueError("head_kwargs need a head")
+    elif callable(likelihood):
         log_prob_fn = likelihood
     else:
         check_choice("likelihood", likelihood, LIKELIHOODS)

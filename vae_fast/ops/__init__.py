@@ -8,4 +8,4 @@ the per-call overhead of ``torch.library.custom_op`` at small shapes, see
 benchmarks/bench_dispatch.py). The same backward is also registered on the ops
 themselves, so ``torch.ops.vae_fast.*`` is differentiable and ``opcheck``-clean.
 """
-from . import dmol, latent, likelihood  # noqa: F401  (registers the ops)
+from . import dmol, head, latent, likelihood  # noqa: F401  (registers the ops)

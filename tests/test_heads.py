@@ -1,0 +1,245 @@
+"""Fused decoder heads (``vae_fast.linear_log_prob``): values and gradients equal the unfused
+F.linear + likelihood in float64, for every likelihood, both layouts, K samples and chunkings."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae_fast
+from vae_fast import reference as ref
+
+from .conftest import assert_matches_reference
+
+F64 = torch.float64
+
+
+def _unfused(likelihood, out, x, scale):
+    if likelihood == "bernoulli":
+        return ref.bernoulli_log_prob(out, x, batch_dims=out.dim() - x.dim() + 1)
+    if likelihood == "continuous_bernoulli":
+        return ref.continuous_bernoulli_log_prob(out, x, batch_dims=out.dim() - x.dim() + 1)
+    if likelihood == "gaussian":
+        return ref.gaussian_log_prob(out, x, scale, batch_dims=out.dim() - x.dim() + 1)
+    if likelihood == "laplace":
+        return ref.laplace_log_prob(out, x, scale, batch_dims=out.dim() - x.dim() + 1)
+    raise AssertionError(likelihood)
+
+
+def _case(likelihood, channel_dim, samples, device, gen, batch=3, features=5, out_features=4, pixels=(2, 3)):
+    if channel_dim == -1:
+        lead = (samples, batch) if samples > 1 else (batch,)
+        h = torch.randn(*lead, *pixels, features, generator=gen, dtype=F64)
+        x_shape = (batch, *pixels, out_features)
+    else:
+        h = torch.randn(batch, features, *pixels, generator=gen, dtype=F64)
+        x_shape = (batch, out_features, *pixels)
+    if likelihood == "categorical":
+        x = torch.randint(0, out_features, x_shape[:-1] if channel_dim == -1 else (batch, *pixels), generator=gen)
+    elif likelihood in ("bernoulli", "continuous_bernoulli"):
+        x = torch.rand(x_shape, generator=gen, dtype=F64)
+    else:
+        x = torch.randn(x_shape, generator=gen, dtype=F64)
+    weight = 0.5 * torch.randn(out_features, features, generator=gen, dtype=F64)
+    bias = 0.5 * torch.randn(out_features, generator=gen, dtype=F64)
+    return h.to(device), weight.to(device), bias.to(device), x.to(device)
+
+
+SCALES = {  # learned scale operands, in the output's layout (channel_dim=-1 / 1)
+    "scalar": (lambda gen: torch.tensor(0.3, dtype=F64), lambda gen: torch.tensor(-0.2, dtype=F64)),
+    "per_channel": (lambda gen: 0.3 * torch.randn(4, generator=gen, dtype=F64),
+                    lambda gen: 0.3 * torch.randn(4, 1, 1, generator=gen, dtype=F64)),
+    "per_example": (lambda gen: 0.3 * torch.randn(3, 1, 1, 1, generator=gen, dtype=F64),
+                    lambda gen: 0.3 * torch.randn(3, 1, 1, 1, generator=gen, dtype=F64)),
+}
+
+
+def _check(likelihood, channel_dim, samples, backend, chunk_bytes, scale_kind=None, upstream="mean"):
+    gen = torch.Generator().manual_seed(hash((likelihood, channel_dim, samples, scale_kind)) % 1000)
+    h, weight, bias, x = _case(likelihood, channel_dim, samples, backend, gen)
+    leaves = [t.requires_grad_() for t in (h, weight, bias)]
+    kwargs, scale = {}, None
+    if scale_kind is not None:
+        scale = SCALES[scale_kind][0 if channel_dim == -1 else 1](gen).to(backend).requires_grad_()
+        kwargs = {"logvar" if likelihood == "gaussian" else "log_scale": scale}
+        leaves.append(scale)
+    got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood=likelihood, channel_dim=channel_dim,
+                                   max_chunk_bytes=chunk_bytes, **kwargs)
+    copies = [t.detach().clone().requires_grad_() for t in leaves]
+    if channel_dim == -1:
+        out = F.linear(copies[0], copies[1], copies[2])
+    else:
+        out = F.conv2d(copies[0], copies[1][:, :, None, None], copies[2])
+    if likelihood == "categorical":
+        logits = out if channel_dim == -1 else out.movedim(1, -1)
+        expected = ref.categorical_log_prob(logits, x, batch_dims=logits.dim() - x.dim())
+    else:
+        expected = _unfused(likelihood, out, x, copies[3] if scale is not None else 0.0)
+    assert got.shape == expected.shape
+    assert_matches_reference(got, expected, F64, terms=24)
+    weights = {"mean": torch.full(got.shape, -1.0 / got.numel(), dtype=F64),
+               "scaled": torch.full(got.shape, 2.5, dtype=F64),
+               "per_row": torch.randn(got.shape, generator=gen, dtype=F64)}[upstream].to(backend)
+    for g, e in zip(torch.autograd.grad((got * weights).sum(), leaves, retain_graph=True),
+                    torch.autograd.grad((expected * weights).sum(), copies)):
+        assert_matches_reference(g, e, F64, terms=24)
+    return got, leaves
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian", "laplace", "categorical"])
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_values_and_gradients_equal_the_unfused_head(backend, likelihood, channel_dim):
+    # 8 bytes per float64 element: 4 output elements per chunk splits every example into pixel blocks
+    for chunk_bytes in (32, 8 * 24, None):
+        _check(likelihood, channel_dim, 1, backend, chunk_bytes)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "categorical"])
+def test_k_samples_share_x(backend, likelihood):
+    _check(likelihood, -1, 2, backend, 8 * 24 * 4)  # chunks of 4 examples cross the K boundary
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "laplace"])
+@pytest.mark.parametrize("scale_kind", list(SCALES))
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_learned_scales(backend, likelihood, scale_kind, channel_dim):
+    _check(likelihood, channel_dim, 1, backend, 8 * 6, scale_kind)
+
+
+@pytest.mark.parametrize("upstream", ["scaled", "per_row"])
+def test_any_upstream_gradient_and_repeated_backward(backend, upstream):
+    """The saved gradients assume -1/B per row: a uniform multiple of it is a scale, anything else
+    a recomputation with the actual per-row weights; the graph can be differentiated again."""
+    _, leaves = _check("gaussian", 1, 1, backend, 8 * 6, "per_channel", upstream)
+
+
+def test_bad_input_names_the_argument():
+    h, weight, bias = torch.randn(2, 5), torch.randn(4, 5), torch.randn(4)
+    x = torch.rand(2, 4)
+    with pytest.raises(ValueError, match="weight"):
+        vae_fast.linear_log_prob(h, torch.randn(4, 6), bias, x, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="bias"):
+        vae_fast.linear_log_prob(h, weight, torch.randn(3), x, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="x of shape"):
+        vae_fast.linear_log_prob(h, weight, bias, torch.rand(2, 3), likelihood="bernoulli")
+    with pytest.raises(ValueError, match="channel_dim"):
+        vae_fast.linear_log_prob(torch.randn(2, 5, 3, 3), weight, bias, x, likelihood="bernoulli", channel_dim=2)
+    with pytest.raises(ValueError, match="likelihood"):
+        vae_fast.linear_log_prob(h, weight, bias, x, likelihood="poisson")
+    with pytest.raises(TypeError, match="logvar"):
+        vae_fast.linear_log_prob(h, weight, bias, x, likelihood="bernoulli", logvar=0.0)
+    with pytest.raises(ValueError, match="log_scale"):
+        vae_fast.linear_log_prob(h, weight, bias, x, likelihood="laplace", log_scale=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        vae_fast.linear_log_prob(h, weight, bias, x + 2, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="class indices"):
+        vae_fast.linear_log_prob(h, weight, bias, torch.full((2,), 9), likelihood="categorical")
+
+
+def test_grad_weight_accumulates_in_float32_for_bfloat16():
+    """Liger-Kernel's FusedLinearCrossEntropy once accumulated grad_weight across chunks in bf16;
+    here each chunk's contribution is added in float32 and rounded once."""
+    torch.manual_seed(0)
+    h = torch.randn(512, 8).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(16, 8).to(torch.bfloat16).requires_grad_()
+    x = torch.randint(0, 16, (512,))
+    got = vae_fast.linear_log_prob(h, weight, None, x, likelihood="categorical", max_chunk_bytes=2 * 16 * 8)
+    grad = torch.autograd.grad(got.mean(), weight)[0]
+    h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = torch.autograd.grad(-F.cross_entropy(F.linear(h64, w64), x), w64)[0]
+    # one bf16 rounding of the float32 sum (64 chunks of 8 rows), not 64 roundings
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-2, atol=2e-3)
+
+
+def test_opcheck_and_compile():
+    torch.manual_seed(0)
+    h, weight, bias = torch.randn(2, 3, 5), torch.randn(4, 5), torch.randn(4)
+    x = torch.rand(2, 3, 4)
+    for t in (h, weight, bias):
+        t.requires_grad_()
+    op = torch.ops.vae_fast.linear_log_prob.default
+    torch.library.opcheck(op, (h.reshape(2, 3, 5), weight, bias, x, None, 0, 8, -0.5),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    fn = lambda h, w, b: vae_fast.linear_log_prob(h, w, b, x, likelihood="bernoulli", reduction="mean")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(h, weight, bias), fn(h, weight, bias))
+    for a, b in zip(torch.autograd.grad(compiled(h, weight, bias), (h, weight, bias)),
+                    torch.autograd.grad(fn(h, weight, bias), (h, weight, bias))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fn(h, weight, bias), h, create_graph=True)
+
+
+def test_fused_head_module_matches_nn_linear_and_the_unfused_elbo(backend):
+    torch.manual_seed(0)
+    head = vae_fast.nn.FusedHead(6, (1, 4, 4), "bernoulli").double().to(backend)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 16).double().to(backend)
+    torch.testing.assert_close(head.weight, linear.weight)  # nn.Linear's initialisation
+    torch.testing.assert_close(head.bias, linear.bias)
+    features = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh()).double().to(backend)
+    x = torch.rand(5, 1, 4, 4, dtype=F64).to(backend)
+    mu = torch.randn(5, 3, dtype=F64).to(backend).requires_grad_()
+    logvar = (0.3 * torch.randn(5, 3, dtype=F64)).to(backend).requires_grad_()
+    params = [mu, logvar, head.weight, head.bias, *features.parameters()]
+    for samples in (1, 2):
+        eps = torch.randn(samples, 5, 3, dtype=F64).to(backend)
+        fused = vae_fast.elbo(x, mu, logvar, features, head=head, num_samples=samples, eps=eps)
+        unfused = vae_fast.elbo(x, mu, logvar, lambda z: head(features(z)), likelihood="bernoulli",
+                                num_samples=samples, eps=eps)
+        assert_matches_reference(fused.loss, unfused.loss, F64, terms=16)
+        assert_matches_reference(fused.log_likelihood, unfused.log_likelihood, F64, terms=16)
+        for a, b in zip(torch.autograd.grad(fused.loss, params), torch.autograd.grad(unfused.loss, params)):
+            assert_matches_reference(a, b, F64, terms=16)
+
+
+def test_fused_conv_head_with_a_learned_variance_in_elbo(backend):
+    torch.manual_seed(1)
+    head = vae_fast.nn.FusedHead(4, 3, "gaussian", channel_dim=1).double().to(backend)
+    conv = torch.nn.Conv2d(4, 3, 1).double().to(backend)
+    conv.weight.data.copy_(head.weight[:, :, None, None])
+    conv.bias.data.copy_(head.bias)
+    h_in = torch.randn(2, 4, 3, 3, dtype=F64).to(backend)
+    torch.testing.assert_close(head(h_in), conv(h_in))
+    log_sigma2 = torch.tensor(0.2, dtype=F64, device=backend, requires_grad=True)
+    x = torch.randn(2, 3, 3, 3, dtype=F64).to(backend)
+    mu = torch.randn(2, 4, 3, 3, dtype=F64).to(backend).requires_grad_()
+    logvar = torch.zeros(2, 4, 3, 3, dtype=F64).to(backend)
+    eps = torch.randn(2, 4, 3, 3, dtype=F64).to(backend)
+    fused = vae_fast.elbo(x, mu, logvar, torch.tanh, head=head, head_kwargs={"logvar": log_sigma2}, eps=eps)
+    unfused = vae_fast.elbo(x, mu, logvar, lambda z: (head(torch.tanh(z)), log_sigma2), likelihood="gaussian", eps=eps)
+    assert_matches_reference(fused.loss, unfused.loss, F64, terms=27)
+    params = [mu, log_sigma2, head.weight, head.bias]
+    for a, b in zip(torch.autograd.grad(fused.loss, params), torch.autograd.grad(unfused.loss, params)):
+        assert_matches_reference(a, b, F64, terms=27)
+    with pytest.raises(TypeError, match="head"):
+        vae_fast.elbo(x, mu, logvar, torch.tanh, head=conv)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_logistic_mixture_head_equals_the_unfused_packed_likelihood(backend, channels):
+    """A 1x1 conv to NVAE's packed parameters (the Efficient-VDVAE output layer) fused with the
+    mixture: values and gradients of h, weight and bias equal conv2d + dmol_packed_log_prob."""
+    gen = torch.Generator().manual_seed(channels)
+    mixtures = 2
+    out_features = mixtures * (1 + channels * (3 if channels == 3 else 2))
+    h = torch.randn(2, 4, 3, 3, generator=gen, dtype=F64).to(backend).requires_grad_()
+    weight = (0.5 * torch.randn(out_features, 4, generator=gen, dtype=F64)).to(backend).requires_grad_()
+    bias = (0.5 * torch.randn(out_features, generator=gen, dtype=F64)).to(backend).requires_grad_()
+    x = (torch.randint(0, 256, (2, channels, 3, 3), generator=gen).to(F64) / 127.5 - 1).to(backend)
+    upstream = torch.randn(2, generator=gen, dtype=F64).to(backend)
+    leaves = (h, weight, bias)
+    expected = vae_fast.dmol_packed_log_prob(x, F.conv2d(h, weight[:, :, None, None], bias))
+    for chunk_bytes in (8 * out_features * 2, None):  # pixel blocks of 2, whole examples
+        got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood="dmol", channel_dim=1,
+                                       max_chunk_bytes=chunk_bytes)
+        assert_matches_reference(got, expected, F64, terms=9)
+        for upstream_kind in ("mean", "per_row"):
+            w = torch.full_like(got, -0.5) if upstream_kind == "mean" else upstream
+            for a, b in zip(torch.autograd.grad((got * w).sum(), leaves, retain_graph=True),
+                            torch.autograd.grad((expected * w).sum(), leaves, retain_graph=True)):
+                assert_matches_reference(a, b, F64, terms=9)
+    with pytest.raises(ValueError, match="channel_dim"):
+        vae_fast.linear_log_prob(h.movedim(1, -1), weight, bias, x, likelihood="dmol")
+    with pytest.raises(ValueError, match="weight has"):
+        vae_fast.linear_log_prob(h, weight[:-1], bias[:-1], x, likelihood="dmol", channel_dim=1)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        vae_fast.linear_log_prob(h, weight, bias, x * 3, likelihood="dmol", channel_dim=1)

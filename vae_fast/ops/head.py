@@ -1,0 +1,249 @@
+"""Fused decoder head: the last Linear / 1x1 conv and the likelihood in one op, its output never
+held in full.
+
+Op schema (``torch.ops.vae_fast``)::
+
+    linear_log_prob(h (N, P, H), weight (O, H), bias (O,)?, x (Bx, P, O) float or (Bx, P) integer,
+                    logvar (Nl, Pl, Ol)?, likelihood, chunk_elements, expected_upstream, row_weights (N,)?,
+                    want_grads)
+        -> log_prob (N,), grad_h (N, P, H) or (0,), grad_weight (O, H) or (0,), grad_bias (O,) or (0,),
+           grad_logvar (Nl, Pl, Ol) or (0,), num_invalid () int64
+
+N examples (K samples x B), each P positions (pixels) of H features; example n is scored against
+x row n % Bx. The head's output ``h @ weight.T + bias`` (N, P, O) is computed chunk by chunk (at
+most ``chunk_elements`` output elements at a time): each chunk goes through the fused likelihood
+kernel of its backend (which returns d log p / d output already times ``expected_upstream``, or
+times ``row_weights[n]`` when given), and the chunk's gradient is turned into grad_h (a matmul),
+and accumulated into grad_weight and grad_bias in float32 (float64 for float64 inputs) before the
+chunk's buffers are reused. ``logvar`` (the Gaussian's log-variance, the Laplace's log-scale) is
+in the output frame with each of its three dims either 1 (broadcast) or full.
+
+Choice on CPU (and on CUDA, around the Triton likelihood kernels): chunks of torch matmuls around
+the existing fused kernels, as the issue allows. The matmuls are the head's own cost in any
+implementation; what the fusion removes is the (N, P, O) output and its gradient (one chunk of
+each is live instead), and the separate likelihood pass over them. A CCE-style Triton kernel that
+keeps each output tile in SRAM is not written yet.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._validation import is_plain
+from ._autograd import SKIP_CHECK_ULPS, fast_apply, mark_non_differentiable
+from ._library import acc_dtype, call, kernels_for, register_op
+
+CATEGORICAL = 100  # likelihood codes of the categorical and logistic-mixture heads (the elementwise
+DMOL = 101         # ones use ops.codes.Likelihood)
+DEFAULT_CHUNK_BYTES = 8 << 20  # output + gradient buffers of one chunk: ~8 MiB each in float32
+
+
+def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4) -> int:
+    """Output elements per chunk for a memory budget (bytes per chunk buffer)."""
+    budget = DEFAULT_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+    return max(1, budget // itemsize)
+
+
+def _chunks(num_examples: int, positions: int, out_features: int, chunk_elements: int):
+    """(n0, n1, p0, p1) blocks covering (N, P): whole examples while they fit the budget, else
+    pixel blocks of one example (so a single 1024x1024 image still streams through a small buffer)."""
+    per_example = positions * out_features
+    if per_example <= chunk_elements:
+        step = max(1, chunk_elements // max(per_example, 1))
+        for n0 in range(0, num_examples, step):
+            yield n0, min(num_examples, n0 + step), 0, positions
+        return
+    pixels = max(1, chunk_elements // max(out_features, 1))
+    for n0 in range(num_examples):
+        for p0 in range(0, positions, pixels):
+            yield n0, n0 + 1, p0, min(positions, p0 + pixels)
+
+
+def _x_rows(x, n0: int, n1: int, p0: int, p1: int):
+    rows = x.shape[0]
+    if n0 // rows == (n1 - 1) // rows:  # the chunk stays within one sample's copy of x
+        return x[n0 % rows:(n1 - 1) % rows + 1, p0:p1]
+    index = torch.arange(n0, n1, device=x.device) % rows
+    return x[index, p0:p1]
+
+
+def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
+                 want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
+    h, weight = h.detach(), weight.detach()  # the op's own arguments; autograd is LinearLogProbFunction's
+    bias = None if bias is None else bias.detach()
+    logvar = None if logvar is None else logvar.detach()
+    num_examples, positions, features = h.shape
+    out_features = weight.shape[0]
+    acc = acc_dtype(h.dtype)
+    backend = kernels_for(h)
+    log_prob = h.new_zeros((num_examples,), dtype=acc)
+    grad_h = h.new_empty(h.shape) if want_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if want_grads else None  # float32 accumulation
+    grad_b = torch.zeros((out_features,), dtype=acc, device=h.device) if want_grads and bias is not None else None
+    want_lv = want_grads and want_logvar_grad and logvar is not None
+    grad_lv = torch.zeros(logvar.shape, dtype=acc, device=h.device) if want_lv else None
+    invalid = torch.zeros((), dtype=torch.int64, device=h.device)
+    upstream = 1.0 if row_weights is not None else expected_upstream
+    for n0, n1, p0, p1 in _chunks(num_examples, positions, out_features, chunk_elements):
+        n, p = n1 - n0, p1 - p0
+        hb = h[n0:n1, p0:p1]
+        xb = _x_rows(x, n0, n1, p0, p1)
+        if likelihood == DMOL:
+            bad = _dmol_chunk(backend, hb, weight, bias, xb, grad_h, grad_w, grad_b, log_prob, n0, n1, p0, p1,
+                              upstream, row_weights, want_grads, num_mixtures, num_bits, log_scale_min)
+            invalid += bad
+            continue
+        out = torch.matmul(hb, weight.t())  # (n, p, O): the only output-sized buffer, one chunk of it
+        if bias is not None:
+            out += bias
+        # the logvar operand's block: full dims sliced with the chunk, broadcast ones kept at 1
+        lv_rows = slice(n0, n1) if logvar is not None and logvar.shape[0] > 1 else slice(0, 1)
+        lv_cols = slice(p0, p1) if logvar is not None and logvar.shape[1] > 1 else slice(0, 1)
+        g_lv = None
+        if likelihood == CATEGORICAL:
+            lp, g, bad = backend.categorical_log_prob(out, xb.to(torch.int64).contiguous(), want_grads, upstream)
+        else:
+            lv = None
+            if logvar is not None:
+                lv = logvar[lv_rows, lv_cols].to(out.dtype).expand(n, p, out_features).reshape(n, p * out_features)
+            lp, g, g_lv, bad = backend.elementwise_log_prob(
+                out.view(n, p * out_features), xb.to(out.dtype).reshape(n, p * out_features).contiguous(), lv, likelihood,
+                want_grads, want_lv, upstream)
+        invalid += bad
+        log_prob[n0:n1] += lp.to(acc)
+        if not want_grads:
+            continue
+        g = g.view(n, p, out_features)
+        if row_weights is not None:
+            g = g * row_weights[n0:n1].view(n, 1, 1).to(g.dtype)
+        grad_h[n0:n1, p0:p1] = torch.matmul(g, weight)
+        g2 = g.reshape(n * p, out_features).to(acc)
+        grad_w.addmm_(g2.t(), hb.reshape(n * p, features).to(acc))
+        if grad_b is not None:
+            grad_b += g2.sum(0)
+        if grad_lv is not None:
+            g_lv = g_lv.view(n, p, out_features).to(acc)
+            if row_weights is not None:
+                g_lv = g_lv * row_weights[n0:n1].view(n, 1, 1).to(acc)
+            dims = tuple(d for d in range(3) if logvar.shape[d] == 1)
+            grad_lv[lv_rows, lv_cols] += g_lv.sum(dims, keepdim=True) if dims else g_lv
+    return (log_prob, grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype), None if grad_lv is None else grad_lv.to(logvar.dtype),
+            invalid)
+
+
+def _dmol_chunk(backend, hb, weight, bias, xb, grad_h, grad_w, grad_b, log_prob, n0, n1, p0, p1, upstream,
+                row_weights, want_grads, num_mixtures, num_bits, log_scale_min):
+    """One chunk of a logistic-mixture head: the packed NVAE parameters (n, O, p) with pixels
+    contiguous, as the mixture kernel reads them; x arrives as (n, p, C)."""
+    from .dmol import packed_views
+
+    n, p = n1 - n0, p1 - p0
+    channels = xb.shape[-1]
+    out = torch.matmul(weight, hb.transpose(1, 2))  # (n, O, p)
+    if bias is not None:
+        out += bias[:, None]
+    grad = out.new_empty(out.shape) if want_grads else None
+    lp, bad = backend.dmol_log_prob(
+        xb.transpose(1, 2).to(out.dtype).contiguous(), *packed_views(out, num_mixtures, channels), num_bits,
+        log_scale_min, True, None if grad is None else packed_views(grad, num_mixtures, channels), upstream)
+    log_prob[n0:n1] += lp.to(log_prob.dtype)
+    if want_grads:
+        if row_weights is not None:
+            grad = grad * row_weights[n0:n1].view(n, 1, 1).to(grad.dtype)
+        g = grad.transpose(1, 2)  # (n, p, O)
+        grad_h[n0:n1, p0:p1] = torch.matmul(g, weight)
+        g2 = g.reshape(n * p, weight.shape[0]).to(grad_w.dtype)
+        grad_w.addmm_(g2.t(), hb.reshape(n * p, hb.shape[-1]).to(grad_w.dtype))
+        if grad_b is not None:
+            grad_b += g2.sum(0)
+    return bad
+
+
+def _head_fake(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
+               want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
+    empty = h.new_empty(0)
+    return (h.new_empty((h.shape[0],), dtype=acc_dtype(h.dtype)), h.new_empty(h.shape) if want_grads else empty,
+            weight.new_empty(weight.shape) if want_grads else empty,
+            bias.new_empty(bias.shape) if want_grads and bias is not None else empty,
+            logvar.new_empty(logvar.shape) if want_grads and want_logvar_grad and logvar is not None else empty,
+            h.new_empty((), dtype=torch.int64))
+
+
+def _present(t):
+    return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+
+
+def _upstream_factor(grad_out: torch.Tensor, expected: float):
+    """1.0 if grad_out is the expected upstream (to a few ulps), c if it is c times it in every row,
+    None otherwise (then backward recomputes with per-row weights). A host read of N values; under
+    torch.compile or for non-plain tensors None (the recompute is always correct)."""
+    if torch.compiler.is_compiling() or not is_plain(grad_out) or grad_out.numel() == 0:
+        return None
+    first = float(grad_out.reshape(-1)[0])
+    tolerance = SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps * max(abs(first), abs(expected))
+    if float((grad_out - first).abs().max()) > tolerance:
+        return None
+    return 1.0 if abs(first - expected) <= tolerance else first / expected
+
+
+class LinearLogProbFunction(torch.autograd.Function):
+    """``torch.ops.vae_fast.linear_log_prob`` with its autograd: the gradients come from forward,
+    times the expected upstream gradient; backward returns them (any upstream that is the same
+    multiple of the expected one in every row: scaled), or recomputes them chunk by chunk with the
+    actual per-row upstream. No double backward (RuntimeError)."""
+
+    @staticmethod
+    def forward(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
+                want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
+        return call(torch.ops.vae_fast.linear_log_prob.default, _head_kernel, h, weight, bias, x, logvar, likelihood,
+                    chunk_elements, expected_upstream, row_weights, want_grads, want_logvar_grad, num_mixtures,
+                    num_bits, log_scale_min)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, weight, bias, x, logvar, likelihood, chunk_elements = inputs[:7]
+        ctx.expected_upstream = inputs[7] if len(inputs) > 7 else 1.0
+        ctx.want_logvar_grad = inputs[10] if len(inputs) > 10 else False
+        ctx.likelihood, ctx.chunk_elements = likelihood, chunk_elements
+        ctx.mixture = tuple(inputs[11:14])  # (num_mixtures, num_bits, log_scale_min) when given
+        ctx.set_materialize_grads(False)
+        mark_non_differentiable(ctx, *output[1:])
+        ctx.save_for_backward(h, weight, bias, x, logvar, *output[1:5])
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        if grad_out is None:
+            return (None,) * 14
+        if torch.is_grad_enabled():
+            raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported; "
+                               "use the unfused head (F.linear + the likelihood) for higher derivatives")
+        h, weight, bias, x, logvar, *grads = ctx.saved_tensors
+        grads = [_present(g) for g in grads]
+        if grads[0] is None:
+            raise RuntimeError("vae_fast.linear_log_prob: called with want_grads=False, nothing to differentiate")
+        factor = _upstream_factor(grad_out, ctx.expected_upstream)
+        if factor is None:  # per-row upstream: one more chunked pass with those weights
+            weights = grad_out.reshape(-1).to(acc_dtype(h.dtype))
+            _, *grads, _ = call(torch.ops.vae_fast.linear_log_prob.default, _head_kernel, h, weight, bias, x, logvar,
+                                ctx.likelihood, ctx.chunk_elements, 1.0, weights, True, ctx.want_logvar_grad,
+                                *ctx.mixture)
+            grads = [_present(g) for g in grads]
+        elif factor != 1.0:
+            grads = [None if g is None else g * factor for g in grads]
+        needs = ctx.needs_input_grad
+        grad_h, grad_w, grad_b, grad_lv = grads
+        return (grad_h if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None, None,
+                grad_lv if needs[4] else None, *(None,) * 9)
+
+
+register_op(
+    "linear_log_prob",
+    "(Tensor h, Tensor weight, Tensor? bias, Tensor x, Tensor? logvar, int likelihood, int chunk_elements, "
+    "float expected_upstream=1.0, Tensor? row_weights=None, bool want_grads=True, bool want_logvar_grad=False, "
+    "int num_mixtures=0, int num_bits=8, float log_scale_min=-7.0) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _head_kernel, _head_fake, LinearLogProbFunction)
+
+apply_linear_log_prob = fast_apply(LinearLogProbFunction)
