@@ -40,12 +40,14 @@ test-asan: $(DEPS_STAMP)
 	rm -f $(BUILD_STAMP)
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		VAE_FAST_BACKEND=cpu $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider tests/test_latent.py tests/test_likelihood.py tests/test_elbo.py \
-		tests/test_dmol.py tests/test_mse.py tests/test_conv_latents.py tests/test_contracts.py \
+		tests/test_dmol.py tests/test_mse.py tests/test_conv_latents.py tests/test_contracts.py tests/test_laplace.py \
+		tests/test_heads.py \
 		"tests/test_backend.py::test_large_outputs_come_from_the_buffer_cache_and_behave_like_torch_tensors"
 
 bench: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.report --quick
 	$(VPY) -m benchmarks.bench_steps --quick
+	$(VPY) -m benchmarks.bench_heads --quick
 
 # every Triton kernel compiled ahead of time for sm_80 and sm_90 (no GPU needed): registers, spills,
 # shared memory per kernel and configuration; fails on a compile error or a spill (imports vae_fast,
@@ -56,6 +58,7 @@ triton-aot: $(BUILD_STAMP)
 bench-report: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.report
 	$(VPY) -m benchmarks.bench_steps
+	$(VPY) -m benchmarks.bench_heads
 
 wheel: $(DEPS_STAMP)
 	$(VPY) -m pip wheel -q --no-build-isolation --no-deps . -w dist

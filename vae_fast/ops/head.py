@@ -36,7 +36,7 @@ from ._library import acc_dtype, call, kernels_for, register_op
 
 CATEGORICAL = 100  # likelihood codes of the categorical and logistic-mixture heads (the elementwise
 DMOL = 101         # ones use ops.codes.Likelihood)
-DEFAULT_CHUNK_BYTES = 8 << 20  # output + gradient buffers of one chunk: ~8 MiB each in float32
+DEFAULT_CHUNK_BYTES = 2 << 20  # per chunk buffer (output, gradient): 2 MiB each; measured 8 MiB: no faster
 
 
 def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4) -> int:
@@ -68,97 +68,121 @@ def _x_rows(x, n0: int, n1: int, p0: int, p1: int):
     return x[index, p0:p1]
 
 
+class _Head:
+    """What every chunk of one call reads and accumulates into (one object, so that each chunk's
+    buffers are locals of its function and are freed before the next chunk allocates its own)."""
+
+    def __init__(self, h, weight, bias, logvar, likelihood, expected_upstream, row_weights, want_grads,
+                 want_logvar_grad, num_mixtures, num_bits, log_scale_min):
+        self.h, self.weight, self.bias, self.logvar = h, weight, bias, logvar
+        self.likelihood, self.row_weights, self.want_grads = likelihood, row_weights, want_grads
+        self.mixture = (num_mixtures, num_bits, log_scale_min)
+        self.upstream = 1.0 if row_weights is not None else expected_upstream  # row weights carry it instead
+        self.backend = kernels_for(h)
+        num_examples, positions, features = h.shape
+        self.acc = acc = acc_dtype(h.dtype)
+        self.log_prob = h.new_zeros((num_examples,), dtype=acc)
+        self.invalid = torch.zeros((), dtype=torch.int64, device=h.device)
+        self.grad_h = self.grad_w = self.grad_b = self.grad_lv = None
+        if want_grads:
+            # grad_h in h's memory layout (channels-first for a 1x1 conv head): autograd returns it as is
+            self.grad_h = (h.new_empty((num_examples, features, positions)).transpose(1, 2)
+                           if h.stride(1) == 1 and h.stride(2) != 1 else h.new_empty(h.shape))
+            self.grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)  # float32 accumulation
+            if bias is not None:
+                self.grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device)
+            if want_logvar_grad and logvar is not None:
+                self.grad_lv = torch.zeros(logvar.shape, dtype=acc, device=h.device)
+
+    def weighted(self, g, n0, n1):
+        return g if self.row_weights is None else g * self.row_weights[n0:n1].view(-1, 1, 1).to(g.dtype)
+
+
+def _elementwise_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
+    """One chunk of a Linear head with an elementwise or categorical likelihood; (n, p, O) channels-last."""
+    n, p = n1 - n0, p1 - p0
+    weight, logvar, out_features = head.weight, head.logvar, head.weight.shape[0]
+    out = torch.matmul(hb, weight.t())  # (n, p, O): the only output-sized buffer, one chunk of it
+    if head.bias is not None:
+        out += head.bias
+    # the logvar operand's block: full dims sliced with the chunk, broadcast ones kept at 1
+    lv_rows = slice(n0, n1) if logvar is not None and logvar.shape[0] > 1 else slice(0, 1)
+    lv_cols = slice(p0, p1) if logvar is not None and logvar.shape[1] > 1 else slice(0, 1)
+    g_lv = None
+    if head.likelihood == CATEGORICAL:
+        lp, g, bad = head.backend.categorical_log_prob(out, xb.to(torch.int64).contiguous(), head.want_grads,
+                                                       head.upstream)
+    else:
+        lv = None
+        if logvar is not None:
+            lv = logvar[lv_rows, lv_cols].to(out.dtype).expand(n, p, out_features).reshape(n, p * out_features)
+        lp, g, g_lv, bad = head.backend.elementwise_log_prob(
+            out.view(n, p * out_features), xb.to(out.dtype).reshape(n, p * out_features).contiguous(), lv,
+            head.likelihood, head.want_grads, head.grad_lv is not None, head.upstream)
+    del out
+    head.log_prob[n0:n1] += lp.to(head.acc)
+    if not head.want_grads:
+        return bad
+    g = head.weighted(g.view(n, p, out_features), n0, n1)
+    head.grad_h[n0:n1, p0:p1] = torch.matmul(g, weight)
+    g2 = g.reshape(n * p, out_features).to(head.acc)
+    head.grad_w.addmm_(g2.t(), hb.reshape(n * p, hb.shape[-1]).to(head.acc))
+    if head.grad_b is not None:
+        head.grad_b += g2.sum(0)
+    if head.grad_lv is not None:
+        g_lv = head.weighted(g_lv.view(n, p, out_features).to(head.acc), n0, n1)
+        dims = tuple(d for d in range(3) if logvar.shape[d] == 1)
+        head.grad_lv[lv_rows, lv_cols] += g_lv.sum(dims, keepdim=True) if dims else g_lv
+    return bad
+
+
+def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
+    """One chunk of a logistic-mixture head, in channels-first algebra: the packed NVAE parameters
+    (n, O, p) with pixels contiguous (as the mixture kernel reads them) are W @ h (n, H, p), so a
+    channels-first h and its gradient are used in place; x arrives as (n, p, C)."""
+    from .dmol import packed_views
+
+    num_mixtures, num_bits, log_scale_min = head.mixture
+    weight, channels = head.weight, xb.shape[-1]
+    h_cf = hb.transpose(1, 2)  # (n, H, p): pixel stride 1 for a channels-first h
+    # one example: a plain GEMM (measured faster here than matmul's broadcast batched path)
+    out = torch.mm(weight, h_cf[0]).unsqueeze(0) if n1 - n0 == 1 else torch.matmul(weight, h_cf)
+    if head.bias is not None:
+        out += head.bias[:, None]
+    grad = out.new_empty(out.shape) if head.want_grads else None
+    lp, bad = head.backend.dmol_log_prob(
+        xb.transpose(1, 2).to(out.dtype).contiguous(), *packed_views(out, num_mixtures, channels), num_bits,
+        log_scale_min, True, None if grad is None else packed_views(grad, num_mixtures, channels), head.upstream)
+    del out
+    head.log_prob[n0:n1] += lp.to(head.acc)
+    if grad is not None:
+        grad = head.weighted(grad, n0, n1)
+        target = head.grad_h.transpose(1, 2)[n0:n1, :, p0:p1]
+        if n1 - n0 == 1 and target.is_contiguous():  # straight into grad_h, no temporary and copy
+            torch.mm(weight.t(), grad[0], out=target[0])
+        else:
+            target.copy_(torch.matmul(weight.t(), grad))
+        for i in range(n1 - n0):  # (O, p) @ (p, H) per example: no reshaped copies of the chunk
+            head.grad_w.addmm_(grad[i].to(head.acc), h_cf[i].t().to(head.acc))
+        if head.grad_b is not None:
+            head.grad_b += grad.sum((0, 2), dtype=head.acc)
+    return bad
+
+
 def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
                  want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
     h, weight = h.detach(), weight.detach()  # the op's own arguments; autograd is LinearLogProbFunction's
     bias = None if bias is None else bias.detach()
     logvar = None if logvar is None else logvar.detach()
-    num_examples, positions, features = h.shape
-    out_features = weight.shape[0]
-    acc = acc_dtype(h.dtype)
-    backend = kernels_for(h)
-    log_prob = h.new_zeros((num_examples,), dtype=acc)
-    grad_h = h.new_empty(h.shape) if want_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if want_grads else None  # float32 accumulation
-    grad_b = torch.zeros((out_features,), dtype=acc, device=h.device) if want_grads and bias is not None else None
-    want_lv = want_grads and want_logvar_grad and logvar is not None
-    grad_lv = torch.zeros(logvar.shape, dtype=acc, device=h.device) if want_lv else None
-    invalid = torch.zeros((), dtype=torch.int64, device=h.device)
-    upstream = 1.0 if row_weights is not None else expected_upstream
-    for n0, n1, p0, p1 in _chunks(num_examples, positions, out_features, chunk_elements):
-        n, p = n1 - n0, p1 - p0
-        hb = h[n0:n1, p0:p1]
-        xb = _x_rows(x, n0, n1, p0, p1)
-        if likelihood == DMOL:
-            bad = _dmol_chunk(backend, hb, weight, bias, xb, grad_h, grad_w, grad_b, log_prob, n0, n1, p0, p1,
-                              upstream, row_weights, want_grads, num_mixtures, num_bits, log_scale_min)
-            invalid += bad
-            continue
-        out = torch.matmul(hb, weight.t())  # (n, p, O): the only output-sized buffer, one chunk of it
-        if bias is not None:
-            out += bias
-        # the logvar operand's block: full dims sliced with the chunk, broadcast ones kept at 1
-        lv_rows = slice(n0, n1) if logvar is not None and logvar.shape[0] > 1 else slice(0, 1)
-        lv_cols = slice(p0, p1) if logvar is not None and logvar.shape[1] > 1 else slice(0, 1)
-        g_lv = None
-        if likelihood == CATEGORICAL:
-            lp, g, bad = backend.categorical_log_prob(out, xb.to(torch.int64).contiguous(), want_grads, upstream)
-        else:
-            lv = None
-            if logvar is not None:
-                lv = logvar[lv_rows, lv_cols].to(out.dtype).expand(n, p, out_features).reshape(n, p * out_features)
-            lp, g, g_lv, bad = backend.elementwise_log_prob(
-                out.view(n, p * out_features), xb.to(out.dtype).reshape(n, p * out_features).contiguous(), lv, likelihood,
-                want_grads, want_lv, upstream)
-        invalid += bad
-        log_prob[n0:n1] += lp.to(acc)
-        if not want_grads:
-            continue
-        g = g.view(n, p, out_features)
-        if row_weights is not None:
-            g = g * row_weights[n0:n1].view(n, 1, 1).to(g.dtype)
-        grad_h[n0:n1, p0:p1] = torch.matmul(g, weight)
-        g2 = g.reshape(n * p, out_features).to(acc)
-        grad_w.addmm_(g2.t(), hb.reshape(n * p, features).to(acc))
-        if grad_b is not None:
-            grad_b += g2.sum(0)
-        if grad_lv is not None:
-            g_lv = g_lv.view(n, p, out_features).to(acc)
-            if row_weights is not None:
-                g_lv = g_lv * row_weights[n0:n1].view(n, 1, 1).to(acc)
-            dims = tuple(d for d in range(3) if logvar.shape[d] == 1)
-            grad_lv[lv_rows, lv_cols] += g_lv.sum(dims, keepdim=True) if dims else g_lv
-    return (log_prob, grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype), None if grad_lv is None else grad_lv.to(logvar.dtype),
-            invalid)
-
-
-def _dmol_chunk(backend, hb, weight, bias, xb, grad_h, grad_w, grad_b, log_prob, n0, n1, p0, p1, upstream,
-                row_weights, want_grads, num_mixtures, num_bits, log_scale_min):
-    """One chunk of a logistic-mixture head: the packed NVAE parameters (n, O, p) with pixels
-    contiguous, as the mixture kernel reads them; x arrives as (n, p, C)."""
-    from .dmol import packed_views
-
-    n, p = n1 - n0, p1 - p0
-    channels = xb.shape[-1]
-    out = torch.matmul(weight, hb.transpose(1, 2))  # (n, O, p)
-    if bias is not None:
-        out += bias[:, None]
-    grad = out.new_empty(out.shape) if want_grads else None
-    lp, bad = backend.dmol_log_prob(
-        xb.transpose(1, 2).to(out.dtype).contiguous(), *packed_views(out, num_mixtures, channels), num_bits,
-        log_scale_min, True, None if grad is None else packed_views(grad, num_mixtures, channels), upstream)
-    log_prob[n0:n1] += lp.to(log_prob.dtype)
-    if want_grads:
-        if row_weights is not None:
-            grad = grad * row_weights[n0:n1].view(n, 1, 1).to(grad.dtype)
-        g = grad.transpose(1, 2)  # (n, p, O)
-        grad_h[n0:n1, p0:p1] = torch.matmul(g, weight)
-        g2 = g.reshape(n * p, weight.shape[0]).to(grad_w.dtype)
-        grad_w.addmm_(g2.t(), hb.reshape(n * p, hb.shape[-1]).to(grad_w.dtype))
-        if grad_b is not None:
-            grad_b += g2.sum(0)
-    return bad
+    head = _Head(h, weight, bias, logvar, likelihood, expected_upstream, row_weights, want_grads, want_logvar_grad,
+                 num_mixtures, num_bits, log_scale_min)
+    chunk = _dmol_chunk if likelihood == DMOL else _elementwise_chunk
+    num_examples, positions, _ = h.shape
+    for n0, n1, p0, p1 in _chunks(num_examples, positions, weight.shape[0], chunk_elements):
+        head.invalid += chunk(head, h[n0:n1, p0:p1], _x_rows(x, n0, n1, p0, p1), n0, n1, p0, p1)
+    return (head.log_prob, head.grad_h, None if head.grad_w is None else head.grad_w.to(weight.dtype),
+            None if head.grad_b is None else head.grad_b.to(bias.dtype),
+            None if head.grad_lv is None else head.grad_lv.to(logvar.dtype), head.invalid)
 
 
 def _head_fake(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
