@@ -26,10 +26,11 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
-from vae_fast.kernels.triton import LATENT_CONFIGS, ROW_CONFIGS, dmol_tile  # noqa: E402
+from vae_fast.kernels.triton import LATENT_CONFIGS, ROW_CONFIGS, dmol_tile, head_tile  # noqa: E402
 from vae_fast.kernels.triton.dmol import dmol_kernel  # noqa: E402
 from vae_fast.kernels.triton.latent import latent_backward_kernel, latent_forward_kernel  # noqa: E402
-from vae_fast.kernels.triton.likelihood import categorical_kernel, elementwise_kernel, scale_rows_kernel  # noqa: E402
+from vae_fast.kernels.triton.likelihood import (categorical_kernel, elementwise_kernel,  # noqa: E402
+                                                linear_elementwise_kernel, scale_rows_kernel)
 
 F32 = tl.float32
 # the row kernels' typical and largest autotuning configurations (the largest spills first)
@@ -64,6 +65,11 @@ KERNELS = [
         for channels, (budget, warps) in ((3, _RGB), (1, _GREY)) for mix in (16, 256)  # M = 10 and the maximum
     ]),
     (scale_rows_kernel, {}, [(dict(TOLERANCE=4 * 1.19e-7, BLOCK=1024), 4)]),
+    (linear_elementwise_kernel, {"invalid_ptr": "*i32"}, [
+        (dict(LIKELIHOOD=likelihood, HAS_BIAS=True, HAS_ROW_FACTOR=True, WANT_GRAD=True, ACC=F32,
+              BLOCK_M=head_tile(block_h)[0], BLOCK_O=head_tile(block_h)[1], BLOCK_H=block_h), head_tile(block_h)[2])
+        for block_h in (64, 128, 256) for likelihood in (1, 2)  # the continuous Bernoulli is the heaviest
+    ]),
 ]
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")

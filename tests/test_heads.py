@@ -243,3 +243,34 @@ def test_logistic_mixture_head_equals_the_unfused_packed_likelihood(backend, cha
         vae_fast.linear_log_prob(h, weight[:-1], bias[:-1], x, likelihood="dmol", channel_dim=1)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         vae_fast.linear_log_prob(h, weight, bias, x * 3, likelihood="dmol", channel_dim=1)
+
+
+@pytest.mark.skipif(not vae_fast._backend._triton_available(), reason="needs triton")
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian", "laplace"])
+def test_triton_head_is_one_kernel_with_the_output_tiles_in_registers(monkeypatch, likelihood):
+    """On the Triton backend a Linear head with an elementwise likelihood and a fixed scale is one
+    kernel (CCE-style) — forward, and the per-row-weights recompute of backward — and equals the
+    unfused float64 computation (under the interpreter here)."""
+    import vae_fast.kernels.triton as tri
+
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(tri, "linear_elementwise_kernel", Recording(tri.linear_elementwise_kernel))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with vae_fast.use_backend("triton"):
+        for upstream in ("mean", "per_row", "scaled"):
+            launches.clear()
+            _check(likelihood, -1, 1, device, None, None, upstream)
+            # forward once, plus the recompute for per-row weights (the scaled case only rescales)
+            assert len(launches) == (2 if upstream == "per_row" else 1)
+        launches.clear()
+        _check(likelihood, -1, 2, device, None)  # K samples share x (row r scored against r % (B P))
+        assert len(launches) == 1

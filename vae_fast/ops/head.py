@@ -169,11 +169,39 @@ def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
     return bad
 
 
+def _fused_kernel_path(backend, h, logvar, likelihood, want_logvar_grad):
+    """Whether the backend's one-kernel head (Triton: output tiles in registers) serves this call: an
+    elementwise likelihood, a fixed scalar scale, rows of h that flatten without a copy, H small."""
+    kernel = getattr(backend, "linear_elementwise_log_prob", None)
+    return (kernel is not None and likelihood not in (CATEGORICAL, DMOL)
+            and h.shape[2] <= getattr(backend, "MAX_HEAD_FEATURES", 0)
+            and (logvar is None or (logvar.numel() == 1 and not want_logvar_grad))
+            and (h.shape[0] <= 1 or h.shape[1] <= 1 or h.stride(0) == h.shape[1] * h.stride(1)))
+
+
+def _fused_kernel_head(backend, h, weight, bias, x, logvar, likelihood, expected_upstream, row_weights, want_grads):
+    num_examples, positions, features = h.shape
+    rows_factor = None if row_weights is None else row_weights.repeat_interleave(positions)
+    log_prob, grad_h, grad_w, grad_b, invalid = backend.linear_elementwise_log_prob(
+        h.reshape(num_examples * positions, features), weight, bias,
+        x.reshape(x.shape[0] * positions, weight.shape[0]).contiguous(), None if logvar is None else logvar.reshape(1),
+        likelihood, want_grads, expected_upstream, rows_factor)
+    log_prob = log_prob.view(num_examples, positions).sum(1)
+    if not want_grads:
+        return log_prob, None, None, None, None, invalid
+    return (log_prob, grad_h.view(h.shape).to(h.dtype), grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype), None, invalid)
+
+
 def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
                  want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
     h, weight = h.detach(), weight.detach()  # the op's own arguments; autograd is LinearLogProbFunction's
     bias = None if bias is None else bias.detach()
     logvar = None if logvar is None else logvar.detach()
+    backend = kernels_for(h)
+    if _fused_kernel_path(backend, h, logvar, likelihood, want_logvar_grad):
+        return _fused_kernel_head(backend, h, weight, bias, x, logvar, likelihood, expected_upstream, row_weights,
+                                  want_grads)
     head = _Head(h, weight, bias, logvar, likelihood, expected_upstream, row_weights, want_grads, want_logvar_grad,
                  num_mixtures, num_bits, log_scale_min)
     chunk = _dmol_chunk if likelihood == DMOL else _elementwise_chunk

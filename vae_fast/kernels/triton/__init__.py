@@ -17,7 +17,7 @@ import triton.language as tl
 from ..._backend import triton_interpreting
 from .latent import latent_backward_kernel, latent_forward_kernel
 from .dmol import dmol_kernel
-from .likelihood import categorical_kernel, elementwise_kernel, scale_rows_kernel
+from .likelihood import categorical_kernel, elementwise_kernel, linear_elementwise_kernel, scale_rows_kernel
 
 MAX_CATEGORICAL_CLASSES = 16384
 
@@ -152,6 +152,48 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
         )
     return log_prob, grad, grad_lv, invalid.sum(dtype=torch.int64)
+
+
+MAX_HEAD_FEATURES = 256  # the fused-head kernel keeps a row block's H features (and d/dh) in registers
+
+
+def head_tile(block_h: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_O, warps) of the fused-head kernel for BLOCK_H features, sized by `make triton-aot`
+    (sm_80 and sm_90) with the continuous Bernoulli, the heaviest likelihood: 64x64 tiles spilled
+    kilobytes at every H, 32x32 still spilled 16-24 B on sm_90 at H = 128; 16-row blocks do not."""
+    return (16, 32, 4) if block_h <= 64 else (16, 32, 8)
+
+
+def linear_elementwise_log_prob(h, weight, bias, x, log_scale, likelihood, want_grad, expected_upstream=1.0,
+                                row_factor=None):
+    """A fused Linear head with an elementwise likelihood (``linear_elementwise_kernel``): h (R, H) read
+    through its strides, weight (O, H), bias (O,) or None, x (Xr, O) with row r scored against r % Xr,
+    log_scale a 1-element tensor or None, row_factor (R,) or None (then the gradients are times
+    ``expected_upstream``). Returns per-row log p (R,), d/dh (R, H), d/dW and d/db (float32; None when
+    not wanted) and the number of x outside the support (0-d)."""
+    rows, features = h.shape
+    out_features = weight.shape[0]
+    acc = _acc_dtype(h.dtype)
+    log_prob = h.new_empty((rows,), dtype=acc)
+    invalid = torch.empty((rows,), dtype=torch.int32, device=h.device)
+    grad_h = h.new_empty((rows, features), dtype=acc) if want_grad else None
+    grad_w = torch.zeros((out_features, features), dtype=acc, device=h.device) if want_grad else None
+    grad_b = torch.zeros((out_features,), dtype=acc, device=h.device) if want_grad and bias is not None else None
+    if rows > 0:
+        block_h = max(16, triton.next_power_of_2(features))
+        block_m, block_o, num_warps = (16, 16, 1) if triton_interpreting() else head_tile(block_h)
+        weight = weight.contiguous()
+        linear_elementwise_kernel[(triton.cdiv(rows, block_m),)](
+            h, h.stride(0), h.stride(1), weight, weight if bias is None else bias, x,
+            weight if log_scale is None else log_scale.to(acc), weight if row_factor is None else row_factor.to(acc),
+            log_prob, h if grad_h is None else grad_h, log_prob if grad_w is None else grad_w,
+            log_prob if grad_b is None else grad_b, invalid,
+            _upstream_tensor(expected_upstream, acc, h.device), rows, x.shape[0], out_features, features,
+            LIKELIHOOD=likelihood, HAS_BIAS=bias is not None, HAS_ROW_FACTOR=row_factor is not None,
+            WANT_GRAD=want_grad, ACC=_acc(h.dtype), BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_H=block_h,
+            num_warps=num_warps,
+        )
+    return log_prob, grad_h, grad_w, grad_b, invalid.sum(dtype=torch.int64)
 
 
 def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):

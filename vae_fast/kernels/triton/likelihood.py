@@ -14,6 +14,49 @@ from ._math import LN2, LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
 
 
 @triton.jit
+def elementwise_terms(theta, x, lv, LIKELIHOOD: tl.constexpr):
+    """(log p, d log p / d theta, d log p / d lv, out-of-support flag) per element for the
+    elementwise likelihoods (codes of ops/codes.py); lv is the Gaussian's log-variance or the
+    Laplace's log-scale (ignored otherwise). Shared by the row kernel and the fused-head kernel."""
+    if LIKELIHOOD == 2:  # Gaussian: theta is the mean (0 * inf -> 0 where x = mean, as in C++)
+        diff = x - theta
+        inv_var = tl.exp(-lv)
+        scaled_sq = tl.where(diff == 0.0, 0.0, diff * diff * inv_var)
+        value = -0.5 * (scaled_sq + lv + LOG_2PI)
+        grad = tl.where(diff == 0.0, 0.0, diff * inv_var)
+        grad_lv = 0.5 * (scaled_sq - 1.0)
+        bad = x != x
+    elif LIKELIHOOD == 4:  # Laplace: theta is the mean, lv the log-scale s = log b
+        diff = x - theta
+        inv_b = tl.exp(-lv)
+        scaled = tl.where(diff == 0.0, 0.0, tl.abs(diff) * inv_b)
+        value = -scaled - lv - LN2
+        grad = tl.where(diff > 0.0, inv_b, tl.where(diff < 0.0, -inv_b, 0.0))
+        grad_lv = scaled - 1.0
+        bad = x != x
+    elif LIKELIHOOD == 3:  # squared error -(x - mean)^2 (no variance, no normaliser)
+        diff = x - theta
+        value = -diff * diff
+        grad = 2.0 * diff
+        grad_lv = diff * 0.0
+        bad = x != x
+    else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
+        bad = (x < 0.0) | (x > 1.0)
+        t = tl.exp(-tl.abs(theta))
+        inv_one_plus_t = 1.0 / (1.0 + t)
+        softplus = tl.maximum(theta, 0.0) + log1p_nonneg(t)
+        sigmoid = tl.where(theta >= 0.0, inv_one_plus_t, t * inv_one_plus_t)
+        value = x * theta - softplus
+        grad = x - sigmoid
+        if LIKELIHOOD == 1:
+            log_c, dlog_c = continuous_bernoulli_log_norm(theta, t)
+            value += log_c
+            grad += dlog_c
+        grad_lv = grad * 0.0
+    return value, grad, grad_lv, bad
+
+
+@triton.jit
 def elementwise_kernel(
     theta_ptr, x_ptr, logvar_ptr, lv_row_stride, lv_col_stride,
     log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr, expected_upstream_ptr,
@@ -32,45 +75,83 @@ def elementwise_kernel(
         offs = row * dim + cols
         theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + x_row * dim + cols, mask=mask, other=0.0).to(ACC)
-        if LIKELIHOOD == 2:  # Gaussian: theta is the mean (0 * inf -> 0 where x = mean, as in C++)
+        if LIKELIHOOD == 2 or LIKELIHOOD == 4:
             lv = tl.load(logvar_ptr + row * lv_row_stride + cols * lv_col_stride, mask=mask, other=0.0).to(ACC)
-            diff = x - theta
-            inv_var = tl.exp(-lv)
-            scaled_sq = tl.where(diff == 0.0, 0.0, diff * diff * inv_var)
-            value = -0.5 * (scaled_sq + lv + LOG_2PI)
-            grad = tl.where(diff == 0.0, 0.0, diff * inv_var)
-            if WANT_LOGVAR_GRAD:
-                tl.store(grad_logvar_ptr + offs, 0.5 * (scaled_sq - 1.0) * upstream, mask=mask)
-        elif LIKELIHOOD == 4:  # Laplace: theta is the mean, the logvar operand the log-scale s = log b
-            log_b = tl.load(logvar_ptr + row * lv_row_stride + cols * lv_col_stride, mask=mask, other=0.0).to(ACC)
-            diff = x - theta
-            inv_b = tl.exp(-log_b)
-            scaled = tl.where(diff == 0.0, 0.0, tl.abs(diff) * inv_b)
-            value = -scaled - log_b - LN2
-            grad = tl.where(diff > 0.0, inv_b, tl.where(diff < 0.0, -inv_b, 0.0))
-            if WANT_LOGVAR_GRAD:
-                tl.store(grad_logvar_ptr + offs, (scaled - 1.0) * upstream, mask=mask)
-        elif LIKELIHOOD == 3:  # squared error -(x - mean)^2 (no variance, no normaliser)
-            diff = x - theta
-            value = -diff * diff
-            grad = 2.0 * diff
-        else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
-            invalid += tl.where(mask & ((x < 0.0) | (x > 1.0)), 1, 0)
-            t = tl.exp(-tl.abs(theta))
-            inv_one_plus_t = 1.0 / (1.0 + t)
-            softplus = tl.maximum(theta, 0.0) + log1p_nonneg(t)
-            sigmoid = tl.where(theta >= 0.0, inv_one_plus_t, t * inv_one_plus_t)
-            value = x * theta - softplus
-            grad = x - sigmoid
-            if LIKELIHOOD == 1:
-                log_c, dlog_c = continuous_bernoulli_log_norm(theta, t)
-                value += log_c
-                grad += dlog_c
+        else:
+            lv = theta * 0.0
+        value, grad, grad_lv, bad = elementwise_terms(theta, x, lv, LIKELIHOOD)
+        if LIKELIHOOD == 0 or LIKELIHOOD == 1:
+            invalid += tl.where(mask & bad, 1, 0)
         total += tl.where(mask, value, 0.0)
         if WANT_GRAD:
             tl.store(grad_ptr + offs, grad * upstream, mask=mask)
+        if WANT_LOGVAR_GRAD:
+            tl.store(grad_logvar_ptr + offs, grad_lv * upstream, mask=mask)
     tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
     tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
+
+
+@triton.jit
+def linear_elementwise_kernel(
+    h_ptr, h_row_stride, h_col_stride, w_ptr, b_ptr, x_ptr, log_scale_ptr, row_factor_ptr,
+    log_prob_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, invalid_ptr, expected_upstream_ptr,
+    rows, x_rows, out_features, features,
+    LIKELIHOOD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW_FACTOR: tl.constexpr, WANT_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """A fused Linear head with an elementwise likelihood, Cut-Cross-Entropy style: each program
+    takes BLOCK_M rows of h (all H <= BLOCK_H features in registers) and walks the outputs in tiles of
+    BLOCK_O; each output tile h W^T + b lives only in registers, where its log-likelihood, its
+    gradient g, g W (d/dh, accumulated over the tiles) and g^T h, sum g (d/dW, d/db: float32 atomic
+    adds) are formed. The output never reaches memory. log_scale_ptr: a fixed Gaussian log-variance /
+    Laplace log-scale (one value). Row r is scored against x row r % x_rows; per-row log p is written (the caller
+    sums an example's positions); gradients are times the expected upstream, or the row factor."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows_idx < rows
+    hcols = tl.arange(0, BLOCK_H).to(tl.int64)
+    h_mask = hcols < features
+    h = tl.load(h_ptr + rows_idx[:, None] * h_row_stride + hcols[None, :] * h_col_stride,
+                mask=row_mask[:, None] & h_mask[None, :], other=0.0).to(ACC)
+    if HAS_ROW_FACTOR:
+        factor = tl.load(row_factor_ptr + rows_idx, mask=row_mask, other=0.0).to(ACC)
+    else:
+        factor = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(expected_upstream_ptr).to(ACC)
+    x_row = rows_idx % x_rows
+    if LIKELIHOOD == 2 or LIKELIHOOD == 4:
+        log_scale = tl.load(log_scale_ptr).to(ACC)
+    else:
+        log_scale = 0.0
+    log_prob = tl.zeros([BLOCK_M], dtype=ACC)
+    invalid = tl.zeros([BLOCK_M], dtype=tl.int32)
+    grad_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
+    for o0 in range(0, out_features, BLOCK_O):
+        ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
+        o_mask = ocols < out_features
+        w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
+                    other=0.0).to(ACC)
+        theta = tl.dot(h, tl.trans(w))  # (BLOCK_M, BLOCK_O), in registers only
+        if HAS_BIAS:
+            theta += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+        tile_mask = row_mask[:, None] & o_mask[None, :]
+        x = tl.load(x_ptr + x_row[:, None] * out_features + ocols[None, :], mask=tile_mask, other=0.0).to(ACC)
+        value, grad, _, bad = elementwise_terms(theta, x, theta * 0.0 + log_scale, LIKELIHOOD)
+        log_prob += tl.sum(tl.where(tile_mask, value, 0.0), axis=1)
+        if LIKELIHOOD == 0 or LIKELIHOOD == 1:  # x outside [0, 1]
+            invalid += tl.sum(tl.where(tile_mask & bad, 1, 0), axis=1)
+        if WANT_GRAD:
+            g = tl.where(tile_mask, grad * factor[:, None], 0.0)
+            grad_h += tl.dot(g, w)
+            grad_w_tile = tl.dot(tl.trans(g), h)  # (BLOCK_O, BLOCK_H): this block's share of d/dW
+            tl.atomic_add(grad_w_ptr + ocols[:, None] * features + hcols[None, :], grad_w_tile,
+                          mask=o_mask[:, None] & h_mask[None, :])
+            if HAS_BIAS:
+                tl.atomic_add(grad_b_ptr + ocols, tl.sum(g, axis=0), mask=o_mask)
+    tl.store(log_prob_ptr + rows_idx, log_prob, mask=row_mask)
+    tl.store(invalid_ptr + rows_idx, invalid, mask=row_mask)
+    if WANT_GRAD:
+        tl.store(grad_h_ptr + rows_idx[:, None] * features + hcols[None, :], grad_h,
+                 mask=row_mask[:, None] & h_mask[None, :])
 
 
 @triton.jit
