@@ -30,7 +30,8 @@ from vae_fast.kernels.triton import LATENT_CONFIGS, ROW_CONFIGS, dmol_tile, head
 from vae_fast.kernels.triton.dmol import dmol_kernel  # noqa: E402
 from vae_fast.kernels.triton.latent import latent_backward_kernel, latent_forward_kernel  # noqa: E402
 from vae_fast.kernels.triton.likelihood import (categorical_kernel, elementwise_kernel,  # noqa: E402
-                                                linear_elementwise_kernel, scale_rows_kernel)
+                                                linear_categorical_kernel, linear_elementwise_kernel,
+                                                scale_rows_kernel)
 
 F32 = tl.float32
 # the row kernels' typical and largest autotuning configurations (the largest spills first)
@@ -69,6 +70,11 @@ KERNELS = [
         (dict(LIKELIHOOD=likelihood, HAS_BIAS=True, HAS_ROW_FACTOR=True, WANT_GRAD=True, ACC=F32,
               BLOCK_M=head_tile(block_h)[0], BLOCK_O=head_tile(block_h)[1], BLOCK_H=block_h), head_tile(block_h)[2])
         for block_h in (64, 128, 256) for likelihood in (1, 2)  # the continuous Bernoulli is the heaviest
+    ]),
+    (linear_categorical_kernel, {"target_ptr": "*i64", "invalid_ptr": "*i32"}, [
+        (dict(HAS_BIAS=True, HAS_ROW_FACTOR=True, WANT_GRAD=True, ACC=F32, BLOCK_M=head_tile(block_h)[0],
+              BLOCK_O=head_tile(block_h)[1], BLOCK_H=block_h), head_tile(block_h)[2])
+        for block_h in (64, 128, 256)
     ]),
 ]
 

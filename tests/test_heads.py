@@ -246,11 +246,11 @@ def test_logistic_mixture_head_equals_the_unfused_packed_likelihood(backend, cha
 
 
 @pytest.mark.skipif(not vae_fast._backend._triton_available(), reason="needs triton")
-@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian", "laplace"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian", "laplace", "categorical"])
 def test_triton_head_is_one_kernel_with_the_output_tiles_in_registers(monkeypatch, likelihood):
-    """On the Triton backend a Linear head with an elementwise likelihood and a fixed scale is one
-    kernel (CCE-style) — forward, and the per-row-weights recompute of backward — and equals the
-    unfused float64 computation (under the interpreter here)."""
+    """On the Triton backend a Linear head with an elementwise likelihood and a fixed scale, or a
+    categorical one, is one kernel (CCE-style) — forward, and the per-row-weights recompute of
+    backward — and equals the unfused float64 computation (under the interpreter here)."""
     import vae_fast.kernels.triton as tri
 
     launches = []
@@ -263,7 +263,8 @@ def test_triton_head_is_one_kernel_with_the_output_tiles_in_registers(monkeypatc
             launches.append(grid)
             return self.kernel[grid]
 
-    monkeypatch.setattr(tri, "linear_elementwise_kernel", Recording(tri.linear_elementwise_kernel))
+    name = "linear_categorical_kernel" if likelihood == "categorical" else "linear_elementwise_kernel"
+    monkeypatch.setattr(tri, name, Recording(getattr(tri, name)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with vae_fast.use_backend("triton"):
         for upstream in ("mean", "per_row", "scaled"):

@@ -26,3 +26,8 @@ class Likelihood(enum.IntEnum):
 
 SCALE_PARAMS = {p.name.lower(): p for p in ScaleParam}
 ELEMENTWISE_LIKELIHOODS = {lk.name.lower(): lk for lk in Likelihood}
+
+
+# Heads (ops/head.py) beyond the elementwise likelihoods: codes of their own, outside Likelihood's range
+HEAD_CATEGORICAL = 100
+HEAD_DMOL = 101

@@ -33,9 +33,9 @@ import torch
 from .._validation import is_plain
 from ._autograd import SKIP_CHECK_ULPS, fast_apply, mark_non_differentiable
 from ._library import acc_dtype, call, kernels_for, register_op
+from .codes import HEAD_CATEGORICAL, HEAD_DMOL
 
-CATEGORICAL = 100  # likelihood codes of the categorical and logistic-mixture heads (the elementwise
-DMOL = 101         # ones use ops.codes.Likelihood)
+CATEGORICAL, DMOL = HEAD_CATEGORICAL, HEAD_DMOL  # the elementwise heads use ops.codes.Likelihood
 DEFAULT_CHUNK_BYTES = 2 << 20  # per chunk buffer (output, gradient): 2 MiB each; measured 8 MiB: no faster
 
 
@@ -171,9 +171,10 @@ def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
 
 def _fused_kernel_path(backend, h, logvar, likelihood, want_logvar_grad):
     """Whether the backend's one-kernel head (Triton: output tiles in registers) serves this call: an
-    elementwise likelihood, a fixed scalar scale, rows of h that flatten without a copy, H small."""
+    elementwise likelihood with a fixed scalar scale, or the categorical; rows of h that flatten without
+    a copy; H small."""
     kernel = getattr(backend, "linear_elementwise_log_prob", None)
-    return (kernel is not None and likelihood not in (CATEGORICAL, DMOL)
+    return (kernel is not None and likelihood != DMOL
             and h.shape[2] <= getattr(backend, "MAX_HEAD_FEATURES", 0)
             and (logvar is None or (logvar.numel() == 1 and not want_logvar_grad))
             and (h.shape[0] <= 1 or h.shape[1] <= 1 or h.stride(0) == h.shape[1] * h.stride(1)))
@@ -184,7 +185,8 @@ def _fused_kernel_head(backend, h, weight, bias, x, logvar, likelihood, expected
     rows_factor = None if row_weights is None else row_weights.repeat_interleave(positions)
     log_prob, grad_h, grad_w, grad_b, invalid = backend.linear_elementwise_log_prob(
         h.reshape(num_examples * positions, features), weight, bias,
-        x.reshape(x.shape[0] * positions, weight.shape[0]).contiguous(), None if logvar is None else logvar.reshape(1),
+        (x.reshape(-1).to(torch.int64) if likelihood == CATEGORICAL else
+         x.reshape(x.shape[0] * positions, weight.shape[0])).contiguous(), None if logvar is None else logvar.reshape(1),
         likelihood, want_grads, expected_upstream, rows_factor)
     log_prob = log_prob.view(num_examples, positions).sum(1)
     if not want_grads:

@@ -15,9 +15,11 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpreting
+from ...ops.codes import HEAD_CATEGORICAL
 from .latent import latent_backward_kernel, latent_forward_kernel
 from .dmol import dmol_kernel
-from .likelihood import categorical_kernel, elementwise_kernel, linear_elementwise_kernel, scale_rows_kernel
+from .likelihood import (categorical_kernel, elementwise_kernel, linear_categorical_kernel, linear_elementwise_kernel,
+                         scale_rows_kernel)
 
 MAX_CATEGORICAL_CLASSES = 16384
 
@@ -166,7 +168,8 @@ def head_tile(block_h: int) -> tuple[int, int, int]:
 
 def linear_elementwise_log_prob(h, weight, bias, x, log_scale, likelihood, want_grad, expected_upstream=1.0,
                                 row_factor=None):
-    """A fused Linear head with an elementwise likelihood (``linear_elementwise_kernel``): h (R, H) read
+    """A fused Linear head (``linear_elementwise_kernel``, or ``linear_categorical_kernel`` for
+    ``likelihood=HEAD_CATEGORICAL`` with integer targets x (Xr,)): h (R, H) read
     through its strides, weight (O, H), bias (O,) or None, x (Xr, O) with row r scored against r % Xr,
     log_scale a 1-element tensor or None, row_factor (R,) or None (then the gradients are times
     ``expected_upstream``). Returns per-row log p (R,), d/dh (R, H), d/dW and d/db (float32; None when
@@ -183,16 +186,21 @@ def linear_elementwise_log_prob(h, weight, bias, x, log_scale, likelihood, want_
         block_h = max(16, triton.next_power_of_2(features))
         block_m, block_o, num_warps = (16, 16, 1) if triton_interpreting() else head_tile(block_h)
         weight = weight.contiguous()
-        linear_elementwise_kernel[(triton.cdiv(rows, block_m),)](
-            h, h.stride(0), h.stride(1), weight, weight if bias is None else bias, x,
-            weight if log_scale is None else log_scale.to(acc), weight if row_factor is None else row_factor.to(acc),
-            log_prob, h if grad_h is None else grad_h, log_prob if grad_w is None else grad_w,
-            log_prob if grad_b is None else grad_b, invalid,
-            _upstream_tensor(expected_upstream, acc, h.device), rows, x.shape[0], out_features, features,
-            LIKELIHOOD=likelihood, HAS_BIAS=bias is not None, HAS_ROW_FACTOR=row_factor is not None,
-            WANT_GRAD=want_grad, ACC=_acc(h.dtype), BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_H=block_h,
-            num_warps=num_warps,
-        )
+        common = dict(HAS_BIAS=bias is not None, HAS_ROW_FACTOR=row_factor is not None, WANT_GRAD=want_grad,
+                      ACC=_acc(h.dtype), BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_H=block_h, num_warps=num_warps)
+        outputs = (log_prob, h if grad_h is None else grad_h, log_prob if grad_w is None else grad_w,
+                   log_prob if grad_b is None else grad_b, invalid, _upstream_tensor(expected_upstream, acc, h.device))
+        grid = (triton.cdiv(rows, block_m),)
+        factor = weight if row_factor is None else row_factor.to(acc)
+        if likelihood == HEAD_CATEGORICAL:  # x: (Xr,) integer targets
+            linear_categorical_kernel[grid](
+                h, h.stride(0), h.stride(1), weight, weight if bias is None else bias, x, factor, *outputs,
+                rows, x.shape[0], out_features, features, **common)
+        else:
+            linear_elementwise_kernel[grid](
+                h, h.stride(0), h.stride(1), weight, weight if bias is None else bias, x,
+                weight if log_scale is None else log_scale.to(acc), factor, *outputs,
+                rows, x.shape[0], out_features, features, LIKELIHOOD=likelihood, **common)
     return log_prob, grad_h, grad_w, grad_b, invalid.sum(dtype=torch.int64)
 
 

@@ -201,3 +201,72 @@ def scale_rows_kernel(grad_ptr, factor_ptr, row_len, TOLERANCE: tl.constexpr, BL
         offs = row * row_len + cols
         values = tl.load(grad_ptr + offs, mask=mask, other=0.0)
         tl.store(grad_ptr + offs, (values * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def linear_categorical_kernel(
+    h_ptr, h_row_stride, h_col_stride, w_ptr, b_ptr, target_ptr, row_factor_ptr,
+    log_prob_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, invalid_ptr, expected_upstream_ptr,
+    rows, x_rows, classes, features,
+    HAS_BIAS: tl.constexpr, HAS_ROW_FACTOR: tl.constexpr, WANT_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """A fused Linear head with a categorical likelihood (Cut Cross-Entropy): pass 1 walks the class
+    tiles of h W^T + b in registers for a max-shifted log-sum-exp (online: running max and rescaled
+    sum) and the target's logit; pass 2 (gradients) forms each tile again, its gradient
+    (onehot - softmax) * upstream, g W into d/dh and g^T h, sum g into d/dW, d/db (float32 atomics).
+    The logits never reach memory. Targets outside [0, classes) are counted and score class 0."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows_idx < rows
+    hcols = tl.arange(0, BLOCK_H).to(tl.int64)
+    h_mask = hcols < features
+    h = tl.load(h_ptr + rows_idx[:, None] * h_row_stride + hcols[None, :] * h_col_stride,
+                mask=row_mask[:, None] & h_mask[None, :], other=0.0).to(ACC)
+    target = tl.load(target_ptr + rows_idx % x_rows, mask=row_mask, other=0)
+    bad = row_mask & ((target < 0) | (target >= classes))
+    target = tl.where(bad, 0, target)
+    running_max = tl.zeros([BLOCK_M], dtype=ACC) - float("inf")
+    running_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    target_logit = tl.zeros([BLOCK_M], dtype=ACC)
+    for o0 in range(0, classes, BLOCK_O):
+        ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
+        o_mask = ocols < classes
+        w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
+                    other=0.0).to(ACC)
+        logits = tl.dot(h, tl.trans(w))
+        if HAS_BIAS:
+            logits += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+        logits = tl.where(o_mask[None, :], logits, -float("inf"))
+        tile_max = tl.max(logits, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+        target_logit += tl.sum(tl.where(ocols[None, :] == target[:, None], logits, 0.0), axis=1)
+    lse = running_max + tl.log(running_sum)
+    tl.store(log_prob_ptr + rows_idx, target_logit - lse, mask=row_mask)
+    tl.store(invalid_ptr + rows_idx, bad.to(tl.int32), mask=row_mask)
+    if WANT_GRAD:
+        if HAS_ROW_FACTOR:
+            factor = tl.load(row_factor_ptr + rows_idx, mask=row_mask, other=0.0).to(ACC)
+        else:
+            factor = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(expected_upstream_ptr).to(ACC)
+        grad_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
+        for o0 in range(0, classes, BLOCK_O):
+            ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
+            o_mask = ocols < classes
+            w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
+                        other=0.0).to(ACC)
+            logits = tl.dot(h, tl.trans(w))
+            if HAS_BIAS:
+                logits += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+            tile_mask = row_mask[:, None] & o_mask[None, :]
+            onehot = tl.where(ocols[None, :] == target[:, None], 1.0, 0.0)
+            g = tl.where(tile_mask, (onehot - tl.exp(logits - lse[:, None])) * factor[:, None], 0.0)
+            grad_h += tl.dot(g, w)
+            tl.atomic_add(grad_w_ptr + ocols[:, None] * features + hcols[None, :], tl.dot(tl.trans(g), h),
+                          mask=o_mask[:, None] & h_mask[None, :])
+            if HAS_BIAS:
+                tl.atomic_add(grad_b_ptr + ocols, tl.sum(g, axis=0), mask=o_mask)
+        tl.store(grad_h_ptr + rows_idx[:, None] * features + hcols[None, :], grad_h,
+                 mask=row_mask[:, None] & h_mask[None, :])
