@@ -68,7 +68,7 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     Likelihoods: ``"bernoulli"``, ``"continuous_bernoulli"``, ``"gaussian"`` (``logvar=`` float or a
     tensor broadcastable to the output), ``"laplace"`` (``log_scale=``), ``"categorical"``. The output is
-    produced, scored and differentiated in chunks of at most ``max_chunk_bytes`` (default 2 MiB) per
+    produced, scored and differentiated in chunks of at most ``max_chunk_bytes`` (default 1 MiB) per
     buffer; d/dh, d/dweight (accumulated in float32) and d/dbias are computed in the same pass.
 
     Returns ``(B,)`` (``(K, B)`` with samples) for ``reduction="none"``, else reduced.
