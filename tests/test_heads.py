@@ -275,3 +275,20 @@ def test_triton_head_is_one_kernel_with_the_output_tiles_in_registers(monkeypatc
         launches.clear()
         _check(likelihood, -1, 2, device, None)  # K samples share x (row r scored against r % (B P))
         assert len(launches) == 1
+
+
+def test_elbo_with_a_fused_head_compiles_fullgraph():
+    torch.manual_seed(0)
+    head = vae_fast.nn.FusedHead(6, 8, "bernoulli")
+    features = torch.nn.Linear(3, 6)
+    x, eps = torch.rand(4, 8), torch.randn(4, 3)
+    mu, logvar = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+
+    def loss(mu, logvar):
+        return vae_fast.elbo(x, mu, logvar, features, head=head, eps=eps).loss
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(mu, logvar), loss(mu, logvar))
+    params = [mu, head.weight, head.bias]
+    for a, b in zip(torch.autograd.grad(compiled(mu, logvar), params), torch.autograd.grad(loss(mu, logvar), params)):
+        torch.testing.assert_close(a, b)

@@ -155,7 +155,6 @@ def _dmol_head(h, weight, bias, x, channel_dim, reduction, max_chunk_bytes, num_
     if channel_dim != 1:
         raise ValueError("channel_dim must be 1 for the logistic-mixture head (a 1x1 conv to NVAE's packed "
                          "channels-first parameters)")
-    out_shape = (h.shape[0], weight.shape[0], *h.shape[2:])
     check_tensor("x", x)
     if x.dim() != h.dim() or x.shape[0] != h.shape[0] or tuple(x.shape[2:]) != tuple(h.shape[2:]) or \
             x.shape[1] not in (1, 3):

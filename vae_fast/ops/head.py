@@ -3,9 +3,10 @@ held in full.
 
 Op schema (``torch.ops.vae_fast``)::
 
-    linear_log_prob(h (N, P, H), weight (O, H), bias (O,)?, x (Bx, P, O) float or (Bx, P) integer,
+    linear_log_prob(h (N, P, H), weight (O, H), bias (O,)?,
+                    x (Bx, P, O) float, (Bx, P) integer (categorical) or (Bx, P, C) in [-1, 1] (mixture),
                     logvar (Nl, Pl, Ol)?, likelihood, chunk_elements, expected_upstream, row_weights (N,)?,
-                    want_grads)
+                    want_grads, want_logvar_grad, num_mixtures, num_bits, log_scale_min)
         -> log_prob (N,), grad_h (N, P, H) or (0,), grad_weight (O, H) or (0,), grad_bias (O,) or (0,),
            grad_logvar (Nl, Pl, Ol) or (0,), num_invalid () int64
 
@@ -18,15 +19,15 @@ and accumulated into grad_weight and grad_bias in float32 (float64 for float64 i
 chunk's buffers are reused. ``logvar`` (the Gaussian's log-variance, the Laplace's log-scale) is
 in the output frame with each of its three dims either 1 (broadcast) or full.
 
-Choice on CPU (and on CUDA, around the Triton likelihood kernels): chunks of torch matmuls around
-the existing fused kernels, as the issue allows. The matmuls are the head's own cost in any
-implementation; what the fusion removes is the (N, P, O) output and its gradient (one chunk of
-each is live instead), and the separate likelihood pass over them. A CCE-style Triton kernel that
-keeps each output tile in SRAM is not written yet.
+Choice on CPU: chunks of torch matmuls around the existing fused kernels, as the issue allows. The
+matmuls are the head's own cost in any implementation; what the fusion removes is the (N, P, O)
+output and its gradient (one chunk of each is live instead), and the separate likelihood pass over
+them. On the Triton backend a Linear head with an elementwise likelihood (fixed scale) or a
+categorical one is a single CCE-style kernel instead (``kernels/triton/likelihood.py``:
+``linear_elementwise_kernel``, ``linear_categorical_kernel``), whose output tiles live in registers;
+the mixture and learned-scale heads take the chunked path there too.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -226,7 +227,8 @@ def _head_fake(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_
 
 
 def _present(t):
-    return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+    # absent outputs are None (the eager shortcut) or the dispatcher's (0,) placeholder
+    return None if t is None or (t.dim() == 1 and t.shape[0] == 0) else t
 
 
 def _upstream_factor(grad_out: torch.Tensor, expected: float):
