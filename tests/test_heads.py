@@ -292,3 +292,18 @@ def test_elbo_with_a_fused_head_compiles_fullgraph():
     params = [mu, head.weight, head.bias]
     for a, b in zip(torch.autograd.grad(compiled(mu, logvar), params), torch.autograd.grad(loss(mu, logvar), params)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "categorical"])
+def test_gradcheck_vmap_and_clear_higher_order_errors(backend, likelihood):
+    """The op's contracts with default settings: gradcheck in float64 (chunked), torch.func.vmap over a
+    batch of heads' inputs (a loop of exact calls), and torch.func.grad / create_graph a clear error."""
+    gen = torch.Generator().manual_seed(7)
+    h, weight, bias, x = _case(likelihood, -1, 1, backend, gen, batch=2, features=3, out_features=4, pixels=(2,))
+    fn = lambda h, w, b: vae_fast.linear_log_prob(h, w, b, x, likelihood=likelihood, max_chunk_bytes=64)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()))
+    stacked = torch.stack([h.detach(), 2 * h.detach()])
+    got = torch.func.vmap(lambda hh: fn(hh, weight.detach(), bias.detach()))(stacked)
+    torch.testing.assert_close(got, torch.stack([fn(t, weight.detach(), bias.detach()) for t in stacked]).detach())
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.grad(lambda hh: fn(hh, weight, bias).sum())(h.detach())

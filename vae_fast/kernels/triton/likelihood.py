@@ -92,6 +92,33 @@ def elementwise_kernel(
 
 
 @triton.jit
+def head_output_tile(h, w_ptr, b_ptr, o0, hcols, h_mask, features, out_features, HAS_BIAS: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_O: tl.constexpr):
+    """One output tile of a fused head, in registers: (its columns, their mask, the weight tile
+    (BLOCK_O, BLOCK_H), h W^T + b (BLOCK_M, BLOCK_O))."""
+    ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
+    o_mask = ocols < out_features
+    w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
+                other=0.0).to(ACC)
+    out = tl.dot(h, tl.trans(w))
+    if HAS_BIAS:
+        out += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+    return ocols, o_mask, w, out
+
+
+@triton.jit
+def head_tile_gradients(g, h, w, ocols, o_mask, hcols, h_mask, grad_w_ptr, grad_b_ptr, features,
+                        HAS_BIAS: tl.constexpr):
+    """A tile's gradient g (BLOCK_M, BLOCK_O) into d/dW (g^T h) and d/db (sum g) by float32 atomic adds;
+    returns its share of d/dh, g W."""
+    tl.atomic_add(grad_w_ptr + ocols[:, None] * features + hcols[None, :], tl.dot(tl.trans(g), h),
+                  mask=o_mask[:, None] & h_mask[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(grad_b_ptr + ocols, tl.sum(g, axis=0), mask=o_mask)
+    return tl.dot(g, w)
+
+
+@triton.jit
 def linear_elementwise_kernel(
     h_ptr, h_row_stride, h_col_stride, w_ptr, b_ptr, x_ptr, log_scale_ptr, row_factor_ptr,
     log_prob_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr, invalid_ptr, expected_upstream_ptr,
@@ -126,13 +153,8 @@ def linear_elementwise_kernel(
     invalid = tl.zeros([BLOCK_M], dtype=tl.int32)
     grad_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
     for o0 in range(0, out_features, BLOCK_O):
-        ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
-        o_mask = ocols < out_features
-        w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
-                    other=0.0).to(ACC)
-        theta = tl.dot(h, tl.trans(w))  # (BLOCK_M, BLOCK_O), in registers only
-        if HAS_BIAS:
-            theta += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+        ocols, o_mask, w, theta = head_output_tile(h, w_ptr, b_ptr, o0, hcols, h_mask, features, out_features,
+                                                   HAS_BIAS, ACC, BLOCK_O)
         tile_mask = row_mask[:, None] & o_mask[None, :]
         x = tl.load(x_ptr + x_row[:, None] * out_features + ocols[None, :], mask=tile_mask, other=0.0).to(ACC)
         value, grad, _, bad = elementwise_terms(theta, x, theta * 0.0 + log_scale, LIKELIHOOD)
@@ -141,12 +163,8 @@ def linear_elementwise_kernel(
             invalid += tl.sum(tl.where(tile_mask & bad, 1, 0), axis=1)
         if WANT_GRAD:
             g = tl.where(tile_mask, grad * factor[:, None], 0.0)
-            grad_h += tl.dot(g, w)
-            grad_w_tile = tl.dot(tl.trans(g), h)  # (BLOCK_O, BLOCK_H): this block's share of d/dW
-            tl.atomic_add(grad_w_ptr + ocols[:, None] * features + hcols[None, :], grad_w_tile,
-                          mask=o_mask[:, None] & h_mask[None, :])
-            if HAS_BIAS:
-                tl.atomic_add(grad_b_ptr + ocols, tl.sum(g, axis=0), mask=o_mask)
+            grad_h += head_tile_gradients(g, h, w, ocols, o_mask, hcols, h_mask, grad_w_ptr, grad_b_ptr, features,
+                                          HAS_BIAS)
     tl.store(log_prob_ptr + rows_idx, log_prob, mask=row_mask)
     tl.store(invalid_ptr + rows_idx, invalid, mask=row_mask)
     if WANT_GRAD:
@@ -230,13 +248,8 @@ def linear_categorical_kernel(
     running_sum = tl.zeros([BLOCK_M], dtype=ACC)
     target_logit = tl.zeros([BLOCK_M], dtype=ACC)
     for o0 in range(0, classes, BLOCK_O):
-        ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
-        o_mask = ocols < classes
-        w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
-                    other=0.0).to(ACC)
-        logits = tl.dot(h, tl.trans(w))
-        if HAS_BIAS:
-            logits += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+        ocols, o_mask, w, logits = head_output_tile(h, w_ptr, b_ptr, o0, hcols, h_mask, features, classes, HAS_BIAS,
+                                                    ACC, BLOCK_O)
         logits = tl.where(o_mask[None, :], logits, -float("inf"))
         tile_max = tl.max(logits, axis=1)
         new_max = tl.maximum(running_max, tile_max)
@@ -252,21 +265,13 @@ def linear_categorical_kernel(
         else:
             factor = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(expected_upstream_ptr).to(ACC)
         grad_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
-        for o0 in range(0, classes, BLOCK_O):
-            ocols = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
-            o_mask = ocols < classes
-            w = tl.load(w_ptr + ocols[:, None] * features + hcols[None, :], mask=o_mask[:, None] & h_mask[None, :],
-                        other=0.0).to(ACC)
-            logits = tl.dot(h, tl.trans(w))
-            if HAS_BIAS:
-                logits += tl.load(b_ptr + ocols, mask=o_mask, other=0.0).to(ACC)[None, :]
+        for o0 in range(0, classes, BLOCK_O):  # the same tiles again, now with the log-sum-exp known
+            ocols, o_mask, w, logits = head_output_tile(h, w_ptr, b_ptr, o0, hcols, h_mask, features, classes,
+                                                        HAS_BIAS, ACC, BLOCK_O)
             tile_mask = row_mask[:, None] & o_mask[None, :]
             onehot = tl.where(ocols[None, :] == target[:, None], 1.0, 0.0)
             g = tl.where(tile_mask, (onehot - tl.exp(logits - lse[:, None])) * factor[:, None], 0.0)
-            grad_h += tl.dot(g, w)
-            tl.atomic_add(grad_w_ptr + ocols[:, None] * features + hcols[None, :], tl.dot(tl.trans(g), h),
-                          mask=o_mask[:, None] & h_mask[None, :])
-            if HAS_BIAS:
-                tl.atomic_add(grad_b_ptr + ocols, tl.sum(g, axis=0), mask=o_mask)
+            grad_h += head_tile_gradients(g, h, w, ocols, o_mask, hcols, h_mask, grad_w_ptr, grad_b_ptr, features,
+                                          HAS_BIAS)
         tl.store(grad_h_ptr + rows_idx[:, None] * features + hcols[None, :], grad_h,
                  mask=row_mask[:, None] & h_mask[None, :])
