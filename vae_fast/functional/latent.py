@@ -8,6 +8,7 @@ import torch
 from .._validation import (check_broadcastable, check_choice, check_no_grad, check_positive_int, check_same_device,
                            check_same_dtype, check_tensor)
 from ..ops.codes import SCALE_PARAMS
+from ..ops._autograd import cached_zero
 from ..ops.latent import apply_latent
 
 
@@ -21,18 +22,9 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch
     return seed if seed.device == device else seed.to(device)
 
 
-_unused_seeds: dict = {}
-
-
 def _unused_seed(device: torch.device) -> torch.Tensor:
-    """The seed argument of calls that draw no noise (KL only, explicit eps): a cached 0-d zero
-    (making one is a kernel launch on CUDA)."""
-    if torch.compiler.is_compiling():
-        return torch.zeros((), dtype=torch.int64, device=device)
-    seed = _unused_seeds.get(device)
-    if seed is None:
-        seed = _unused_seeds[device] = torch.zeros((), dtype=torch.int64, device=device)
-    return seed
+    """The seed argument of calls that draw no noise (KL only, explicit eps)."""
+    return cached_zero(torch.int64, device)
 
 
 def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tensor | None:

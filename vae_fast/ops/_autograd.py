@@ -75,15 +75,22 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
 _zeros: dict = {}
 
 
-def _zero_like(t: torch.Tensor) -> torch.Tensor:
-    """A cached 0-d zero of t's dtype and device (creating one is a kernel launch on CUDA)."""
-    if torch.compiler.is_compiling() or not is_plain(t):
-        return t.new_zeros(())
-    key = (t.dtype, t.device)
+def cached_zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d zero of ``dtype`` on ``device``, made once (creating one is a kernel launch on CUDA);
+    a fresh one while torch.compile traces (a cached tensor would become a graph constant)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((), dtype=dtype, device=device)
+    key = (dtype, device)  # callers pass a tensor's torch.device
     zero = _zeros.get(key)
     if zero is None:
-        zero = _zeros[key] = t.new_zeros(())
+        zero = _zeros[key] = torch.zeros((), dtype=dtype, device=device)
     return zero
+
+
+def _zero_like(t: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() or not is_plain(t):  # (is_plain cannot be traced)
+        return t.new_zeros(())
+    return cached_zero(t.dtype, t.device)
 
 
 def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int) -> None:

@@ -92,6 +92,24 @@ def elementwise_kernel(
 
 
 @triton.jit
+def head_row_block(h_ptr, h_row_stride, h_col_stride, row_factor_ptr, expected_upstream_ptr, rows, features,
+                   HAS_ROW_FACTOR: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A fused head program's rows: (their indices, mask, feature indices, mask, the (BLOCK_M, BLOCK_H)
+    block of h in registers, each row's upstream factor: row_factor[r], or the expected upstream)."""
+    rows_idx = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows_idx < rows
+    hcols = tl.arange(0, BLOCK_H).to(tl.int64)
+    h_mask = hcols < features
+    h = tl.load(h_ptr + rows_idx[:, None] * h_row_stride + hcols[None, :] * h_col_stride,
+                mask=row_mask[:, None] & h_mask[None, :], other=0.0).to(ACC)
+    if HAS_ROW_FACTOR:
+        factor = tl.load(row_factor_ptr + rows_idx, mask=row_mask, other=0.0).to(ACC)
+    else:
+        factor = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(expected_upstream_ptr).to(ACC)
+    return rows_idx, row_mask, hcols, h_mask, h, factor
+
+
+@triton.jit
 def head_output_tile(h, w_ptr, b_ptr, o0, hcols, h_mask, features, out_features, HAS_BIAS: tl.constexpr,
                      ACC: tl.constexpr, BLOCK_O: tl.constexpr):
     """One output tile of a fused head, in registers: (its columns, their mask, the weight tile
@@ -133,17 +151,9 @@ def linear_elementwise_kernel(
     adds) are formed. The output never reaches memory. log_scale_ptr: a fixed Gaussian log-variance /
     Laplace log-scale (one value). Row r is scored against x row r % x_rows; per-row log p is written (the caller
     sums an example's positions); gradients are times the expected upstream, or the row factor."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows_idx < rows
-    hcols = tl.arange(0, BLOCK_H).to(tl.int64)
-    h_mask = hcols < features
-    h = tl.load(h_ptr + rows_idx[:, None] * h_row_stride + hcols[None, :] * h_col_stride,
-                mask=row_mask[:, None] & h_mask[None, :], other=0.0).to(ACC)
-    if HAS_ROW_FACTOR:
-        factor = tl.load(row_factor_ptr + rows_idx, mask=row_mask, other=0.0).to(ACC)
-    else:
-        factor = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(expected_upstream_ptr).to(ACC)
+    rows_idx, row_mask, hcols, h_mask, h, factor = head_row_block(
+        h_ptr, h_row_stride, h_col_stride, row_factor_ptr, expected_upstream_ptr, rows, features, HAS_ROW_FACTOR,
+        ACC, BLOCK_M, BLOCK_H)
     x_row = rows_idx % x_rows
     if LIKELIHOOD == 2 or LIKELIHOOD == 4:
         log_scale = tl.load(log_scale_ptr).to(ACC)
@@ -234,13 +244,9 @@ def linear_categorical_kernel(
     sum) and the target's logit; pass 2 (gradients) forms each tile again, its gradient
     (onehot - softmax) * upstream, g W into d/dh and g^T h, sum g into d/dW, d/db (float32 atomics).
     The logits never reach memory. Targets outside [0, classes) are counted and score class 0."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows_idx < rows
-    hcols = tl.arange(0, BLOCK_H).to(tl.int64)
-    h_mask = hcols < features
-    h = tl.load(h_ptr + rows_idx[:, None] * h_row_stride + hcols[None, :] * h_col_stride,
-                mask=row_mask[:, None] & h_mask[None, :], other=0.0).to(ACC)
+    rows_idx, row_mask, hcols, h_mask, h, factor = head_row_block(
+        h_ptr, h_row_stride, h_col_stride, row_factor_ptr, expected_upstream_ptr, rows, features, HAS_ROW_FACTOR,
+        ACC, BLOCK_M, BLOCK_H)
     target = tl.load(target_ptr + rows_idx % x_rows, mask=row_mask, other=0)
     bad = row_mask & ((target < 0) | (target >= classes))
     target = tl.where(bad, 0, target)
@@ -260,10 +266,6 @@ def linear_categorical_kernel(
     tl.store(log_prob_ptr + rows_idx, target_logit - lse, mask=row_mask)
     tl.store(invalid_ptr + rows_idx, bad.to(tl.int32), mask=row_mask)
     if WANT_GRAD:
-        if HAS_ROW_FACTOR:
-            factor = tl.load(row_factor_ptr + rows_idx, mask=row_mask, other=0.0).to(ACC)
-        else:
-            factor = tl.zeros([BLOCK_M], dtype=ACC) + tl.load(expected_upstream_ptr).to(ACC)
         grad_h = tl.zeros([BLOCK_M, BLOCK_H], dtype=ACC)
         for o0 in range(0, classes, BLOCK_O):  # the same tiles again, now with the log-sum-exp known
             ocols, o_mask, w, logits = head_output_tile(h, w_ptr, b_ptr, o0, hcols, h_mask, features, classes,
