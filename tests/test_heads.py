@@ -228,7 +228,8 @@ def test_logistic_mixture_head_equals_the_unfused_packed_likelihood(backend, cha
     upstream = torch.randn(2, generator=gen, dtype=F64).to(backend)
     leaves = (h, weight, bias)
     expected = vae_fast.dmol_packed_log_prob(x, F.conv2d(h, weight[:, :, None, None], bias))
-    for chunk_bytes in (8 * out_features * 2, None):  # pixel blocks of 2, whole examples
+    # pixel blocks of 2 (2+2+2+2+1), 3 of 3 for a budget of 4 pixels (equal blocks), whole examples
+    for chunk_bytes in (8 * out_features * 2, 8 * out_features * 4, None):
         got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood="dmol", channel_dim=1,
                                        max_chunk_bytes=chunk_bytes)
         assert_matches_reference(got, expected, F64, terms=9)

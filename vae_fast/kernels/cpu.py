@@ -36,12 +36,15 @@ def _extent(t: torch.Tensor | None) -> int:
 
 
 def _strided(t: torch.Tensor | None) -> tuple[int, int, int]:
-    return (0, 0, 0) if t is None else (t.data_ptr(), t.stride(0), t.stride(1))
+    if t is None:
+        return (0, 0, 0)
+    strides = t.stride()  # (t.stride() is 4x cheaper than two t.stride(d) calls)
+    return (t.data_ptr(), strides[0], strides[1])
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int]:
     # (ptr, row stride) of a (rows, cols) operand with unit column stride (see ops.latent.unit_columns)
-    return t.data_ptr(), t.stride(0)
+    return t.data_ptr(), t.stride()[0]
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -61,8 +64,7 @@ def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
     """
     if shape is None:
         shape = t.shape
-    nbytes = math.prod(shape) * t.element_size()
-    if nbytes >= _POOL_MIN_BYTES and t.dtype in _DTYPE_CODE:
+    if math.prod(shape) * t.element_size() >= _POOL_MIN_BYTES and t.dtype in _DTYPE_CODE:
         return torch.from_dlpack(_C.pooled_tensor(_DTYPE_CODE[t.dtype], list(shape)))
     return t.new_empty(shape)
 
@@ -78,9 +80,11 @@ def _to(outs, dtype, keep: int = 0):
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                    want_log_ratio=False):
     out_dtype = mu.dtype
-    dtype = _compute_dtype(out_dtype)
-    if dtype != out_dtype:
-        mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
+    code = _DTYPE_CODE.get(out_dtype)
+    half = code is None
+    if half:  # computed in float32
+        code = 0
+        mu, scale, eps, prior_mu, prior_logvar = (_cast(t, torch.float32) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
     n = batch * dim  # mu, scale: unit column stride, any row stride; eps contiguous; outputs made here
     z = _new_output(mu, (num_samples, batch, dim))
@@ -88,13 +92,13 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
     log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # the kernel accumulates into it
     _C.latent_forward(
-        _DTYPE_CODE[dtype], param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
+        code, param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), _ptr(log_ratio), torch.get_num_threads(),
         [_extent(mu), _extent(scale), _extent(prior_mu), _extent(prior_logvar), _extent(eps), num_samples * n, batch,
          n if want_kl_per_dim else 0, num_samples * batch if want_log_ratio else 0],
     )
-    return (z.to(out_dtype) if dtype != out_dtype else z), kl, kl_per_dim, log_ratio
+    return (z.to(out_dtype) if half else z), kl, kl_per_dim, log_ratio
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,

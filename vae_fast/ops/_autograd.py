@@ -182,19 +182,32 @@ def saved_and_inputs(ctx, what: str, want_inputs: bool):
     return mine, (rest if ctx.strong_inputs else ctx.inputs.get(ctx.op_name, what))
 
 
-def fast_apply(function):
+def fast_apply(function, eager_outputs: tuple[int, ...] | None = None):
     """``function.apply`` for a setup_context-style ``autograd.Function``, with an eager fast path.
 
     torch.func needs the setup_context style, whose ``apply`` binds the arguments with
     ``inspect.signature`` on every call (about 60 us here, several times the kernel at 128 x 20).
     Plain eager calls therefore go through a ctx-style twin whose forward runs the same forward
     and setup_context and whose backward *is* ``function.backward``: one autograd implementation,
-    two entry points. Under torch.func transforms or torch.compile the original is used."""
+    two entry points. Under torch.func transforms or torch.compile the original is used.
 
-    def forward(ctx, *args):
-        output = function.forward(*args)
-        function.setup_context(ctx, args, output)
-        return output
+    ``eager_outputs``: the indices of the outputs the callers use; the eager twin returns None for
+    the others (the saved gradients, which setup_context keeps in ctx anyway): each tensor output of
+    an autograd.Function costs about 1 us per call to wrap, and backward receives None for them, as
+    it does for unused outputs."""
+
+    if eager_outputs is None:
+        def forward(ctx, *args):
+            output = function.forward(*args)
+            function.setup_context(ctx, args, output)
+            return output
+    else:
+        keep = frozenset(eager_outputs)
+
+        def forward(ctx, *args):
+            output = function.forward(*args)
+            function.setup_context(ctx, args, output)
+            return tuple(o if i in keep else None for i, o in enumerate(output))
 
     eager = type(function.__name__, (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(function.backward),

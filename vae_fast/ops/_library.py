@@ -16,7 +16,7 @@ _kernel_cache: dict = {}
 def kernels_for(t: torch.Tensor):
     """The kernel module of the backend that serves ``t``'s device (cached per device type
     and backend override: this sits on every call's hot path)."""
-    key = (t.device.type, config.BACKEND.get())
+    key = ("cpu" if t.is_cpu else t.device.type, config.BACKEND.get())
     module = _kernel_cache.get(key)
     if module is None:
         module = _kernel_cache[key] = _resolve_kernels(t)
@@ -94,9 +94,9 @@ def with_shape(t: torch.Tensor, shape) -> torch.Tensor:
     """A contiguous kernel output seen with another shape, as a tensor of its own rather than a
     view: autograd may then hand it to ``.grad`` without a copy (a view's base shares its storage,
     which makes AccumulateGrad clone it)."""
-    shape = tuple(shape)
-    if tuple(t.shape) == shape:
+    if t.shape == shape:  # (torch.Size compares with tuples)
         return t
+    shape = tuple(shape)
     if torch.compiler.is_compiling() or not t.is_contiguous() or type(t) is not torch.Tensor:
         return t.view(shape)
     return t.new_empty((0,)).set_(t.untyped_storage(), t.storage_offset(), shape)

@@ -163,8 +163,8 @@ register_op(
     _dmol_packed_kernel, _dmol_packed_fake, DmolPackedLogProb)
 
 
-_apply_split = fast_apply(DmolLogProb)
-_apply_packed = fast_apply(DmolPackedLogProb)
+_apply_split = fast_apply(DmolLogProb, eager_outputs=(0, 5))  # log_prob, num_invalid
+_apply_packed = fast_apply(DmolPackedLogProb, eager_outputs=(0, 2))
 
 
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_upstream):

@@ -55,7 +55,9 @@ def _chunks(num_examples: int, positions: int, out_features: int, chunk_elements
         for n0 in range(0, num_examples, step):
             yield n0, min(num_examples, n0 + step), 0, positions
         return
-    pixels = max(1, chunk_elements // max(out_features, 1))
+    # equal blocks (two of 2048 pixels rather than 2621 + 1475): no short GEMM at each example's end
+    blocks = -(-positions * out_features // chunk_elements)
+    pixels = -(-positions // blocks)
     for n0 in range(num_examples):
         for p0 in range(0, positions, pixels):
             yield n0, n0 + 1, p0, min(positions, p0 + pixels)
@@ -99,13 +101,30 @@ class _Head:
         return g if self.row_weights is None else g * self.row_weights[n0:n1].view(-1, 1, 1).to(g.dtype)
 
 
+def _linear_output(head: _Head, h2: torch.Tensor) -> torch.Tensor:
+    """h2 (rows, H) @ weight.T + bias as one GEMM (the bias is the GEMM's C operand, not a second pass)."""
+    if head.bias is None:
+        return torch.mm(h2, head.weight.t())
+    return torch.addmm(head.bias, h2, head.weight.t())
+
+
+def _gemm_into(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> None:
+    """target = a @ b, written in place when BLAS can address target (row- or column-major with a
+    leading dimension), else through a temporary."""
+    rows_ok = target.stride(1) == 1 and target.stride(0) >= max(1, target.shape[1])
+    cols_ok = target.stride(0) == 1 and target.stride(1) >= max(1, target.shape[0])
+    if rows_ok or cols_ok:
+        torch.mm(a, b, out=target)
+    else:
+        target.copy_(torch.mm(a, b))
+
+
 def _elementwise_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
     """One chunk of a Linear head with an elementwise or categorical likelihood; (n, p, O) channels-last."""
     n, p = n1 - n0, p1 - p0
     weight, logvar, out_features = head.weight, head.logvar, head.weight.shape[0]
-    out = torch.matmul(hb, weight.t())  # (n, p, O): the only output-sized buffer, one chunk of it
-    if head.bias is not None:
-        out += head.bias
+    h2 = hb.reshape(n * p, hb.shape[-1])
+    out = _linear_output(head, h2).view(n, p, out_features)  # the only output-sized buffer, one chunk of it
     # the logvar operand's block: full dims sliced with the chunk, broadcast ones kept at 1
     lv_rows = slice(n0, n1) if logvar is not None and logvar.shape[0] > 1 else slice(0, 1)
     lv_cols = slice(p0, p1) if logvar is not None and logvar.shape[1] > 1 else slice(0, 1)
@@ -125,11 +144,15 @@ def _elementwise_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
     if not head.want_grads:
         return bad
     g = head.weighted(g.view(n, p, out_features), n0, n1)
-    head.grad_h[n0:n1, p0:p1] = torch.matmul(g, weight)
-    g2 = g.reshape(n * p, out_features).to(head.acc)
-    head.grad_w.addmm_(g2.t(), hb.reshape(n * p, hb.shape[-1]).to(head.acc))
+    g2 = g.view(n * p, out_features)
+    target = head.grad_h[n0:n1, p0:p1]
+    if target.is_contiguous():
+        _gemm_into(g2, weight, target.view(n * p, target.shape[-1]))
+    else:
+        target.copy_(torch.mm(g2, weight).view(target.shape))
+    head.grad_w.addmm_(g2.t().to(head.acc), h2.to(head.acc))
     if head.grad_b is not None:
-        head.grad_b += g2.sum(0)
+        head.grad_b += g2.sum(0, dtype=head.acc)
     if head.grad_lv is not None:
         g_lv = head.weighted(g_lv.view(n, p, out_features).to(head.acc), n0, n1)
         dims = tuple(d for d in range(3) if logvar.shape[d] == 1)
@@ -140,16 +163,19 @@ def _elementwise_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
 def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
     """One chunk of a logistic-mixture head, in channels-first algebra: the packed NVAE parameters
     (n, O, p) with pixels contiguous (as the mixture kernel reads them) are W @ h (n, H, p), so a
-    channels-first h and its gradient are used in place; x arrives as (n, p, C)."""
+    channels-first h and its gradient are used in place; x arrives as (n, p, C). One example's GEMMs
+    are plain 2-D GEMMs on strided views (measured faster here than matmul's batched path)."""
     from .dmol import packed_views
 
     num_mixtures, num_bits, log_scale_min = head.mixture
     weight, channels = head.weight, xb.shape[-1]
     h_cf = hb.transpose(1, 2)  # (n, H, p): pixel stride 1 for a channels-first h
-    # one example: a plain GEMM (measured faster here than matmul's broadcast batched path)
-    out = torch.mm(weight, h_cf[0]).unsqueeze(0) if n1 - n0 == 1 else torch.matmul(weight, h_cf)
-    if head.bias is not None:
-        out += head.bias[:, None]
+    out = weight.new_empty((n1 - n0, weight.shape[0], p1 - p0))
+    for i in range(n1 - n0):
+        if head.bias is None:
+            torch.mm(weight, h_cf[i], out=out[i])
+        else:
+            torch.addmm(head.bias[:, None], weight, h_cf[i], out=out[i])
     grad = out.new_empty(out.shape) if head.want_grads else None
     lp, bad = head.backend.dmol_log_prob(
         xb.transpose(1, 2).to(out.dtype).contiguous(), *packed_views(out, num_mixtures, channels), num_bits,
@@ -158,12 +184,11 @@ def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
     head.log_prob[n0:n1] += lp.to(head.acc)
     if grad is not None:
         grad = head.weighted(grad, n0, n1)
-        target = head.grad_h.transpose(1, 2)[n0:n1, :, p0:p1]
-        if n1 - n0 == 1 and target.is_contiguous():  # straight into grad_h, no temporary and copy
-            torch.mm(weight.t(), grad[0], out=target[0])
-        else:
-            target.copy_(torch.matmul(weight.t(), grad))
-        for i in range(n1 - n0):  # (O, p) @ (p, H) per example: no reshaped copies of the chunk
+        target = head.grad_h.transpose(1, 2)[n0:n1, :, p0:p1]  # (n, H, p)
+        for i in range(n1 - n0):
+            # grad_h block (H, p) = W^T @ grad (O, p); its transpose (p, H) is column-major with a
+            # leading dimension when h is channels-first, which BLAS writes in place
+            _gemm_into(grad[i].t(), weight, target[i].t())
             head.grad_w.addmm_(grad[i].to(head.acc), h_cf[i].t().to(head.acc))
         if head.grad_b is not None:
             head.grad_b += grad.sum((0, 2), dtype=head.acc)
@@ -302,4 +327,4 @@ register_op(
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _head_kernel, _head_fake, LinearLogProbFunction)
 
-apply_linear_log_prob = fast_apply(LinearLogProbFunction)
+apply_linear_log_prob = fast_apply(LinearLogProbFunction, eager_outputs=(0, 5))  # log_prob, num_invalid

@@ -29,24 +29,28 @@ def unit_columns(t: torch.Tensor) -> torch.Tensor:
     """t (rows, cols) itself when its columns are adjacent in memory (any row stride: the halves of
     ``moments.chunk(2, dim=1)`` or of ``h.chunk(2, dim=-1)``, read in place by the kernels), else a
     contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    return t if t.stride()[-1] == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _forward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                     want_log_ratio=False):
     mu = unit_columns(mu)
+    if prior_mu is not None:
+        prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
     return kernels_for(mu).latent_forward(
-        mu, unit_columns(scale), _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu),
-        optional_contiguous(eps), seed, param, num_samples, want_kl_per_dim, want_log_ratio,
+        mu, unit_columns(scale), prior_mu, prior_logvar, optional_contiguous(eps), seed, param, num_samples,
+        want_kl_per_dim, want_log_ratio,
     )
 
 
 def _backward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                      num_samples, want_prior_grad):
     mu = unit_columns(mu)
+    if prior_mu is not None:
+        prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
     return kernels_for(mu).latent_backward(
-        mu, unit_columns(scale), _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu),
-        optional_contiguous(eps), seed, optional_contiguous(present(grad_z)), optional_contiguous(present(grad_kl)),
+        mu, unit_columns(scale), prior_mu, prior_logvar, optional_contiguous(eps), seed,
+        optional_contiguous(present(grad_z)), optional_contiguous(present(grad_kl)),
         optional_contiguous(present(grad_kl_per_dim)), param, num_samples, want_prior_grad and prior_mu is not None,
     )
 

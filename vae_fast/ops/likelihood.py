@@ -35,21 +35,29 @@ def _logvar_grad_shape(theta_shape, lead_ndim: int, logvar_shape) -> tuple:
     return tuple(theta_shape[:lead_ndim]) + full[lead_ndim:]
 
 
+def _as_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """t as a contiguous (rows, dim) tensor; t itself when it already is one (a reshape costs a view
+    per call, which matters at 128 x 784)."""
+    if t.dim() != 2 or t.shape[0] != rows or t.shape[1] != dim:
+        t = t.reshape(rows, dim)
+    return t.contiguous()
+
+
 def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
-    lead_shape = theta.shape[:lead_ndim]
+    shape = theta.shape
+    lead_shape = shape[:lead_ndim]
     rows = math.prod(lead_shape)
-    dim = math.prod(theta.shape[lead_ndim:])
-    theta2 = theta.reshape(rows, dim).contiguous()
-    lv2 = None if logvar is None else logvar.to(theta.dtype).expand(theta.shape).reshape(rows, dim)
+    dim = math.prod(shape[lead_ndim:])
+    theta2 = _as_rows(theta, rows, dim)
+    lv2 = None if logvar is None else logvar.to(theta.dtype).expand(shape).reshape(rows, dim)
     want_lv = want_logvar_grad and logvar is not None
     log_prob, grad, grad_lv, bad = kernels_for(theta2).elementwise_log_prob(
-        theta2, x.to(theta.dtype).reshape(x.shape[0], dim).contiguous(), lv2, likelihood, want_grad, want_lv,
-        expected_upstream)
+        theta2, _as_rows(x.to(theta.dtype), x.shape[0], dim), lv2, likelihood, want_grad, want_lv, expected_upstream)
     if grad is not None:
-        grad = with_shape(grad, theta.shape)
+        grad = with_shape(grad, shape)
     if grad_lv is not None:
-        grad_lv = grad_lv.view(theta.shape).sum_to_size(_logvar_grad_shape(theta.shape, lead_ndim, logvar.shape))
-    return log_prob.view(lead_shape), grad, grad_lv, bad
+        grad_lv = grad_lv.view(shape).sum_to_size(_logvar_grad_shape(shape, lead_ndim, logvar.shape))
+    return (log_prob if lead_ndim == 1 else log_prob.view(lead_shape)), grad, grad_lv, bad
 
 
 def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
@@ -159,7 +167,7 @@ register_op(
     _elementwise_kernel, _elementwise_fake, ElementwiseLogProb)
 
 
-_apply_elementwise = fast_apply(ElementwiseLogProb)
+_apply_elementwise = fast_apply(ElementwiseLogProb, eager_outputs=(0, 3))  # log_prob, num_invalid
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
@@ -235,7 +243,7 @@ register_op(
     _categorical_kernel, _categorical_fake, CategoricalLogProb)
 
 
-_apply_categorical = fast_apply(CategoricalLogProb)
+_apply_categorical = fast_apply(CategoricalLogProb, eager_outputs=(0, 2))  # log_prob, num_invalid
 
 
 def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
