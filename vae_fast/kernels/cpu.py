@@ -104,10 +104,12 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                     num_samples, want_prior_grad):
     out_dtype = mu.dtype
-    dtype = _compute_dtype(out_dtype)
-    if dtype != out_dtype:
+    code = _DTYPE_CODE.get(out_dtype)
+    half = code is None
+    if half:  # computed in float32
+        code = 0
         mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
-            _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
+            _cast(t, torch.float32) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
     batch, dim = mu.shape
     n = batch * dim
     grad_mu = _new_output(mu)
@@ -115,7 +117,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     grad_pm = mu.new_empty(mu.shape) if want_prior_grad else None
     grad_plv = mu.new_empty(mu.shape) if want_prior_grad else None
     _C.latent_backward(
-        _DTYPE_CODE[dtype], param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
+        code, param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
@@ -123,7 +125,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
          _extent(grad_kl), _extent(grad_kl_per_dim), n, n, n if want_prior_grad else 0, n if want_prior_grad else 0],
     )
     outs = (grad_mu, grad_scale, grad_pm, grad_plv)
-    return _to(outs, out_dtype) if dtype != out_dtype else outs
+    return _to(outs, out_dtype) if half else outs
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):

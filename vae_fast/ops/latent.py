@@ -48,10 +48,10 @@ def _backward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_
     mu = unit_columns(mu)
     if prior_mu is not None:
         prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
+    grad_z, grad_kl, grad_kl_per_dim = (optional_contiguous(present(g)) for g in (grad_z, grad_kl, grad_kl_per_dim))
     return kernels_for(mu).latent_backward(
-        mu, unit_columns(scale), prior_mu, prior_logvar, optional_contiguous(eps), seed,
-        optional_contiguous(present(grad_z)), optional_contiguous(present(grad_kl)),
-        optional_contiguous(present(grad_kl_per_dim)), param, num_samples, want_prior_grad and prior_mu is not None,
+        mu, unit_columns(scale), prior_mu, prior_logvar, optional_contiguous(eps), seed, grad_z, grad_kl,
+        grad_kl_per_dim, param, num_samples, want_prior_grad and prior_mu is not None,
     )
 
 
@@ -169,7 +169,7 @@ class LatentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio=None):
-        grad_z, grad_kl, grad_kl_per_dim = (present(g) for g in (grad_z, grad_kl, grad_kl_per_dim))
+        grad_z, grad_kl, grad_kl_per_dim = present(grad_z), present(grad_kl), present(grad_kl_per_dim)
         if torch.is_grad_enabled():  # create_graph=True, torch.func
             mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
             noise = _latent_noise(mu, eps, seed, ctx.num_samples) if grad_z is not None else None
