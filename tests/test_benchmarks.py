@@ -58,3 +58,24 @@ def test_gpu_roofline_cases_run_at_small_shapes_on_cpu(op, shape):
             continue
         torch.testing.assert_close(value, values["eager"], rtol=1e-4, atol=1e-3 * abs(values["eager"].item()))
     fwd_bwd_step(fns["vae_fast"], inputs)()
+
+
+def test_step_benchmark_models_train_with_every_loss():
+    """Every model of benchmarks/bench_steps.py takes one training step with its eager, fused and
+    network-only losses (finite losses; the two ELBOs reach every parameter), and the step timer alternates."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_steps
+
+    for name, factory, x, losses, batch in bench_steps.model_cases(quick=False):
+        for kind, loss_fn in zip(("eager", "fused", "network only"), losses):
+            torch.manual_seed(0)
+            model = factory()
+            loss = loss_fn(model, x)
+            assert loss.dim() == 0 and torch.isfinite(loss), name
+            loss.backward()
+            if kind != "network only":  # (a trivial loss need not touch e.g. a learned output scale)
+                assert all(p.grad is not None for p in model.parameters() if p.requires_grad), (name, kind)
+    calls = []
+    times = bench_steps.time_steps({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,
+                                   steps=1)
+    assert set(times) == {"a", "b"} and calls[-4:] == ["a", "b", "a", "b"]
