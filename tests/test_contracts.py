@@ -414,7 +414,30 @@ def test_deferred_support_check_raises_on_a_later_call_without_waiting():
     checks.add(torch.tensor(1), "fifth")
     with pytest.raises(ValueError, match="fifth"):
         checks.raise_completed(wait=True)  # what vae_fast.check_pending_errors() does
+    # per-row / per-block counts as the Triton kernels write them (no reduction launched)
+    checks.add(torch.zeros(4, 3, dtype=torch.int32), "sixth")
+    checks.add(torch.tensor([0, 0, 1, 0], dtype=torch.int32), "seventh")
+    with pytest.raises(ValueError, match="seventh"):
+        checks.raise_completed(wait=True)
     vae_fast.check_pending_errors()  # nothing pending on CPU: a no-op
+
+
+@pytest.mark.parametrize("counts", [3, torch.tensor(3), torch.tensor([0, 3, 0], dtype=torch.int32),
+                                    torch.tensor([[0, 0], [0, 1]], dtype=torch.int32)])
+def test_support_counts_of_any_form_raise_and_become_the_schema_count(counts):
+    """The kernels' out-of-support counts: an int (C++), 0-d, per row or per block (Triton). The eager
+    check reads any of them; the registered op reduces them to the schema's 0-d int64 count."""
+    from vae_fast._validation import raise_if_invalid
+    from vae_fast.ops._library import _schema_output
+
+    with pytest.raises(ValueError, match="bad x"):
+        raise_if_invalid(counts, "bad x")
+    zero = counts * 0
+    raise_if_invalid(zero, "bad x")
+    first = torch.zeros(2)
+    schema = _schema_output(first, counts)
+    assert schema.dim() == 0 and schema.dtype == torch.int64 and int(schema) == (3 if not isinstance(counts, torch.Tensor)
+                                                                                 or counts.dim() < 2 else 1)
 
 
 def test_codes_match_the_cpp_enums():

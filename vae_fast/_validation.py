@@ -120,11 +120,18 @@ class DeferredChecks:
                 elif not event.query():
                     return
                 self.pending.popleft()
-            if int(host) != 0:
+            if _any_nonzero(host):
                 with self.lock:
                     self.pending.clear()  # later counts may be from the same bad batch
                 raise ValueError(f"{message} (support check of an earlier call, deferred to avoid a host sync: "
                                  f"call {call} of this process's deferred checks)")
+
+
+def _any_nonzero(counts: torch.Tensor) -> bool:
+    """Whether a CPU tensor of support counts (0-d, per row or per block) holds a non-zero count: a
+    host read (no kernel; on CUDA the counts reach the host by one non-blocking copy, not by a
+    reduction launch)."""
+    return any(counts.reshape(-1).tolist())
 
 
 def _pinned_copy(count: torch.Tensor) -> torch.Tensor:
@@ -144,7 +151,8 @@ def check_pending_errors() -> None:
 
 
 def raise_if_invalid(num_invalid: torch.Tensor | int, message: str) -> None:
-    """Raise ``ValueError(message)`` if a kernel counted out-of-support values.
+    """Raise ``ValueError(message)`` if a kernel counted out-of-support values (``num_invalid``: an
+    int, or an integer tensor of counts of any shape, e.g. one per row as the Triton kernels write them).
 
     CPU counts are read at once; CUDA counts through :data:`DEFERRED` (no host sync). Skipped
     under torch.compile (it would force a graph break), for meta/fake tensors and torch.func
@@ -157,8 +165,8 @@ def raise_if_invalid(num_invalid: torch.Tensor | int, message: str) -> None:
         return
     if not is_plain(num_invalid):
         return
-    if num_invalid.device.type == "cpu":
-        if int(num_invalid) != 0:
+    if num_invalid.is_cpu:
+        if _any_nonzero(num_invalid):
             raise ValueError(message)
         return
     DEFERRED.add(num_invalid, message)

@@ -2,8 +2,9 @@
 
 Inputs arrive prepared by :mod:`vae_fast.ops`: row-major 2-D/3-D/4-D views (rows first), one
 floating dtype, priors and log-variances as broadcast (stride-0) views, codes from
-:mod:`vae_fast.ops.codes`. Outputs not asked for are None; out-of-support counts are 0-d
-int64 tensors (or ints). Reductions (log-likelihoods, KL) are returned in float32 for half
+:mod:`vae_fast.ops.codes`. Outputs not asked for are None; out-of-support counts are ints or
+integer tensors of any shape (0-d, or per row / per block as the Triton kernels write them, so that
+no reduction is launched; ``raise_if_invalid`` and the op wrappers accept both). Reductions (log-likelihoods, KL) are returned in float32 for half
 inputs, float64 for float64; gradients and z in the input dtype. ``tests/test_contracts.py``
 checks that each backend module has these functions with these parameters.
 """

@@ -51,16 +51,13 @@ def register_op(name: str, schema: str, kernel, fake, function) -> None:
     vmapped dim (:func:`loop_vmap`) unless the function defines its own.
 
     ``kernel`` returns None for outputs that were not asked for and may count invalid inputs as
-    a Python int; the registered wrapper turns those into the op schema's empty tensors and 0-d
-    int64 tensor."""
+    a Python int (C++) or as integer counts per row or block (Triton: no reduction launch on the
+    eager path, see :func:`vae_fast._validation.raise_if_invalid`); the registered wrapper turns
+    those into the op schema's empty tensors and 0-d int64 count."""
     LIB.define(f"{name}{schema}")
 
     def op_kernel(first, *args):
-        outs = kernel(first, *args)
-        return tuple(
-            first.new_empty(0) if o is None else torch.tensor(o, dtype=torch.int64) if isinstance(o, int) else o
-            for o in outs
-        )
+        return tuple(_schema_output(first, o) for o in kernel(first, *args))
 
     for key in ("CPU", "CUDA"):
         LIB.impl(name, op_kernel, key)
@@ -74,6 +71,16 @@ def register_op(name: str, schema: str, kernel, fake, function) -> None:
             function.vmap = staticmethod(vmap_rule)
         vmap_rule = function.vmap
     torch.library.register_vmap(f"vae_fast::{name}", vmap_rule, lib=LIB)
+
+
+def _schema_output(first: torch.Tensor, out):
+    if out is None:
+        return first.new_empty(0)
+    if isinstance(out, int):
+        return torch.tensor(out, dtype=torch.int64)
+    if not out.is_floating_point() and out.dim() > 0:  # support counts per row / block
+        return out.sum(dtype=torch.int64)
+    return out
 
 
 def call(op, kernel, first: torch.Tensor, *args):

@@ -235,7 +235,8 @@ def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expecte
     chunk = _dmol_chunk if likelihood == DMOL else _elementwise_chunk
     num_examples, positions, _ = h.shape
     for n0, n1, p0, p1 in _chunks(num_examples, positions, weight.shape[0], chunk_elements):
-        head.invalid += chunk(head, h[n0:n1, p0:p1], _x_rows(x, n0, n1, p0, p1), n0, n1, p0, p1)
+        bad = chunk(head, h[n0:n1, p0:p1], _x_rows(x, n0, n1, p0, p1), n0, n1, p0, p1)
+        head.invalid += bad if isinstance(bad, int) else bad.sum()  # (an int, or counts per row / block)
     return (head.log_prob, head.grad_h, None if head.grad_w is None else head.grad_w.to(weight.dtype),
             None if head.grad_b is None else head.grad_b.to(bias.dtype),
             None if head.grad_lv is None else head.grad_lv.to(logvar.dtype), head.invalid)

@@ -153,7 +153,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
             x.shape[0], dim,
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
         )
-    return log_prob, grad, grad_lv, invalid.sum(dtype=torch.int64)
+    return log_prob, grad, grad_lv, invalid
 
 
 MAX_HEAD_FEATURES = 256  # the fused-head kernel keeps a row block's H features (and d/dh) in registers
@@ -173,7 +173,7 @@ def linear_elementwise_log_prob(h, weight, bias, x, log_scale, likelihood, want_
     through its strides, weight (O, H), bias (O,) or None, x (Xr, O) with row r scored against r % Xr,
     log_scale a 1-element tensor or None, row_factor (R,) or None (then the gradients are times
     ``expected_upstream``). Returns per-row log p (R,), d/dh (R, H), d/dW and d/db (float32; None when
-    not wanted) and the number of x outside the support (0-d)."""
+    not wanted) and the number of x outside the support per row (R,) int32."""
     rows, features = h.shape
     out_features = weight.shape[0]
     acc = _acc_dtype(h.dtype)
@@ -201,7 +201,7 @@ def linear_elementwise_log_prob(h, weight, bias, x, log_scale, likelihood, want_
                 h, h.stride(0), h.stride(1), weight, weight if bias is None else bias, x,
                 weight if log_scale is None else log_scale.to(acc), factor, *outputs,
                 rows, x.shape[0], out_features, features, LIKELIHOOD=likelihood, **common)
-    return log_prob, grad_h, grad_w, grad_b, invalid.sum(dtype=torch.int64)
+    return log_prob, grad_h, grad_w, grad_b, invalid
 
 
 def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
@@ -224,7 +224,7 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
             WANT_GRAD=want_grad, ACC=_acc(logits.dtype), PIXELS=pixel_block, CLASSES=class_block,
             num_warps=4,
         )
-    return partial.sum(1), grad, invalid.sum(dtype=torch.int64)
+    return partial.sum(1), grad, invalid
 
 
 def _dmol_view(t, fallback):
@@ -277,7 +277,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
             MIX=mix_block, PIX=pixel_block, num_warps=num_warps,
         )
-    return partial.sum(1), invalid.sum(dtype=torch.int64)
+    return partial.sum(1), invalid
 
 
 def scale_rows_inplace(grad: torch.Tensor, factor: torch.Tensor, tolerance: float) -> torch.Tensor:
