@@ -1,5 +1,5 @@
 """Whole training steps (encoder + decoder + loss + Adam), eager PyTorch vs vae_fast, and the
-per-call overhead of the fused ops (public function minus its backend kernels).
+per-call overhead of the fused ops (``bench_overhead.py``: public function minus its C++ kernels).
 
 What users feel is the step, not the op: the classic 784-400-20 MLP VAE spends most of its step
 in its matmuls, so the fused ELBO can only win there if its own per-call overhead is small.
@@ -315,35 +315,6 @@ def saved_mib(model_factory, x, loss_fn) -> float:
     return total / 2**20
 
 
-def overhead_cases(batch: int = 128, dim: int = 20):
-    """fwd + bwd of each public op vs its backend kernels called directly (same work, no wrapper)."""
-    from vae_fast.kernels import cpu as kernels
-
-    mu = torch.randn(batch, dim, requires_grad=True)
-    lv = torch.randn(batch, dim, requires_grad=True)
-    seed = torch.zeros((), dtype=torch.int64)
-    gz, gk = torch.ones(1, batch, dim), torch.ones(batch)
-    logits = torch.randn(batch, 784, requires_grad=True)
-    x = torch.rand(batch, 784).round()
-
-    def latent_public():
-        z, kl = vae_fast.gaussian_sample_kl(mu, lv)
-        torch.autograd.backward((z, kl), (gz[0], gk))
-
-    def latent_raw():
-        kernels.latent_forward(mu.detach(), lv.detach(), None, None, None, seed, 0, 1, False)
-        kernels.latent_backward(mu.detach(), lv.detach(), None, None, None, seed, gz, gk, None, 0, 1, False)
-
-    def likelihood_public():
-        vae_fast.bernoulli_log_prob(logits, x).mean().neg().backward()
-
-    def likelihood_raw():
-        kernels.elementwise_log_prob(logits.detach(), x, None, 0, True, False, -1.0 / batch)
-
-    return {"latent public": latent_public, "latent kernels": latent_raw,
-            "bernoulli public": likelihood_public, "bernoulli kernels": likelihood_raw}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MLPs, the RGB mixture and conv Bernoulli VAEs only, fewer rounds, no compile")
@@ -371,15 +342,13 @@ def main(argv=None) -> None:
                      f"{compiled * 1e3:.2f} | {compiled_fused * 1e3:.2f} | {null * 1e3:.2f} | {(eager - null) * 1e3:.2f} / {(fused - null) * 1e3:.2f} | "
                      f"{saved[0]:.2f} / {saved[1]:.2f} |")
         print(lines[-1], flush=True)
-    over = time_steps(overhead_cases(), rounds, 200)
+    from benchmarks import bench_overhead
+
     lines += ["", "ELBO ms = step minus the same network's step with a trivial loss (its share of the step); "
               "saved for backward: the tensors autograd keeps from the forward pass.", "",
-              "| op (128x20 latent, 128x784 Bernoulli), fwd+bwd | public us | kernels us | "
-              "overhead us (wrapper, autograd engine, the loss's own ops) |",
-              "|---|---|---|---|"]
-    for op in ("latent", "bernoulli"):
-        public, raw = over[f"{op} public"], over[f"{op} kernels"]
-        lines.append(f"| {op} | {public * 1e6:.1f} | {raw * 1e6:.1f} | {(public - raw) * 1e6:.1f} |")
+              "Per-call overhead (benchmarks/bench_overhead.py: public call minus the raw C++ kernel; backward: the "
+              "op's autograd node minus the engine's own cost and the kernel):", "",
+              bench_overhead.markdown(bench_overhead.measure(rounds))]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

@@ -79,3 +79,15 @@ def test_step_benchmark_models_train_with_every_loss():
     times = bench_steps.time_steps({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2,
                                    steps=1)
     assert set(times) == {"a", "b"} and calls[-4:] == ["a", "b", "a", "b"]
+
+
+def test_overhead_benchmark_measures_every_quantity():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_overhead
+
+    rows = bench_overhead.measure(rounds=1, calls=3)
+    assert [r["op"] for r in rows] == ["latent 128x20", "bernoulli 128x784"]
+    for row in rows:
+        assert row["kernel_fwd"] > 0 and row["public_fwd"] > 0 and row["node_bwd"] > 0
+    assert rows[0]["kernel_bwd"] > 0 and rows[0]["seed_draw"] > 0
+    assert "forward overhead" in bench_overhead.markdown(rows)
