@@ -29,9 +29,9 @@ def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def lead_ndim(name: str, param_shape, x_shape, what: str) -> int:
     """1 if the decoder output matches x (B, ...), 2 if it has an extra leading sample dim K."""
-    if tuple(param_shape) == tuple(x_shape):
+    if param_shape == x_shape:  # (torch.Size compares with Sizes and tuples: no conversion per call)
         return 1
-    if len(param_shape) == len(x_shape) + 1 and tuple(param_shape[1:]) == tuple(x_shape):
+    if len(param_shape) == len(x_shape) + 1 and param_shape[1:] == x_shape:
         return 2
     raise ValueError(f"{name} of shape {tuple(param_shape)} must have {what} (B, ...) = {tuple(x_shape)} "
                      f"or (K, B, ...) for K decoder samples")

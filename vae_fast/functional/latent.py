@@ -87,10 +87,8 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
         seed = _unused_seed(mu.device)
     z, kl, kl_per_dim, log_ratio = apply_latent(
         mu2, logvar2, prior_mu, prior_logvar, eps, seed, param_code, samples, want_kl_per_dim, want_log_ratio)
-    if samples == 1:
-        z = z.view(mu.shape)
-    elif flat:
-        z = z.view(samples, *mu.shape)
+    if flat:  # (z is (rows, Z) for one sample: the kernels give it mu's 2-D shape, no view node)
+        z = z.view(mu.shape) if samples == 1 else z.view(samples, *mu.shape)
     if flat:
         kl = kl.view(mu.shape[:-1])
         kl_per_dim = kl_per_dim.view(mu.shape) if want_kl_per_dim else None

@@ -87,7 +87,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         mu, scale, eps, prior_mu, prior_logvar = (_cast(t, torch.float32) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
     n = batch * dim  # mu, scale: unit column stride, any row stride; eps contiguous; outputs made here
-    z = _new_output(mu, (num_samples, batch, dim))
+    z = _new_output(mu, (batch, dim) if num_samples == 1 else (num_samples, batch, dim))
     kl = mu.new_empty((batch,))
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
     log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # the kernel accumulates into it

@@ -22,12 +22,14 @@ class KernelBackend(Protocol):
     def latent_forward(self, mu: Tensor, scale: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
                        eps: Tensor | None, seed: Tensor, param: int, num_samples: int, want_kl_per_dim: bool,
                        want_log_ratio: bool = False):
-        """mu, scale (B, Z) -> z (K, B, Z), kl (B,), kl_per_dim (B, Z) | None, log_ratio (K, B) | None."""
+        """mu, scale (B, Z) -> z (K, B, Z) ((B, Z) when K = 1: the sample has mu's shape without a view, which
+        would cost an autograd node per call), kl (B,), kl_per_dim (B, Z) | None, log_ratio (K, B) | None."""
 
     def latent_backward(self, mu: Tensor, scale: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
                         eps: Tensor | None, seed: Tensor, grad_z: Tensor | None, grad_kl: Tensor | None,
                         grad_kl_per_dim: Tensor | None, param: int, num_samples: int, want_prior_grad: bool):
-        """-> grad_mu, grad_scale (B, Z), grad_prior_mu, grad_prior_logvar (B, Z) | None."""
+        """grad_z: K*B*Z contiguous values ((K, B, Z) or (B, Z)) -> grad_mu, grad_scale (B, Z), grad_prior_mu,
+        grad_prior_logvar (B, Z) | None."""
 
     def elementwise_log_prob(self, theta: Tensor, x: Tensor, logvar: Tensor | None, likelihood: int, want_grad: bool,
                              want_logvar_grad: bool, expected_upstream: float = 1.0):

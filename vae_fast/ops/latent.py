@@ -4,7 +4,7 @@ Op schemas (``torch.ops.vae_fast``)::
 
     latent_forward(mu (B,Z), scale (B,Z), prior_mu?, prior_logvar?  [broadcastable to (B,Z)],
                    eps? (K,B,Z), seed () int64, param, num_samples K, want_kl_per_dim)
-        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or (0,),
+        -> z (K,B,Z) or (B,Z) for K = 1, kl (B,), kl_per_dim (B,Z) or (0,),
            log_ratio (K,B) or (0,): log q(z_k|x) - log p(z_k) per sample, if want_log_ratio
     latent_backward(..., grad_z?, grad_kl?, grad_kl_per_dim?, param, K, want_prior_grad)
         -> grad_mu, grad_scale, grad_prior_mu (B,Z) or (0,), grad_prior_logvar (B,Z) or (0,)
@@ -61,7 +61,8 @@ def _forward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_sampl
     acc = acc_dtype(mu.dtype)
     kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else mu.new_empty(0)
     log_ratio = mu.new_empty((num_samples, batch), dtype=acc) if want_log_ratio else mu.new_empty(0)
-    return mu.new_empty((num_samples, batch, dim)), mu.new_empty((batch,), dtype=acc), kl_per_dim, log_ratio
+    z = mu.new_empty((batch, dim) if num_samples == 1 else (num_samples, batch, dim))
+    return z, mu.new_empty((batch,), dtype=acc), kl_per_dim, log_ratio
 
 
 def _backward_fake(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
@@ -94,7 +95,7 @@ def _latent_noise(mu, eps, seed, num_samples):
     zeros = torch.zeros(mu.shape, dtype=mu.dtype, device=mu.device)
     z, *_ = call(torch.ops.vae_fast.latent_forward.default, _forward_kernel, zeros, zeros, None, None, None,
                  seed.detach(), int(ScaleParam.LOGVAR), num_samples, False, False)
-    return z
+    return z.reshape(num_samples, *mu.shape)
 
 
 def _sigma_and_log_variance(scale, param):
@@ -131,7 +132,7 @@ def _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, pa
     grad_mu = g * dkl_dmu
     grad_scale = g * dkl_dlv * d_lv
     if grad_z is not None:
-        grad_z = grad_z.to(mu.dtype)
+        grad_z = grad_z.to(mu.dtype).reshape(noise.shape)  # (K, B, Z); z is (B, Z) for K = 1
         grad_mu = grad_mu + grad_z.sum(0)
         grad_scale = grad_scale + (grad_z * noise).sum(0) * d_sigma
     grad_pm = (-g * dkl_dmu).sum_to_size(prior_mu.shape) if prior_mu is not None and needs[2] else None
@@ -144,7 +145,7 @@ class LatentFunction(torch.autograd.Function):
     """``torch.ops.vae_fast.latent_forward`` with its autograd (one implementation for both).
 
     forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, K, want_kl_per_dim, want_log_ratio)
-        -> z (K,B,Z), kl (B,), kl_per_dim (B,Z) or None/empty, log_ratio (K,B) or None/empty
+        -> z (K,B,Z) or (B,Z) for K = 1, kl (B,), kl_per_dim (B,Z) or None/empty, log_ratio (K,B) or None/empty
 
     log_ratio (the IWAE log-weights' latent part) is for evaluation: it is not differentiable here
     (``vae_fast.elbo(objective="iwae")`` forms differentiable log-weights from z). Backward with grad

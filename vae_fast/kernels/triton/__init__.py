@@ -97,7 +97,7 @@ def _strided(t, fallback):
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                    want_log_ratio=False):
     batch, dim = mu.shape
-    z = mu.new_empty((num_samples, batch, dim))
+    z = mu.new_empty((batch, dim) if num_samples == 1 else (num_samples, batch, dim))
     acc = _acc_dtype(mu.dtype)  # reductions in float32 for half inputs
     kl = mu.new_empty((batch,), dtype=acc)
     kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else None
