@@ -68,8 +68,9 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     Likelihoods: ``"bernoulli"``, ``"continuous_bernoulli"``, ``"gaussian"`` (``logvar=`` float or a
     tensor broadcastable to the output), ``"laplace"`` (``log_scale=``), ``"categorical"``. The output is
-    produced, scored and differentiated in chunks of at most ``max_chunk_bytes`` (default 1 MiB) per
-    buffer; d/dh, d/dweight (accumulated in float32) and d/dbias are computed in the same pass.
+    produced, scored and differentiated in chunks of at most ``max_chunk_bytes`` (default 1 MiB; 2 MiB for
+    ``"dmol"``, one 64x64 example's 100 channels) per buffer; d/dh, d/dweight (accumulated in float32) and
+    d/dbias are computed in the same pass.
 
     Returns ``(B,)`` (``(K, B)`` with samples) for ``reduction="none"``, else reduced.
     """
@@ -175,7 +176,8 @@ def _dmol_head(h, weight, bias, x, channel_dim, reduction, max_chunk_bytes, num_
     grad_mode = torch.is_grad_enabled()
     want_grads = grad_mode and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     log_prob, *_, num_invalid = head_ops.apply_linear_log_prob(
-        h3, weight, bias, x3, None, head_ops.DMOL, head_ops.chunk_elements_for(max_chunk_bytes, h.element_size()),
+        h3, weight, bias, x3, None, head_ops.DMOL,
+        head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(), head_ops.DEFAULT_MIXTURE_CHUNK_BYTES),
         default_expected_upstream(reduction, examples), None, bool(want_grads), False, int(num_mixtures), int(num_bits),
         float(log_scale_min))
     raise_if_invalid(num_invalid, SUPPORT_MESSAGE)

@@ -38,11 +38,15 @@ from .codes import HEAD_CATEGORICAL, HEAD_DMOL
 
 CATEGORICAL, DMOL = HEAD_CATEGORICAL, HEAD_DMOL  # the elementwise heads use ops.codes.Likelihood
 DEFAULT_CHUNK_BYTES = 1 << 20  # per chunk buffer (output, gradient); 8 MiB measured no faster, and 2.5x the peak
+# The mixture head's chunks: 2 MiB holds one 64x64 example's 100 channels (1.6 MB), so each GEMM spans an
+# example's pixels: 14.2 ms vs 19.1 ms at 1 MiB (two pixel blocks per example) for 8x3x64x64, peak 0.26x -> see
+# benchmarks/results/heads-*.md for the peak at this default.
+DEFAULT_MIXTURE_CHUNK_BYTES = 2 << 20
 
 
-def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4) -> int:
-    """Output elements per chunk for a memory budget (bytes per chunk buffer)."""
-    budget = DEFAULT_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4, default: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Output elements per chunk for a memory budget (bytes per chunk buffer; ``default`` when None)."""
+    budget = default if max_chunk_bytes is None else int(max_chunk_bytes)
     return max(1, budget // itemsize)
 
 
