@@ -34,10 +34,28 @@ def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tenso
     return t.expand(mu.shape).reshape(rows, mu.shape[-1])
 
 
+_CPU = torch.device("cpu")
+
+
+def _is_common_call(mu, logvar, prior_mu, prior_logvar, eps, param) -> bool:
+    """The per-step call (two plain (B, Z) CPU tensors of one floating dtype, no prior, no explicit noise, a
+    named parameterisation), recognised in one expression: every check of :func:`_latent` passes for it."""
+    return (prior_mu is None and prior_logvar is None and eps is None and type(mu) is torch.Tensor
+            and type(logvar) is torch.Tensor and mu.dim() == 2 and mu.is_cpu and logvar.is_cpu
+            and mu.dtype == logvar.dtype and mu.is_floating_point() and logvar.shape == mu.shape
+            and isinstance(param, str) and param in SCALE_PARAMS)
+
+
 def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim,
             want_log_ratio=False):
-    # The checks are ordered so that the common call (two same-shape float tensors, no
-    # prior, no eps) costs a handful of attribute reads: this runs every training step.
+    if _is_common_call(mu, logvar, prior_mu, prior_logvar, eps, param):
+        # this runs every training step: no further checks or reshapes are needed
+        seed = _draw_seed(_CPU, generator) if num_samples > 0 else _unused_seed(_CPU)
+        z, kl, kl_per_dim, log_ratio = apply_latent(mu, logvar, None, None, None, seed, int(SCALE_PARAMS[param]),
+                                                    num_samples, want_kl_per_dim, want_log_ratio)
+        if want_log_ratio:
+            return z, kl, kl_per_dim, log_ratio
+        return z, kl, kl_per_dim if want_kl_per_dim else None
     check_tensor("mu", mu)
     check_tensor("logvar", logvar)
     if mu.dim() < 1:

@@ -16,19 +16,29 @@ from ..ops.codes import Likelihood
 from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 
 
+def _is_common_call(theta, x) -> bool:
+    """The per-step call every check below passes, tested in one expression (about 1 us instead of
+    several checks' calls): plain tensors of one floating dtype, same shape with a batch dim, on the CPU."""
+    return (type(theta) is torch.Tensor and type(x) is torch.Tensor and theta.dtype == x.dtype
+            and theta.is_floating_point() and theta.is_cpu and x.is_cpu and theta.dim() > 0 and theta.shape == x.shape)
+
+
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
                  expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
-    check_tensor(theta_name, theta)
-    check_x(x, theta_name, theta, differentiable=True)
-    if x.requires_grad and not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor to differentiate w.r.t. it, got dtype {x.dtype}")
-    lead = lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
+    if _is_common_call(theta, x):
+        lead = 1
+    else:
+        check_tensor(theta_name, theta)
+        check_x(x, theta_name, theta, differentiable=True)
+        if x.requires_grad and not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor to differentiate w.r.t. it, got dtype {x.dtype}")
+        lead = lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
     if logvar is not None:
         check_broadcastable(scale_name, logvar, theta.shape, theta_name)
     if expected_upstream is None:
         expected_upstream = default_expected_upstream(reduction, math.prod(theta.shape[:lead]))
     log_prob = likelihood_ops.elementwise_log_prob(theta, x, logvar, likelihood, lead, expected_upstream)
-    return reduce(log_prob, reduction)
+    return log_prob if reduction == "none" else reduce(log_prob, reduction)
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:

@@ -134,13 +134,16 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     if dtype != out_dtype:
         theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast(logvar, dtype)
     rows, dim = theta.shape
+    n = rows * dim
     log_prob = theta.new_empty((rows,))
-    grad = _new_output(theta) if want_grad else None
-    grad_lv = _new_output(theta) if want_logvar_grad else None
+    grad = _new_output(theta, (rows, dim)) if want_grad else None
+    grad_lv = _new_output(theta, (rows, dim)) if want_logvar_grad else None
+    x_rows = x.shape[0]
     bad = _C.elementwise_likelihood(
-        _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
+        _DTYPE_CODE[dtype], likelihood, rows, x_rows, dim, theta.data_ptr(), x.data_ptr(),
         *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(expected_upstream),
-        torch.get_num_threads(), [_extent(t) for t in (theta, x, logvar, log_prob, grad, grad_lv)],
+        torch.get_num_threads(),
+        [_extent(theta), _extent(x), _extent(logvar), rows, n if want_grad else 0, n if want_logvar_grad else 0],
     )
     outs = (log_prob, grad, grad_lv, bad)
     return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs
