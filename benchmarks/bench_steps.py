@@ -355,7 +355,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}-{torch.get_num_threads()}threads"
     header = (f"Training steps (forward, backward, Adam) and per-call overhead, torch {torch.__version__}, {machine}; "
-              f"medians of {rounds} alternated rounds of {steps} steps.\n\n")
+              f"medians of {rounds} alternated rounds of at least {steps} steps and "
+              f"{0.05 if args.quick else 0.2} s each.\n\n")
     stem = f"steps-{machine}{'-quick' if args.quick else ''}"
     (out / f"{stem}.md").write_text(header + text + "\n")
     with open(out / f"{stem}.csv", "w", newline="") as f:
