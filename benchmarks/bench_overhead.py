@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import vae_fast
+from benchmarks.timing import alternated_rounds
 from vae_fast.kernels import cpu as kernels
 
 _C = kernels._C
@@ -31,16 +31,7 @@ _C = kernels._C
 
 def _time(fns: dict, rounds: int, calls: int) -> dict:
     """name -> (min, median) seconds per call over alternated rounds."""
-    for fn in fns.values():
-        for _ in range(200):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls)
+    times = alternated_rounds(fns, rounds, calls, warmup=200)
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 

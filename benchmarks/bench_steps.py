@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_fast
+from benchmarks.timing import alternated_rounds
 
 
 class MLPVAE(torch.nn.Module):
@@ -74,7 +75,6 @@ def time_steps(impls: dict, rounds: int, steps: int, min_round_s: float = 0.0) -
 
     ``min_round_s``: at least that long per round and implementation (more steps per round for
     fast models, whose few-percent differences the machine's noise would otherwise decide)."""
-    times = {name: [] for name in impls}
     for fn in impls.values():  # warm-up
         for _ in range(3):
             fn()
@@ -84,12 +84,7 @@ def time_steps(impls: dict, rounds: int, steps: int, min_round_s: float = 0.0) -
             fn()
         per_step = (time.perf_counter() - start) / len(impls)
         steps = max(steps, int(min_round_s / max(per_step, 1e-9)) + 1)
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[name].append((time.perf_counter() - start) / steps)
+    times = alternated_rounds(impls, rounds, steps, warmup=0)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -79,3 +79,19 @@ def copy_bandwidth(device="cpu", nbytes=256 * 2**20) -> float:
         sync(device)
         samples.append(time.perf_counter() - start)
     return 2 * nbytes / statistics.median(samples)
+
+
+def alternated_rounds(fns: dict, rounds: int, calls: int, warmup: int = 3) -> dict:
+    """name -> seconds per call in each of ``rounds`` rounds, the zero-argument callables ``fns``
+    alternating round by round (so that the machine's slow spells hit every one of them alike)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
