@@ -25,7 +25,8 @@ def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
 
 
 def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor | None]) -> None:
-    if len(tensors) == 2 and tensors[0].is_cpu and tensors[1].is_cpu:  # the per-call common case, cheaply
+    if (len(tensors) == 2 and isinstance(tensors[0], torch.Tensor) and isinstance(tensors[1], torch.Tensor)
+            and tensors[0].is_cpu and tensors[1].is_cpu):  # the per-call common case, cheaply
         return
     present = [(n, t) for n, t in zip(names, tensors) if isinstance(t, torch.Tensor)]
     first_name, first = present[0]
