@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_fast
-from benchmarks.timing import alternated_rounds
+from benchmarks.timing import alternated_rounds, sync
 
 
 class MLPVAE(torch.nn.Module):
@@ -70,7 +70,7 @@ def load_digits(batch: int) -> torch.Tensor:
     return (data[:batch] > 0.5).float()
 
 
-def time_steps(impls: dict, rounds: int, steps: int, min_round_s: float = 0.0) -> dict:
+def time_steps(impls: dict, rounds: int, steps: int, min_round_s: float = 0.0, device="cpu") -> dict:
     """Median seconds per call of each zero-argument callable, rounds alternating between them.
 
     ``min_round_s``: at least that long per round and implementation (more steps per round for
@@ -79,12 +79,14 @@ def time_steps(impls: dict, rounds: int, steps: int, min_round_s: float = 0.0) -
         for _ in range(3):
             fn()
     if min_round_s > 0:
+        sync(device)
         start = time.perf_counter()
         for fn in impls.values():
             fn()
+        sync(device)
         per_step = (time.perf_counter() - start) / len(impls)
         steps = max(steps, int(min_round_s / max(per_step, 1e-9)) + 1)
-    times = alternated_rounds(impls, rounds, steps, warmup=0)
+    times = alternated_rounds(impls, rounds, steps, warmup=0, device=device)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -275,7 +277,7 @@ def training_step_impls(model_factory, x, losses, with_compile: bool) -> dict:
     """name -> a zero-argument training step (forward, backward, Adam) on its own copy of one model."""
     eager, fused, null = losses
     torch.manual_seed(0)
-    base = model_factory()
+    base = model_factory().to(x.device)
     variants = {"eager": eager, "vae_fast": fused, "network only": null}
     if with_compile:
         variants["torch.compile(eager)"] = torch.compile(eager)
@@ -297,7 +299,7 @@ def training_step_impls(model_factory, x, losses, with_compile: bool) -> dict:
 def saved_mib(model_factory, x, loss_fn) -> float:
     """MiB saved for backward by one forward of the loss (activations incl. the ELBO's own)."""
     torch.manual_seed(0)
-    model = model_factory()
+    model = model_factory().to(x.device)
     total = 0
 
     def pack(t):
@@ -314,7 +316,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MLPs, the RGB mixture and conv Bernoulli VAEs only, fewer rounds, no compile")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels; no per-call overhead table)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     rounds, steps = (7, 5) if args.quick else (15, 10)
     cases = model_cases(args.quick)
     if args.quick:
@@ -324,8 +328,9 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, factory, x, losses, batch in cases:
+        x = x.to(device)
         result = time_steps(training_step_impls(factory, x, losses, with_compile=not args.quick), rounds, steps,
-                            min_round_s=0.05 if args.quick else 0.2)
+                            min_round_s=0.05 if args.quick else 0.2, device=device)
         eager, fused, null = result["eager"], result["vae_fast"], result["network only"]
         compiled = result.get("torch.compile(eager)", float("nan"))
         compiled_fused = result.get("torch.compile(vae_fast)", float("nan"))
@@ -337,18 +342,20 @@ def main(argv=None) -> None:
                      f"{compiled * 1e3:.2f} | {compiled_fused * 1e3:.2f} | {null * 1e3:.2f} | {(eager - null) * 1e3:.2f} / {(fused - null) * 1e3:.2f} | "
                      f"{saved[0]:.2f} / {saved[1]:.2f} |")
         print(lines[-1], flush=True)
-    from benchmarks import bench_overhead
-
     lines += ["", "ELBO ms = step minus the same network's step with a trivial loss (its share of the step); "
-              "saved for backward: the tensors autograd keeps from the forward pass.", "",
-              "Per-call overhead (benchmarks/bench_overhead.py: public call minus the raw C++ kernel; backward: the "
-              "op's autograd node minus the engine's own cost and the kernel):", "",
-              bench_overhead.markdown(bench_overhead.measure(rounds))]
+              "saved for backward: the tensors autograd keeps from the forward pass."]
+    if device.type == "cpu":
+        from benchmarks import bench_overhead
+
+        lines += ["", "Per-call overhead (benchmarks/bench_overhead.py: public call minus the raw C++ kernel; backward: "
+                  "the op's autograd node minus the engine's own cost and the kernel):", "",
+                  bench_overhead.markdown(bench_overhead.measure(rounds))]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()}-{torch.get_num_threads()}threads"
+    machine = (f"{platform.machine()}-{torch.get_num_threads()}threads" if device.type == "cpu" else
+               "gpu-" + torch.cuda.get_device_name(device).replace(" ", "_"))
     header = (f"Training steps (forward, backward, Adam) and per-call overhead, torch {torch.__version__}, {machine}; "
               f"medians of {rounds} alternated rounds of at least {steps} steps and "
               f"{0.05 if args.quick else 0.2} s each.\n\n")

@@ -81,17 +81,20 @@ def copy_bandwidth(device="cpu", nbytes=256 * 2**20) -> float:
     return 2 * nbytes / statistics.median(samples)
 
 
-def alternated_rounds(fns: dict, rounds: int, calls: int, warmup: int = 3) -> dict:
+def alternated_rounds(fns: dict, rounds: int, calls: int, warmup: int = 3, device="cpu") -> dict:
     """name -> seconds per call in each of ``rounds`` rounds, the zero-argument callables ``fns``
-    alternating round by round (so that the machine's slow spells hit every one of them alike)."""
+    alternating round by round (so that the machine's slow spells hit every one of them alike); on a
+    CUDA ``device`` each round ends with a synchronisation."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync(device)
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
+            sync(device)
             times[name].append((time.perf_counter() - start) / calls)
     return times
