@@ -35,14 +35,14 @@ def _time(fns: dict, rounds: int, calls: int) -> dict:
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
-def _floor_function(num_outputs_shapes, grads):
+def _floor_function(output_shapes, grads):
     """An autograd.Function with the op's tensor outputs (allocated) and a backward that returns
     ``grads`` (allocating them when given as shapes): what any Python op pays."""
 
     class Floor(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            return tuple(torch.empty(shape) for shape in num_outputs_shapes)
+            return tuple(torch.empty(shape) for shape in output_shapes)
 
         @staticmethod
         def backward(ctx, *grad_outputs):

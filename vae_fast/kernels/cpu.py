@@ -64,7 +64,8 @@ def _new_output(t: torch.Tensor, shape=None) -> torch.Tensor:
     """
     if shape is None:
         shape = t.shape
-    if math.prod(shape) * t.element_size() >= _POOL_MIN_BYTES and t.dtype in _DTYPE_CODE:
+    nbytes = math.prod(shape) * t.element_size()
+    if nbytes >= _POOL_MIN_BYTES and t.dtype in _DTYPE_CODE:
         return torch.from_dlpack(_C.pooled_tensor(_DTYPE_CODE[t.dtype], list(shape)))
     return t.new_empty(shape)
 
@@ -80,11 +81,9 @@ def _to(outs, dtype, keep: int = 0):
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                    want_log_ratio=False):
     out_dtype = mu.dtype
-    code = _DTYPE_CODE.get(out_dtype)
-    half = code is None
-    if half:  # computed in float32
-        code = 0
-        mu, scale, eps, prior_mu, prior_logvar = (_cast(t, torch.float32) for t in (mu, scale, eps, prior_mu, prior_logvar))
+    dtype = _compute_dtype(out_dtype)
+    if dtype != out_dtype:
+        mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
     batch, dim = mu.shape
     n = batch * dim  # mu, scale: unit column stride, any row stride; eps contiguous; outputs made here
     z = _new_output(mu, (batch, dim) if num_samples == 1 else (num_samples, batch, dim))
@@ -92,24 +91,22 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     kl_per_dim = mu.new_empty((batch, dim)) if want_kl_per_dim else None
     log_ratio = mu.new_zeros((num_samples, batch)) if want_log_ratio else None  # the kernel accumulates into it
     _C.latent_forward(
-        code, param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
+        _DTYPE_CODE[dtype], param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), _ptr(log_ratio), torch.get_num_threads(),
         [_extent(mu), _extent(scale), _extent(prior_mu), _extent(prior_logvar), _extent(eps), num_samples * n, batch,
          n if want_kl_per_dim else 0, num_samples * batch if want_log_ratio else 0],
     )
-    return (z.to(out_dtype) if half else z), kl, kl_per_dim, log_ratio
+    return (z.to(out_dtype) if dtype != out_dtype else z), kl, kl_per_dim, log_ratio
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                     num_samples, want_prior_grad):
     out_dtype = mu.dtype
-    code = _DTYPE_CODE.get(out_dtype)
-    half = code is None
-    if half:  # computed in float32
-        code = 0
+    dtype = _compute_dtype(out_dtype)
+    if dtype != out_dtype:
         mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
-            _cast(t, torch.float32) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
+            _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
     batch, dim = mu.shape
     n = batch * dim
     grad_mu = _new_output(mu)
@@ -117,7 +114,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     grad_pm = mu.new_empty(mu.shape) if want_prior_grad else None
     grad_plv = mu.new_empty(mu.shape) if want_prior_grad else None
     _C.latent_backward(
-        code, param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
+        _DTYPE_CODE[dtype], param, batch, dim, num_samples, *_rows(mu), *_rows(scale),
         *_strided(prior_mu), *_strided(prior_logvar), _ptr(eps), int(seed), 0,
         _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
@@ -125,7 +122,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
          _extent(grad_kl), _extent(grad_kl_per_dim), n, n, n if want_prior_grad else 0, n if want_prior_grad else 0],
     )
     outs = (grad_mu, grad_scale, grad_pm, grad_plv)
-    return _to(outs, out_dtype) if half else outs
+    return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
@@ -138,9 +135,8 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     log_prob = theta.new_empty((rows,))
     grad = _new_output(theta, (rows, dim)) if want_grad else None
     grad_lv = _new_output(theta, (rows, dim)) if want_logvar_grad else None
-    x_rows = x.shape[0]
     bad = _C.elementwise_likelihood(
-        _DTYPE_CODE[dtype], likelihood, rows, x_rows, dim, theta.data_ptr(), x.data_ptr(),
+        _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
         *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(expected_upstream),
         torch.get_num_threads(),
         [_extent(theta), _extent(x), _extent(logvar), rows, n if want_grad else 0, n if want_logvar_grad else 0],

@@ -149,9 +149,9 @@ def _elementwise_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
         return bad
     g = head.weighted(g.view(n, p, out_features), n0, n1)
     g2 = g.view(n * p, out_features)
-    target = head.grad_h[n0:n1, p0:p1]
-    if target.is_contiguous():
-        _gemm_into(g2, weight, target.view(n * p, target.shape[-1]))
+    target = head.grad_h[n0:n1, p0:p1]  # (n, p, H); channels-first storage for a 1x1 conv head
+    if n == 1 or target.is_contiguous():  # one (p, H) block (row- or column-major) or all n*p rows
+        _gemm_into(g2, weight, target[0] if n == 1 else target.view(n * p, target.shape[-1]))
     else:
         target.copy_(torch.mm(g2, weight).view(target.shape))
     head.grad_w.addmm_(g2.t().to(head.acc), h2.to(head.acc))
