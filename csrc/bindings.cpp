@@ -86,9 +86,14 @@ const char* isa_name(Isa isa) {
     }                                                                                     \
   }()
 
-void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("vae_fast._C: " + what);
-}
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("vae_fast._C: " + what); }
+
+// A check whose message is built only when it fails: passing a std::string to a function would
+// construct it (a heap allocation, most with concatenations) on every check of every call.
+#define VF_REQUIRE(ok, what) \
+  do {                       \
+    if (!(ok)) fail(what);   \
+  } while (0)
 
 // Elements a (rows x cols) operand read through (row_stride, col_stride) touches: the
 // largest index + 1.
@@ -99,28 +104,29 @@ int64_t extent(int64_t rows, int64_t cols, int64_t row_stride, int64_t col_strid
 
 // Defence in depth: each pointer arrives with the number of elements its buffer holds from
 // that address on (Python reads it off the tensor's storage); no kernel touches more.
-void check_extents(const std::vector<const char*>& names, const std::vector<uintptr_t>& ptrs,
-                   const std::vector<int64_t>& needed, const std::vector<int64_t>& available) {
-  require(available.size() == names.size(), "expected " + std::to_string(names.size()) + " buffer extents, got " +
+// (initializer lists: no heap allocation per call)
+void check_extents(std::initializer_list<const char*> names, std::initializer_list<uintptr_t> ptrs,
+                   std::initializer_list<int64_t> needed, const std::vector<int64_t>& available) {
+  VF_REQUIRE(available.size() == names.size(), "expected " + std::to_string(names.size()) + " buffer extents, got " +
                                                 std::to_string(available.size()));
   for (size_t i = 0; i < names.size(); ++i) {
-    if (ptrs[i] == 0) continue;
-    require(available[i] >= needed[i], std::string(names[i]) + " holds " + std::to_string(available[i]) +
-                                           " elements but the kernel would touch " + std::to_string(needed[i]));
+    if (ptrs.begin()[i] == 0) continue;
+    VF_REQUIRE(available[i] >= needed.begin()[i], std::string(names.begin()[i]) + " holds " + std::to_string(available[i]) +
+                                           " elements but the kernel would touch " + std::to_string(needed.begin()[i]));
   }
 }
 
 const void* as_ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 void* as_mut_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-void check_dtype(int dtype) { require(dtype == 0 || dtype == 1, "dtype code must be 0 (float32) or 1 (float64)"); }
+void check_dtype(int dtype) { VF_REQUIRE(dtype == 0 || dtype == 1, "dtype code must be 0 (float32) or 1 (float64)"); }
 
-void check_threads(int n) { require(n >= 1 && n <= 4096, "num_threads must be in [1, 4096]"); }
+void check_threads(int n) { VF_REQUIRE(n >= 1 && n <= 4096, "num_threads must be in [1, 4096]"); }
 
-void check_expected_upstream(double s) { require(std::isfinite(s) && s != 0, "expected_upstream must be finite and non-zero"); }
+void check_expected_upstream(double s) { VF_REQUIRE(std::isfinite(s) && s != 0, "expected_upstream must be finite and non-zero"); }
 
 Strided2D strided(uintptr_t ptr, int64_t row_stride, int64_t col_stride, const char* name) {
-  require(row_stride >= 0 && col_stride >= 0, std::string(name) + " strides must be non-negative");
+  VF_REQUIRE(row_stride >= 0 && col_stride >= 0, std::string(name) + " strides must be non-negative");
   return Strided2D{as_ptr(ptr), row_stride, col_stride};
 }
 
@@ -130,12 +136,12 @@ LatentArgs latent_args(int dtype, int param, int64_t batch, int64_t dim, int64_t
                        uint64_t seed, uint64_t offset, int num_threads) {
   check_dtype(dtype);
   check_threads(num_threads);
-  require(param >= 0 && param <= 2, "param code must be 0 (logvar), 1 (logstd) or 2 (softplus)");
-  require(batch >= 0 && dim >= 0 && samples >= 0, "need batch >= 0, dim >= 0, samples >= 0");
+  VF_REQUIRE(param >= 0 && param <= 2, "param code must be 0 (logvar), 1 (logstd) or 2 (softplus)");
+  VF_REQUIRE(batch >= 0 && dim >= 0 && samples >= 0, "need batch >= 0, dim >= 0, samples >= 0");
   const bool empty = batch == 0 || dim == 0;
-  require(empty || (mu != 0 && scale != 0), "mu and scale must be non-null");
-  require((prior_mu == 0) == (prior_logvar == 0), "prior_mu and prior_logvar must be given together");
-  require(mu_rs >= 0 && scale_rs >= 0, "mu and scale row strides must be non-negative");
+  VF_REQUIRE(empty || (mu != 0 && scale != 0), "mu and scale must be non-null");
+  VF_REQUIRE((prior_mu == 0) == (prior_logvar == 0), "prior_mu and prior_logvar must be given together");
+  VF_REQUIRE(mu_rs >= 0 && scale_rs >= 0, "mu and scale row strides must be non-negative");
   LatentArgs a;
   a.batch = batch;
   a.dim = dim;
@@ -167,8 +173,8 @@ void latent_forward(int dtype, int param, int64_t batch, int64_t dim, int64_t sa
                 {extent(batch, dim, mu_rs, 1), extent(batch, dim, scale_rs, 1), extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
                  batch, n, samples * batch},
                 extents);
-  require(batch == 0 || kl != 0, "kl output must be non-null");
-  require(batch == 0 || dim == 0 || samples == 0 || z != 0, "z output must be non-null");
+  VF_REQUIRE(batch == 0 || kl != 0, "kl output must be non-null");
+  VF_REQUIRE(batch == 0 || dim == 0 || samples == 0 || z != 0, "z output must be non-null");
   a.z = as_mut_ptr(z);
   a.kl = as_mut_ptr(kl);
   a.kl_per_dim = as_mut_ptr(kl_per_dim);
@@ -193,8 +199,8 @@ void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t s
                 {extent(batch, dim, mu_rs, 1), extent(batch, dim, scale_rs, 1), extent(batch, dim, pm_rs, pm_cs), extent(batch, dim, plv_rs, plv_cs), samples * n, samples * n,
                  batch, n, n, n, n, n},
                 extents);
-  require(batch == 0 || dim == 0 || (grad_mu != 0 && grad_scale != 0), "grad_mu and grad_scale must be non-null");
-  require(prior_mu != 0 || (grad_prior_mu == 0 && grad_prior_logvar == 0), "prior gradients need a prior");
+  VF_REQUIRE(batch == 0 || dim == 0 || (grad_mu != 0 && grad_scale != 0), "grad_mu and grad_scale must be non-null");
+  VF_REQUIRE(prior_mu != 0 || (grad_prior_mu == 0 && grad_prior_logvar == 0), "prior gradients need a prior");
   a.grad_z = as_ptr(grad_z);
   a.grad_kl = as_ptr(grad_kl);
   a.grad_kl_per_dim = as_ptr(grad_kl_per_dim);
@@ -213,16 +219,16 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
-  require(likelihood >= 0 && likelihood <= 4, "likelihood code must be 0, 1, 2, 3 or 4");
-  require(rows >= 0 && dim >= 0 && x_rows >= 0, "sizes must be non-negative");
-  require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
+  VF_REQUIRE(likelihood >= 0 && likelihood <= 4, "likelihood code must be 0, 1, 2, 3 or 4");
+  VF_REQUIRE(rows >= 0 && dim >= 0 && x_rows >= 0, "sizes must be non-negative");
+  VF_REQUIRE(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
   const bool empty = rows == 0 || dim == 0;
-  require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
-  require(empty || (theta != 0 && x != 0), "theta and x must be non-null");
+  VF_REQUIRE(rows == 0 || log_prob != 0, "log_prob output must be non-null");
+  VF_REQUIRE(empty || (theta != 0 && x != 0), "theta and x must be non-null");
   const bool has_scale = likelihood == static_cast<int>(Likelihood::kGaussian) ||
                          likelihood == static_cast<int>(Likelihood::kLaplace);
-  require(!has_scale || empty || logvar != 0, "the Gaussian and Laplace likelihoods need logvar (their log-scale)");
-  require(has_scale || grad_logvar == 0, "grad_logvar is only for the Gaussian and Laplace likelihoods");
+  VF_REQUIRE(!has_scale || empty || logvar != 0, "the Gaussian and Laplace likelihoods need logvar (their log-scale)");
+  VF_REQUIRE(has_scale || grad_logvar == 0, "grad_logvar is only for the Gaussian and Laplace likelihoods");
   check_extents({"theta", "x", "logvar", "log_prob", "grad_theta", "grad_logvar"},
                 {theta, x, logvar, log_prob, grad_theta, grad_logvar},
                 {rows * dim, x_rows * dim, extent(rows, dim, lv_rs, lv_cs), rows, rows * dim, rows * dim}, extents);
@@ -249,10 +255,10 @@ int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int
   check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
-  require(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
-  require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
-  require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
-  require(rows == 0 || pixels == 0 || (logits != 0 && target != 0), "logits and target must be non-null");
+  VF_REQUIRE(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
+  VF_REQUIRE(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
+  VF_REQUIRE(rows == 0 || log_prob != 0, "log_prob output must be non-null");
+  VF_REQUIRE(rows == 0 || pixels == 0 || (logits != 0 && target != 0), "logits and target must be non-null");
   check_extents({"logits", "target", "log_prob", "grad_logits"}, {logits, target, log_prob, grad_logits},
                 {rows * pixels * classes, x_rows * pixels, rows, rows * pixels * classes}, extents);
   CategoricalArgs a;
@@ -280,7 +286,7 @@ int64_t dmol_extent(const DmolView& v, int64_t rows, int64_t channels, int64_t m
 
 template <typename Operand>
 Operand dmol_operand(const DmolView& v, const char* name) {
-  require(v[1] >= 0 && v[2] >= 0 && v[3] >= 0, std::string(name) + " strides must be non-negative");
+  VF_REQUIRE(v[1] >= 0 && v[2] >= 0 && v[3] >= 0, std::string(name) + " strides must be non-negative");
   Operand o;
   o.ptr = reinterpret_cast<decltype(o.ptr)>(static_cast<uintptr_t>(v[0]));
   o.row_stride = v[1];
@@ -297,21 +303,21 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
   check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
-  require(rows >= 0 && x_rows >= 0 && pixels >= 0 && channels >= 1 && mixtures >= 1,
+  VF_REQUIRE(rows >= 0 && x_rows >= 0 && pixels >= 0 && channels >= 1 && mixtures >= 1,
           "need rows, x_rows, pixels >= 0 and channels, mixtures >= 1");
-  require(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
-  require(half_bin > 0 && half_bin <= 1, "half_bin must be in (0, 1]");
-  require(!std::isnan(log_scale_min), "log_scale_min must not be NaN");
+  VF_REQUIRE(rows == 0 || (x_rows > 0 && rows % x_rows == 0), "rows must be a multiple of x_rows");
+  VF_REQUIRE(half_bin > 0 && half_bin <= 1, "half_bin must be in (0, 1]");
+  VF_REQUIRE(!std::isnan(log_scale_min), "log_scale_min must not be NaN");
   const bool has_coeffs = coeffs[0] != 0;
-  require(!has_coeffs || channels == 3, "coeffs need exactly 3 channels");
+  VF_REQUIRE(!has_coeffs || channels == 3, "coeffs need exactly 3 channels");
   const bool want_grad = grad_means[0] != 0;
-  require(want_grad == (grad_logit_probs[0] != 0) && want_grad == (grad_log_scales[0] != 0) &&
+  VF_REQUIRE(want_grad == (grad_logit_probs[0] != 0) && want_grad == (grad_log_scales[0] != 0) &&
               (!has_coeffs || want_grad == (grad_coeffs[0] != 0)),
           "gradient outputs must be all given or all absent");
-  require(has_coeffs || grad_coeffs[0] == 0, "grad_coeffs needs coeffs");
+  VF_REQUIRE(has_coeffs || grad_coeffs[0] == 0, "grad_coeffs needs coeffs");
   const bool empty = rows == 0 || pixels == 0;
-  require(rows == 0 || log_prob != 0, "log_prob output must be non-null");
-  require(empty || (x != 0 && logit_probs[0] != 0 && means[0] != 0 && log_scales[0] != 0),
+  VF_REQUIRE(rows == 0 || log_prob != 0, "log_prob output must be non-null");
+  VF_REQUIRE(empty || (x != 0 && logit_probs[0] != 0 && means[0] != 0 && log_scales[0] != 0),
           "x, logit_probs, means and log_scales must be non-null");
   DmolArgs a;
   a.logit_probs = dmol_operand<DmolOperand>(logit_probs, "logit_probs");
@@ -349,6 +355,30 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
   return VF_DISPATCH(dmol, dtype, a);
 }
 
+// Whether all n values at ptr (element stride `stride`, float32 or float64) lie in [low, high]; false
+// for a NaN. The likelihoods' backward asks it of its upstream gradient (the expected one lets it
+// return the gradient saved in forward as is): one call instead of a reduction and two host reads.
+template <typename T>
+bool all_in_range(const T* values, int64_t n, int64_t stride, double low, double high) {
+  bool inside = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = double(values[i * stride]);
+    inside &= (v >= low) & (v <= high);
+  }
+  return inside;
+}
+
+bool values_within(int dtype, uintptr_t ptr, int64_t n, int64_t stride, double low, double high, int64_t extent) {
+  check_dtype(dtype);
+  VF_REQUIRE(n >= 0 && stride >= 0, "need n >= 0 and stride >= 0");
+  if (n == 0) return true;
+  VF_REQUIRE(ptr != 0, "values must be non-null");
+  VF_REQUIRE(extent >= (n - 1) * stride + 1, "values hold " + std::to_string(extent) +
+                                                 " elements but the check would read " + std::to_string((n - 1) * stride + 1));
+  return dtype == 0 ? all_in_range(static_cast<const float*>(as_ptr(ptr)), n, stride, low, high)
+                    : all_in_range(static_cast<const double*>(as_ptr(ptr)), n, stride, low, high);
+}
+
 // A float tensor of `shape` on a pooled buffer, as a DLPack capsule for torch.from_dlpack. A
 // capsule that is never consumed still returns its buffer (the DLPack capsule protocol: the
 // consumer renames it "used_dltensor" and takes over the deleter).
@@ -378,6 +408,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("elementwise_likelihood", &elementwise_likelihood);
   m.def("categorical", &categorical);
   m.def("dmol", &dmol);
+  m.def("values_within", &values_within, "Whether n strided float32 (0) / float64 (1) values all lie in [low, high]");
   m.def("pooled_tensor", &pooled_tensor, "DLPack capsule of a float32 (0) / float64 (1) tensor on a pooled buffer");
   m.def("buffer_cache_bytes", []() { return BufferPool::instance().cached_bytes(); });
   m.def("buffer_cache_limit", []() { return BufferPool::instance().limit(); });

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vae_fast
+from vae_fast import _backend
 from vae_fast import reference as ref
 
 from .conftest import assert_matches_reference, backend_cases
@@ -345,8 +346,6 @@ def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
 
 
 def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
-    from vae_fast import _backend
-
     C = _backend._cpu_ext
     if C is None:
         pytest.skip("needs the C++ extension")
@@ -407,3 +406,33 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
         C.dmol(*dmol[:12], 0.0, *dmol[13:], [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="strides must be non-negative"):
         C.dmol(*dmol[:8], (dm.data_ptr(), -24, 8, 4), *dmol[9:], [24, 16, 48, 48, 0, 2, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_values_within_matches_torch(dtype):
+    # the host check of the likelihoods' upstream gradient (kernels/cpu.py values_within)
+    from vae_fast.kernels import cpu as cpu_kernels
+
+    if _backend._cpu_ext is None:
+        pytest.skip("needs the C++ extension")
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 128, 1000):
+        values = -1 / 128 + 1e-9 * torch.randn(n, generator=gen, dtype=torch.float64)
+        values = values.to(dtype)
+        for low, high in ((-1 / 128 - 1e-8, -1 / 128 + 1e-8), (-1 / 128 - 1e-12, -1 / 128 + 1e-12), (0.0, 1.0)):
+            expected = bool(((values >= low) & (values <= high)).all())
+            assert cpu_kernels.values_within(values, low, high) is expected
+    base = torch.full((12,), 0.5, dtype=dtype)
+    base[5] = 2.0
+    assert cpu_kernels.values_within(base[::2], 0.0, 1.0) is True  # stride 2 skips index 5
+    assert cpu_kernels.values_within(base[1::2], 0.0, 1.0) is False
+    assert cpu_kernels.values_within(base[:1].expand(50), 0.0, 1.0) is True  # stride 0
+    assert cpu_kernels.values_within(base.view(3, 4), 0.0, 1.0) is False  # contiguous 2-D
+    assert cpu_kernels.values_within(base.view(3, 4).t(), 0.0, 1.0) is None  # not read here
+    assert cpu_kernels.values_within(torch.full((3,), math.nan, dtype=dtype), -1.0, 1.0) is False
+    assert cpu_kernels.values_within(base.half(), 0.0, 1.0) is None
+    code = 0 if dtype == torch.float32 else 1
+    with pytest.raises(ValueError, match="values hold 11 elements but the check would read 12"):
+        _backend._cpu_ext.values_within(code, base.data_ptr(), 12, 1, 0.0, 1.0, 11)
+    with pytest.raises(ValueError, match="dtype code"):
+        _backend._cpu_ext.values_within(5, base.data_ptr(), 12, 1, 0.0, 1.0, 12)

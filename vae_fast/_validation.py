@@ -158,11 +158,11 @@ def raise_if_invalid(num_invalid: torch.Tensor | int, message: str) -> None:
     CPU counts are read at once; CUDA counts through :data:`DEFERRED` (no host sync). Skipped
     under torch.compile (it would force a graph break), for meta/fake tensors and torch.func
     transforms (no data to read), and inside ``vae_fast.validate_args(False)``."""
-    if not config.VALIDATE_ARGS.get() or torch.compiler.is_compiling():
-        return
-    if isinstance(num_invalid, int):
-        if num_invalid != 0:
+    if type(num_invalid) is int:  # the C++ kernels' count: nothing to read, nothing to trace
+        if num_invalid and config.VALIDATE_ARGS.get():
             raise ValueError(message)
+        return
+    if not config.VALIDATE_ARGS.get() or torch.compiler.is_compiling():
         return
     if not is_plain(num_invalid):
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 
@@ -28,23 +29,33 @@ _UNSET = object()
 class _Setting:
     """A process-wide default plus a contextvar override."""
 
+    # Overrides entered and not yet left, in any thread: while there are none (every training step
+    # that sets nothing) get() returns the default without reading the contextvar.
+    active_overrides = 0
+    _lock = threading.Lock()
+
     def __init__(self, name: str, default):
         self.default = default
         self.var = contextvars.ContextVar(f"vae_fast.{name}", default=_UNSET)
 
     def get(self):
-        if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get: compiled code sees the default
+        if not _Setting.active_overrides or torch.compiler.is_compiling():
+            # (dynamo cannot trace ContextVar.get: compiled code sees the default)
             return self.default
         value = self.var.get()
         return self.default if value is _UNSET else value
 
     @contextlib.contextmanager
     def override(self, value):
+        with _Setting._lock:
+            _Setting.active_overrides += 1
         token = self.var.set(value)
         try:
             yield
         finally:
             self.var.reset(token)
+            with _Setting._lock:
+                _Setting.active_overrides -= 1
 
 
 VALIDATE_ARGS = _Setting("validate_args", True)

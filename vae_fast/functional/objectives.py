@@ -180,15 +180,18 @@ def elbo(
             log-likelihood is ``head.log_prob(h, x, **head_kwargs)``, its output never held in full
             (``likelihood`` is the head's own; e.g. ``head_kwargs={"logvar": self.log_sigma2}``).
     """
-    check_tensor("x", x, floating=False)
-    check_positive_int("num_samples", num_samples)
-    beta = _check_nonnegative("beta", beta)
-    free_bits = _check_nonnegative("free_bits", free_bits)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("objective", objective, OBJECTIVES)
-    if objective != "elbo" and (beta != 1.0 or free_bits > 0):
-        raise ValueError(f"beta and free_bits apply to objective='elbo' only, got objective={objective!r} with "
-                         f"beta={beta}, free_bits={free_bits}")
+    if not (type(num_samples) is int and num_samples == 1 and type(beta) is float and beta >= 0.0
+            and free_bits == 0.0 and type(free_bits) is float and objective == "elbo" and reduction in REDUCTIONS
+            and isinstance(x, torch.Tensor)):  # (the per-step call passes every check below: one expression)
+        check_tensor("x", x, floating=False)
+        check_positive_int("num_samples", num_samples)
+        beta = _check_nonnegative("beta", beta)
+        free_bits = _check_nonnegative("free_bits", free_bits)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("objective", objective, OBJECTIVES)
+        if objective != "elbo" and (beta != 1.0 or free_bits > 0):
+            raise ValueError(f"beta and free_bits apply to objective='elbo' only, got objective={objective!r} with "
+                             f"beta={beta}, free_bits={free_bits}")
     fused = None
     if head is not None:
         if not callable(getattr(head, "log_prob", None)):
@@ -226,7 +229,8 @@ def elbo(
     if fused is not None:
         # d loss / d log p(x | z_k) for each row under the ELBO objective: -1/(B K) ("mean"), -1/K ("sum")
         batch = x.shape[0]
-        upstream = {"mean": -1.0 / max(batch * num_samples, 1), "sum": -1.0 / num_samples}.get(reduction)
+        upstream = -1.0 / max(batch * num_samples, 1) if reduction == "mean" else \
+            -1.0 / num_samples if reduction == "sum" else None
         log_lik = fused(decoded, x, upstream)
     else:
         log_lik = log_prob_fn(decoded, x)
@@ -258,7 +262,7 @@ def elbo(
     # (a - b is exactly -(b - a) in IEEE arithmetic)
     per_example_loss = (kl_term if beta == 1.0 else beta * kl_term) - log_lik
     return ELBOResult(
-        loss=reduce(per_example_loss, reduction),
+        loss=per_example_loss.mean() if reduction == "mean" else reduce(per_example_loss, reduction),
         elbo=log_lik - kl,
         log_likelihood=log_lik,
         kl=kl,

@@ -28,10 +28,12 @@ import torch
 from .. import config
 from .._validation import is_plain
 
-# Below this many elements the host check of the upstream gradient (about 4 us) costs more
-# than the scaling pass it saves (a new buffer and a pass: 30 us at 128 x 784 here).
+# Below this many elements a host check of the upstream gradient by torch ops (a reduction and two
+# reads, about 4 us) costs more than the scaling pass it saves (a new buffer and a pass: 30 us at
+# 128 x 784 here). The CPU extension's check (one call, about 1 us) is used at every size.
 SKIP_CHECK_MIN_ELEMENTS = 1 << 14
 SKIP_CHECK_ULPS = 4
+_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def row_factor(grad_out: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -40,14 +42,22 @@ def row_factor(grad_out: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _upstream_is_expected(saved: torch.Tensor, grad_out: torch.Tensor, expected: float) -> bool:
-    if torch.compiler.is_compiling() or not (saved.device.type == "cpu" and saved.numel() >= SKIP_CHECK_MIN_ELEMENTS
-                                               and is_plain(grad_out) and is_plain(saved)):
+    if torch.compiler.is_compiling() or not (saved.is_cpu and is_plain(grad_out) and is_plain(saved)):
         return False
     if not grad_out.numel():
         return True
-    tolerance = SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps * abs(expected)
-    low, high = torch.aminmax(grad_out)  # one op and two host reads (was a difference, abs and max)
-    return expected - tolerance <= float(low) and float(high) <= expected + tolerance  # False for NaN
+    tolerance = SKIP_CHECK_ULPS * _EPS.get(grad_out.dtype, 0.0) * abs(expected)
+    low, high = expected - tolerance, expected + tolerance
+    from ._library import kernels_for
+
+    values_within = getattr(kernels_for(saved), "values_within", None)
+    within = None if values_within is None else values_within(grad_out, low, high)
+    if within is not None:
+        return within
+    if saved.numel() < SKIP_CHECK_MIN_ELEMENTS:
+        return False
+    smallest, largest = torch.aminmax(grad_out)  # one op and two host reads (was a difference, abs and max)
+    return low <= float(smallest) and float(largest) <= high  # False for NaN
 
 
 def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -107,7 +117,10 @@ def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int) -> None
 
 def mark_non_differentiable(ctx, *outputs) -> None:
     """ctx.mark_non_differentiable for the outputs that are tensors (absent ones are None)."""
-    tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
+    tensors = []
+    for output in outputs:  # (a loop: a comprehension is a function call of its own on Python 3.11)
+        if isinstance(output, torch.Tensor):
+            tensors.append(output)
     if tensors:
         ctx.mark_non_differentiable(*tensors)
 
@@ -135,22 +148,26 @@ class InputRefs:
     """Weak references to an op's inputs for double backward (see the module docstring), with
     their versions, so an input modified in place after forward is detected."""
 
+    __slots__ = ("entries",)  # (weak reference, version) per input, None for an absent one; None if traced
+
     def __init__(self, tensors):
-        self.compiled = torch.compiler.is_compiling()
-        if self.compiled:  # traced graphs have no double backward (AOTAutograd does not support it)
+        if torch.compiler.is_compiling():  # traced graphs have no double backward (AOTAutograd does not support it)
+            self.entries = None
             return
-        self.refs = [None if t is None else weakref.ref(t) for t in tensors]
-        self.versions = [None if t is None else t._version for t in tensors]
+        self.entries = entries = []
+        for t in tensors:  # (a loop: a comprehension is a function call of its own on Python 3.11)
+            entries.append(None if t is None else (weakref.ref(t), t._version))
 
     def get(self, op_name: str, what: str):
-        if self.compiled:
+        if self.entries is None:
             raise RuntimeError(f"vae_fast.{op_name}: double backward (create_graph=True) through a torch.compile'd "
                                "graph is not supported (AOTAutograd traces one backward); call the op eagerly")
         tensors = []
-        for ref, version in zip(self.refs, self.versions):
-            if ref is None:
+        for entry in self.entries:
+            if entry is None:
                 tensors.append(None)
                 continue
+            ref, version = entry
             t = ref()
             if t is None:
                 raise RuntimeError(
@@ -184,14 +201,22 @@ def saved_and_inputs(ctx, what: str, want_inputs: bool):
     return mine, (rest if ctx.strong_inputs else ctx.inputs.get(ctx.op_name, what))
 
 
-def fast_apply(function, eager_outputs: tuple[int, ...] | None = None):
+# The C implementation of ``autograd.Function.apply``, bound to a class below: the Python classmethod
+# around it re-checks what :func:`fast_apply` has already checked (about 1 us a call).
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
     """``function.apply`` for a setup_context-style ``autograd.Function``, with an eager fast path.
 
     torch.func needs the setup_context style, whose ``apply`` binds the arguments with
     ``inspect.signature`` on every call (about 60 us here, several times the kernel at 128 x 20).
-    Plain eager calls therefore go through a ctx-style twin whose forward runs the same forward
-    and setup_context and whose backward *is* ``function.backward``: one autograd implementation,
-    two entry points. Under torch.func transforms or torch.compile the original is used.
+    Plain eager calls (no torch.func transform, no torch.compile tracing, no dispatch mode, a real
+    CPU/CUDA first tensor: exactly the calls for which :func:`vae_fast.ops._library.call` takes its
+    shortcut to the kernel) therefore go through a ctx-style twin whose forward runs ``kernel`` (the
+    function that ``function.forward`` reaches for such calls) and ``function.setup_context``, and
+    whose backward *is* ``function.backward``: one autograd implementation, two entry points. Every
+    other call uses ``function.apply``.
 
     ``eager_outputs``: the indices of the outputs the callers use; the eager twin returns None for
     the others (the saved gradients, which setup_context keeps in ctx anyway): each tensor output of
@@ -200,25 +225,31 @@ def fast_apply(function, eager_outputs: tuple[int, ...] | None = None):
 
     if eager_outputs is None:
         def forward(ctx, *args):
-            output = function.forward(*args)
+            output = kernel(*args)
             function.setup_context(ctx, args, output)
             return output
     else:
-        keep = frozenset(eager_outputs)
+        keep = tuple(eager_outputs)
 
         def forward(ctx, *args):
-            output = function.forward(*args)
+            output = kernel(*args)
             function.setup_context(ctx, args, output)
-            return tuple(o if i in keep else None for i, o in enumerate(output))
+            shown = [None] * len(output)
+            for index in keep:
+                shown[index] = output[index]
+            return tuple(shown)
 
     eager = type(function.__name__, (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
                   "__doc__": f"Eager entry point of :class:`{function.__qualname__}` (same backward)."})
+    eager_apply = _FUNCTION_APPLY.__get__(None, eager)
+    transforms_active, dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
 
-    def apply(*args):
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return function.apply(*args)
-        return eager.apply(*args)
+    def apply(first, *args):
+        # (is_compiling first: dynamo folds it to True and traces nothing after it)
+        if torch.compiler.is_compiling() or transforms_active() or dispatch_modes() or not is_plain(first):
+            return function.apply(first, *args)
+        return eager_apply(first, *args)
 
     apply.eager_function = eager
     return apply

@@ -47,7 +47,7 @@ def packed_views(params: torch.Tensor, num_mixtures: int, channels: int):
 def _new_gradient(kernels, t: torch.Tensor) -> torch.Tensor:
     """A contiguous buffer of t's shape; the CPU backend serves large ones from its buffer cache."""
     new_output = getattr(kernels, "new_output", None)
-    return t.new_empty(t.shape) if new_output is None else new_output(t, t.shape)
+    return t.new_empty(t.shape) if new_output is None else new_output(t)
 
 
 def _dmol_kernel(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, want_grad, expected_upstream=1.0):
@@ -163,8 +163,8 @@ register_op(
     _dmol_packed_kernel, _dmol_packed_fake, DmolPackedLogProb)
 
 
-_apply_split = fast_apply(DmolLogProb, eager_outputs=(0, 5))  # log_prob, num_invalid
-_apply_packed = fast_apply(DmolPackedLogProb, eager_outputs=(0, 2))
+_apply_split = fast_apply(DmolLogProb, _dmol_kernel, eager_outputs=(0, 5))  # log_prob, num_invalid
+_apply_packed = fast_apply(DmolPackedLogProb, _dmol_packed_kernel, eager_outputs=(0, 2))
 
 
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_upstream):

@@ -332,4 +332,4 @@ register_op(
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _head_kernel, _head_fake, LinearLogProbFunction)
 
-apply_linear_log_prob = fast_apply(LinearLogProbFunction, eager_outputs=(0, 5))  # log_prob, num_invalid
+apply_linear_log_prob = fast_apply(LinearLogProbFunction, _head_kernel, eager_outputs=(0, 5))  # log_prob, num_invalid

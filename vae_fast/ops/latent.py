@@ -34,24 +34,29 @@ def unit_columns(t: torch.Tensor) -> torch.Tensor:
 
 def _forward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                     want_log_ratio=False):
-    mu = unit_columns(mu)
-    if prior_mu is not None:
-        prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
-    return kernels_for(mu).latent_forward(
-        mu, unit_columns(scale), prior_mu, prior_logvar, optional_contiguous(eps), seed, param, num_samples,
-        want_kl_per_dim, want_log_ratio,
-    )
+    if prior_mu is not None or eps is not None or mu.stride()[-1] != 1 or scale.stride()[-1] != 1:
+        mu, scale = unit_columns(mu), unit_columns(scale)
+        if prior_mu is not None:
+            prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
+        eps = optional_contiguous(eps)
+    return kernels_for(mu).latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples,
+                                          want_kl_per_dim, want_log_ratio)
+
+
+def _present_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or t.numel() == 0 else t.contiguous()
 
 
 def _backward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                      num_samples, want_prior_grad):
-    mu = unit_columns(mu)
-    if prior_mu is not None:
-        prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
-    grad_z, grad_kl, grad_kl_per_dim = (optional_contiguous(present(g)) for g in (grad_z, grad_kl, grad_kl_per_dim))
+    if prior_mu is not None or eps is not None or mu.stride()[-1] != 1 or scale.stride()[-1] != 1:
+        mu, scale = unit_columns(mu), unit_columns(scale)
+        if prior_mu is not None:
+            prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
+        eps = optional_contiguous(eps)
     return kernels_for(mu).latent_backward(
-        mu, unit_columns(scale), prior_mu, prior_logvar, optional_contiguous(eps), seed, grad_z, grad_kl,
-        grad_kl_per_dim, param, num_samples, want_prior_grad and prior_mu is not None,
+        mu, scale, prior_mu, prior_logvar, eps, seed, _present_contiguous(grad_z), _present_contiguous(grad_kl),
+        _present_contiguous(grad_kl_per_dim), param, num_samples, want_prior_grad and prior_mu is not None,
     )
 
 
@@ -182,7 +187,7 @@ class LatentFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-apply_latent = fast_apply(LatentFunction)
+apply_latent = fast_apply(LatentFunction, _forward_kernel)
 
 register_op(
     "latent_forward",

@@ -45,19 +45,23 @@ def _as_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
 
 def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
     shape = theta.shape
-    lead_shape = shape[:lead_ndim]
-    rows = math.prod(lead_shape)
-    dim = math.prod(shape[lead_ndim:])
-    theta2 = _as_rows(theta, rows, dim)
+    if len(shape) == 2 and lead_ndim == 1 and x.shape == shape and x.dtype == theta.dtype and theta.is_contiguous() \
+            and x.is_contiguous():  # (B, D) operands as the kernels take them: the per-step call of an MLP decoder
+        theta2, x2, (rows, dim) = theta, x, shape
+    else:
+        rows = math.prod(shape[:lead_ndim])
+        dim = math.prod(shape[lead_ndim:])
+        theta2 = _as_rows(theta, rows, dim)
+        x2 = _as_rows(x if x.dtype == theta.dtype else x.to(theta.dtype), x.shape[0], dim)
     lv2 = None if logvar is None else logvar.to(theta.dtype).expand(shape).reshape(rows, dim)
     want_lv = want_logvar_grad and logvar is not None
     log_prob, grad, grad_lv, bad = kernels_for(theta2).elementwise_log_prob(
-        theta2, _as_rows(x.to(theta.dtype), x.shape[0], dim), lv2, likelihood, want_grad, want_lv, expected_upstream)
-    if grad is not None:
+        theta2, x2, lv2, likelihood, want_grad, want_lv, expected_upstream)
+    if grad is not None and theta2 is not theta:
         grad = with_shape(grad, shape)
     if grad_lv is not None:
         grad_lv = grad_lv.view(shape).sum_to_size(_logvar_grad_shape(shape, lead_ndim, logvar.shape))
-    return (log_prob if lead_ndim == 1 else log_prob.view(lead_shape)), grad, grad_lv, bad
+    return (log_prob if lead_ndim == 1 else log_prob.view(shape[:lead_ndim])), grad, grad_lv, bad
 
 
 def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
@@ -167,7 +171,7 @@ register_op(
     _elementwise_kernel, _elementwise_fake, ElementwiseLogProb)
 
 
-_apply_elementwise = fast_apply(ElementwiseLogProb, eager_outputs=(0, 3))  # log_prob, num_invalid
+_apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_outputs=(0, 3))  # log_prob, num_invalid
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
@@ -248,7 +252,7 @@ register_op(
     _categorical_kernel, _categorical_fake, CategoricalLogProb)
 
 
-_apply_categorical = fast_apply(CategoricalLogProb, eager_outputs=(0, 2))  # log_prob, num_invalid
+_apply_categorical = fast_apply(CategoricalLogProb, _categorical_kernel, eager_outputs=(0, 2))  # log_prob, num_invalid
 
 
 def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
