@@ -26,7 +26,7 @@ import torch
 _UNSET = object()
 
 
-class _Setting:
+class Setting:
     """A process-wide default plus a contextvar override."""
 
     # Overrides entered and not yet left, in any thread: while there are none (every training step
@@ -39,7 +39,7 @@ class _Setting:
         self.var = contextvars.ContextVar(f"vae_fast.{name}", default=_UNSET)
 
     def get(self):
-        if not _Setting.active_overrides or torch.compiler.is_compiling():
+        if not Setting.active_overrides or torch.compiler.is_compiling():
             # (dynamo cannot trace ContextVar.get: compiled code sees the default)
             return self.default
         value = self.var.get()
@@ -47,21 +47,21 @@ class _Setting:
 
     @contextlib.contextmanager
     def override(self, value):
-        with _Setting._lock:
-            _Setting.active_overrides += 1
+        with Setting._lock:
+            Setting.active_overrides += 1
         token = self.var.set(value)
         try:
             yield
         finally:
             self.var.reset(token)
-            with _Setting._lock:
-                _Setting.active_overrides -= 1
+            with Setting._lock:
+                Setting.active_overrides -= 1
 
 
-VALIDATE_ARGS = _Setting("validate_args", True)
-INPLACE_BACKWARD = _Setting("inplace_backward", False)
-SAVE_INPUTS = _Setting("save_inputs", False)
-BACKEND = _Setting("backend", None)
+VALIDATE_ARGS = Setting("validate_args", True)
+INPLACE_BACKWARD = Setting("inplace_backward", False)
+SAVE_INPUTS = Setting("save_inputs", False)
+BACKEND = Setting("backend", None)
 
 
 def _check_bool(name: str, value) -> bool:

@@ -12,13 +12,16 @@ from ..ops._autograd import cached_zero
 from ..ops.latent import apply_latent
 
 
+_SEED_BOUND = 2**62  # seeds are drawn in [0, 2^62) (int64, randint's default dtype: no dtype argument to parse)
+
+
 def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     # A 0-d int64 tensor drawn from torch's generator: torch.manual_seed reproduces it, each
     # call advances the generator, and torch.compile(fullgraph=True) traces it (a Generator
     # made here would not). The kernels turn it into a Philox key.
     if generator is None:
-        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=generator.device, generator=generator)
+        return torch.randint(_SEED_BOUND, (), device=device)
+    seed = torch.randint(_SEED_BOUND, (), device=generator.device, generator=generator)
     return seed if seed.device == device else seed.to(device)
 
 
@@ -50,7 +53,12 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
             want_log_ratio=False):
     if _is_common_call(mu, logvar, prior_mu, prior_logvar, eps, param):
         # this runs every training step: no further checks or reshapes are needed
-        seed = _draw_seed(_CPU, generator) if num_samples > 0 else _unused_seed(_CPU)
+        if num_samples == 0:
+            seed = _unused_seed(_CPU)
+        elif generator is None:  # (_draw_seed's first case, inline)
+            seed = torch.randint(_SEED_BOUND, ())
+        else:
+            seed = _draw_seed(_CPU, generator)
         z, kl, kl_per_dim, log_ratio = apply_latent(mu, logvar, None, None, None, seed, int(SCALE_PARAMS[param]),
                                                     num_samples, want_kl_per_dim, want_log_ratio)
         if want_log_ratio:
@@ -215,7 +223,10 @@ def gaussian_sample_kl(
         ``z`` of mu's shape (``(K, *mu.shape)`` for K > 1) and ``kl`` with the dims not in ``dim``.
     """
     check_positive_int("num_samples", num_samples)
-    z, kl, _ = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False, dim=dim)
+    if dim == -1 and type(dim) is int:  # (_latent_over's first case, one call less per step)
+        z, kl, _ = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False)
+    else:
+        z, kl, _ = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False, dim=dim)
     return z, kl
 
 

@@ -105,14 +105,30 @@ def _zero_like(t: torch.Tensor) -> torch.Tensor:
     return cached_zero(t.dtype, t.device)
 
 
-def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int) -> None:
-    """The ctx state every saved-gradient op's backward reads: the op's name (for errors), the
-    expected upstream gradient its kernel pre-scaled by (input ``expected_index``, default 1.0),
-    and the ``inplace_backward`` setting at forward time."""
+def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int, saved, double_backward_inputs=None,
+                         keep_inputs: bool = False) -> None:
+    """The ctx state every saved-gradient op's backward reads, set in one call (it runs every step):
+    the op's name (for errors), the expected upstream gradient its kernel pre-scaled by (input
+    ``expected_index``, default 1.0), the ``inplace_backward`` setting at forward time, and the
+    saved tensors: ``saved`` (the gradients computed in forward; read back with :func:`saved_and_inputs`)
+    plus the op's ``double_backward_inputs`` if given, kept strongly (saved too) when first-order backward
+    needs them (``keep_inputs``), inside ``vae_fast.save_inputs()`` or under torch.func transforms (whose
+    ``grad`` runs backward with grad mode on and tracks only tensors saved this way), else weakly (InputRefs)."""
     ctx.set_materialize_grads(False)
     ctx.op_name = op_name
     ctx.expected_upstream = inputs[expected_index] if len(inputs) > expected_index else 1.0
     ctx.inplace_backward = config.INPLACE_BACKWARD.get()
+    ctx.num_saved = len(saved)
+    if double_backward_inputs is None:
+        ctx.save_for_backward(*saved)
+        return
+    strong = ctx.strong_inputs = (keep_inputs or config.SAVE_INPUTS.get()
+                                  or torch._C._are_functorch_transforms_active())
+    if strong:
+        ctx.save_for_backward(*saved, *double_backward_inputs)
+    else:
+        ctx.save_for_backward(*saved)
+        ctx.inputs = InputRefs(double_backward_inputs)
 
 
 def mark_non_differentiable(ctx, *outputs) -> None:
@@ -134,14 +150,6 @@ def saved_gradients(ctx):
             "pass (the op ran inside vae_fast.inplace_backward()); run it outside that context to "
             "backpropagate through it more than once (retain_graph=True, gradcheck)")
     return ctx.saved_tensors
-
-
-def keep_inputs_strongly(needed_by_first_order: bool = False) -> bool:
-    """Whether an op saves its inputs with ``ctx.save_for_backward`` (strong references) instead
-    of weak ones: inside ``vae_fast.save_inputs()``, under torch.func transforms (whose ``grad``
-    always runs backward with grad mode on, and which track only tensors saved this way), or
-    when first-order backward needs them."""
-    return needed_by_first_order or config.SAVE_INPUTS.get() or torch._C._are_functorch_transforms_active()
 
 
 class InputRefs:
@@ -181,19 +189,8 @@ class InputRefs:
         return tensors
 
 
-def save_with_inputs(ctx, saved, inputs, strong: bool) -> None:
-    """ctx.save_for_backward(*saved) plus the op's inputs: strongly (saved too) or as InputRefs."""
-    ctx.strong_inputs = strong
-    ctx.num_saved = len(saved)
-    if strong:
-        ctx.save_for_backward(*saved, *inputs)
-    else:
-        ctx.save_for_backward(*saved)
-        ctx.inputs = InputRefs(inputs)
-
-
 def saved_and_inputs(ctx, what: str, want_inputs: bool):
-    """(the saved tensors, the inputs or None) of an op set up with :func:`save_with_inputs`."""
+    """(the saved tensors, the inputs or None) of an op set up by :func:`setup_saved_gradient`."""
     saved = saved_gradients(ctx)
     mine, rest = list(saved[:ctx.num_saved]), list(saved[ctx.num_saved:])
     if not want_inputs:

@@ -110,8 +110,8 @@ class DmolLogProb(torch.autograd.Function):
         params, want_grad = inputs[1:5], inputs[7]
         mark_non_differentiable(ctx, *output[1:])
         wanted = [want_grad and t is not None and t.requires_grad for t in params]
-        setup_saved_gradient(ctx, "dmol_log_prob", inputs, expected_index=8)
-        ctx.save_for_backward(*(g if want else None for g, want in zip(output[1:5], wanted)))
+        setup_saved_gradient(ctx, "dmol_log_prob", inputs, 8,
+                             tuple(g if want else None for g, want in zip(output[1:5], wanted)))
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
@@ -137,8 +137,7 @@ class DmolPackedLogProb(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         mark_non_differentiable(ctx, *output[1:])
-        setup_saved_gradient(ctx, "dmol_packed_log_prob", inputs, expected_index=6)
-        ctx.save_for_backward(output[1] if inputs[5] else None)
+        setup_saved_gradient(ctx, "dmol_packed_log_prob", inputs, 6, (output[1] if inputs[5] else None,))
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):

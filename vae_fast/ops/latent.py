@@ -175,13 +175,13 @@ class LatentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio=None):
-        grad_z, grad_kl, grad_kl_per_dim = present(grad_z), present(grad_kl), present(grad_kl_per_dim)
         if torch.is_grad_enabled():  # create_graph=True, torch.func
+            grad_z, grad_kl, grad_kl_per_dim = present(grad_z), present(grad_kl), present(grad_kl_per_dim)
             mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
             noise = _latent_noise(mu, eps, seed, ctx.num_samples) if grad_z is not None else None
             grads = _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, ctx.param,
                                                     ctx.needs_input_grad, grad_z, grad_kl, grad_kl_per_dim)
-        else:
+        else:  # (the kernel skips absent upstream gradients: None or empty placeholders)
             grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
                                      grad_z, grad_kl, grad_kl_per_dim)
         return (*grads, None, None, None, None, None, None)

@@ -22,8 +22,8 @@ import math
 import torch
 
 from .._validation import raise_if_invalid
-from ._autograd import (fast_apply, keep_inputs_strongly, mark_non_differentiable, row_factor,
-                        save_with_inputs, saved_and_inputs, scale_saved, setup_saved_gradient)
+from ._autograd import (fast_apply, mark_non_differentiable, row_factor, saved_and_inputs, scale_saved,
+                        setup_saved_gradient)
 from ._library import acc_dtype, call, kernels_for, register_op, with_shape
 from .codes import Likelihood
 
@@ -116,15 +116,14 @@ class ElementwiseLogProb(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         theta, x, logvar, likelihood, lead_ndim, want_grad, want_lv = inputs[:7]
         _, grad, grad_lv, num_invalid = output
-        mark_non_differentiable(ctx, grad, grad_lv, num_invalid)
-        setup_saved_gradient(ctx, "elementwise_log_prob", inputs, expected_index=7)
+        if type(num_invalid) is not int:  # (an int: the C++ kernel through the eager entry point, which
+            mark_non_differentiable(ctx, grad, grad_lv, num_invalid)  # returns neither gradient)
         ctx.likelihood, ctx.lead_ndim = likelihood, lead_ndim
         ctx.shapes = (theta.shape, x.shape, None if logvar is None else logvar.shape)
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
-        # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
-        strong = keep_inputs_strongly(x.requires_grad and likelihood in _LOGIT_FAMILY)
-        save_with_inputs(ctx, (grad if want_grad else None, grad_lv if want_lv and logvar is not None else None),
-                         (theta, x, logvar), strong)
+        setup_saved_gradient(ctx, "elementwise_log_prob", inputs, 7,
+                             (grad if want_grad else None, grad_lv if want_lv and logvar is not None else None),
+                             (theta, x, logvar), keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_theta=None, _grad_logvar=None, _num_invalid=None):
@@ -181,7 +180,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expe
     want_lv = grad_mode and logvar is not None and logvar.requires_grad
     log_prob, _, _, num_invalid = _apply_elementwise(theta, x, logvar, int(likelihood), lead_ndim, want_grad,
                                                            want_lv, expected_upstream)
-    if likelihood in _LOGIT_FAMILY:
+    if likelihood in _LOGIT_FAMILY and (type(num_invalid) is not int or num_invalid):  # (a 0 from C++: nothing to do)
         raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
     return log_prob
 
@@ -225,9 +224,8 @@ class CategoricalLogProb(torch.autograd.Function):
         logits, target, lead_ndim, want_grad = inputs[:4]
         _, grad, num_invalid = output
         mark_non_differentiable(ctx, grad, num_invalid)
-        setup_saved_gradient(ctx, "categorical_log_prob", inputs, expected_index=4)
         ctx.lead_ndim = lead_ndim
-        save_with_inputs(ctx, (grad if want_grad else None,), (logits, target), keep_inputs_strongly())
+        setup_saved_gradient(ctx, "categorical_log_prob", inputs, 4, (grad if want_grad else None,), (logits, target))
 
     @staticmethod
     def backward(ctx, grad_out, _grad_logits=None, _num_invalid=None):
