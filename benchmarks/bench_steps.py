@@ -10,6 +10,7 @@ Rounds alternate the implementations in one process and the medians are reported
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import platform
 import statistics
@@ -273,23 +274,22 @@ def model_cases(quick: bool):
 
 
 def training_step_impls(model_factory, x, losses, with_compile: bool) -> dict:
-    """name -> a zero-argument training step (forward, backward, Adam) with that loss.
-
-    Every implementation steps the same model and optimizer: with a copy each, the copies' parameters,
-    gradients and Adam states sit at different addresses, and on this machine that alone moved the
-    network's own time by up to +-50 us per step (a copy's placement, not its loss, decided a few-percent
-    comparison). The network's work is the same whichever loss drives it."""
+    """name -> a zero-argument training step (forward, backward, Adam) on its own copy of one model."""
     eager, fused, null = losses
     torch.manual_seed(0)
-    model = model_factory().to(x.device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    variants = {"eager": eager, "vae_fast": fused, "network only": null}
+    base = model_factory().to(x.device)
+    # "eager, A/A control": the same eager loss on another copy of the model, how far two identical steps land
+    # apart in this harness (the machine's measurement floor, reported next to the speed-ups)
+    variants = {"eager": eager, "vae_fast": fused, "network only": null, "eager, A/A control": eager}
     if with_compile:
         variants["torch.compile(eager)"] = torch.compile(eager)
         variants["torch.compile(vae_fast)"] = torch.compile(fused)  # the fused ops trace as custom ops
     impls = {}
     for name, loss_fn in variants.items():
-        def step(loss_fn=loss_fn):
+        model = copy.deepcopy(base)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt, loss_fn=loss_fn):
             opt.zero_grad(set_to_none=True)
             loss_fn(model, x).backward()
             opt.step()
@@ -321,31 +321,36 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels; no per-call overhead table)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rounds, steps = (7, 5) if args.quick else (15, 10)
+    # many short rounds: this shared VM drifts by 10-30 % over seconds, and 15 rounds of 0.2 s left two
+    # identical implementations 8-16 % apart; 41 rounds of 0.07 s, 0.2-4 %
+    rounds, steps, round_s = (15, 3, 0.05) if args.quick else (41, 3, 0.07)
     cases = model_cases(args.quick)
     if args.quick:
         cases = cases[:4]
     lines = ["| model | batch | eager ms | vae_fast ms | speed-up | torch.compile(eager) ms | torch.compile(vae_fast) ms | "
-             "network only ms | ELBO ms eager / fused | saved for backward MiB eager / fused |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "network only ms | ELBO ms eager / fused | saved for backward MiB eager / fused | A/A control: eager again ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, factory, x, losses, batch in cases:
         x = x.to(device)
         result = time_steps(training_step_impls(factory, x, losses, with_compile=not args.quick), rounds, steps,
-                            min_round_s=0.05 if args.quick else 0.2, device=device)
+                            min_round_s=round_s, device=device)
         eager, fused, null = result["eager"], result["vae_fast"], result["network only"]
+        control = result.get("eager, A/A control", float("nan"))
         compiled = result.get("torch.compile(eager)", float("nan"))
         compiled_fused = result.get("torch.compile(vae_fast)", float("nan"))
         saved = [saved_mib(factory, x, fn) for fn in losses[:2]]
         rows.append(dict(model=name, batch=batch, eager_ms=eager * 1e3, fused_ms=fused * 1e3, compile_ms=compiled * 1e3,
                          compile_fused_ms=compiled_fused * 1e3, null_ms=null * 1e3, saved_eager_mib=saved[0],
-                         saved_fused_mib=saved[1]))
+                         saved_fused_mib=saved[1], control_ms=control * 1e3))
         lines.append(f"| {name} | {batch} | {eager * 1e3:.2f} | {fused * 1e3:.2f} | {eager / fused:.2f}x | "
                      f"{compiled * 1e3:.2f} | {compiled_fused * 1e3:.2f} | {null * 1e3:.2f} | {(eager - null) * 1e3:.2f} / {(fused - null) * 1e3:.2f} | "
-                     f"{saved[0]:.2f} / {saved[1]:.2f} |")
+                     f"{saved[0]:.2f} / {saved[1]:.2f} | {control * 1e3:.2f} ({eager / control:.2f}x) |")
         print(lines[-1], flush=True)
     lines += ["", "ELBO ms = step minus the same network's step with a trivial loss (its share of the step); "
-              "saved for backward: the tensors autograd keeps from the forward pass."]
+              "saved for backward: the tensors autograd keeps from the forward pass; A/A control: the eager step "
+              "again on its own copy of the model, in the same rounds (eager / control: how far two identical "
+              "implementations land apart here, the floor under the speed-ups)."]
     if device.type == "cpu":
         from benchmarks import bench_overhead
 
@@ -359,8 +364,7 @@ def main(argv=None) -> None:
     machine = (f"{platform.machine()}-{torch.get_num_threads()}threads" if device.type == "cpu" else
                "gpu-" + torch.cuda.get_device_name(device).replace(" ", "_"))
     header = (f"Training steps (forward, backward, Adam) and per-call overhead, torch {torch.__version__}, {machine}; "
-              f"medians of {rounds} alternated rounds of at least {steps} steps and "
-              f"{0.05 if args.quick else 0.2} s each.\n\n")
+              f"medians of {rounds} alternated rounds of at least {steps} steps and {round_s} s each.\n\n")
     stem = f"steps-{machine}{'-quick' if args.quick else ''}"
     (out / f"{stem}.md").write_text(header + text + "\n")
     with open(out / f"{stem}.csv", "w", newline="") as f:
