@@ -39,8 +39,9 @@ class Setting:
         self.var = contextvars.ContextVar(f"vae_fast.{name}", default=_UNSET)
 
     def get(self):
-        if not Setting.active_overrides or torch.compiler.is_compiling():
-            # (dynamo cannot trace ContextVar.get: compiled code sees the default)
+        # is_compiling first: dynamo cannot trace ContextVar.get (compiled code sees the default), and reading
+        # the override count while tracing would guard the graph on it (a recompile per change)
+        if torch.compiler.is_compiling() or not Setting.active_overrides:
             return self.default
         value = self.var.get()
         return self.default if value is _UNSET else value

@@ -32,13 +32,19 @@ def unit_columns(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride()[-1] == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _kernel_layouts(mu, scale, prior_mu, prior_logvar, eps):
+    """The operands as the kernels take them: mu and scale with unit column stride, the priors as (B, Z)
+    views, eps contiguous. (Not called for the per-step call, whose operands already are.)"""
+    mu, scale = unit_columns(mu), unit_columns(scale)
+    if prior_mu is not None:
+        prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
+    return mu, scale, prior_mu, prior_logvar, optional_contiguous(eps)
+
+
 def _forward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                     want_log_ratio=False):
     if prior_mu is not None or eps is not None or mu.stride()[-1] != 1 or scale.stride()[-1] != 1:
-        mu, scale = unit_columns(mu), unit_columns(scale)
-        if prior_mu is not None:
-            prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
-        eps = optional_contiguous(eps)
+        mu, scale, prior_mu, prior_logvar, eps = _kernel_layouts(mu, scale, prior_mu, prior_logvar, eps)
     return kernels_for(mu).latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples,
                                           want_kl_per_dim, want_log_ratio)
 
@@ -50,10 +56,7 @@ def _present_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 def _backward_kernel(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
                      num_samples, want_prior_grad):
     if prior_mu is not None or eps is not None or mu.stride()[-1] != 1 or scale.stride()[-1] != 1:
-        mu, scale = unit_columns(mu), unit_columns(scale)
-        if prior_mu is not None:
-            prior_mu, prior_logvar = _expand_prior(prior_mu, mu), _expand_prior(prior_logvar, mu)
-        eps = optional_contiguous(eps)
+        mu, scale, prior_mu, prior_logvar, eps = _kernel_layouts(mu, scale, prior_mu, prior_logvar, eps)
     return kernels_for(mu).latent_backward(
         mu, scale, prior_mu, prior_logvar, eps, seed, _present_contiguous(grad_z), _present_contiguous(grad_kl),
         _present_contiguous(grad_kl_per_dim), param, num_samples, want_prior_grad and prior_mu is not None,
