@@ -481,3 +481,35 @@ def test_the_ops_themselves_vmap_like_the_public_functions(backend):
     batched = vmap(lambda t, xx: op(t, xx, None, 0, 1, False, False)[0])(theta, x)
     torch.testing.assert_close(batched, torch.stack([op(theta[i], x[i], None, 0, 1, False, False)[0] for i in range(3)]))
     torch.testing.assert_close(batched, ref.bernoulli_log_prob(theta.reshape(6, 5), x.reshape(6, 5)).reshape(3, 2))
+
+
+def test_plain_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_ops():
+    # plain eager calls go straight to the op's kernel (ops/_autograd.py fast_apply); with a dispatch mode
+    # active (FlopCounterMode, a user's TorchDispatchMode) the calls go through torch.ops.vae_fast, forward
+    # and backward, so the mode sees them
+    from torch.profiler import profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    mu, logvar = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    logits, x = torch.randn(4, 5, requires_grad=True), torch.rand(4, 5).round()
+
+    def step():
+        z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
+        (z.sum() + kl.sum() - vae_fast.bernoulli_log_prob(logits, x).sum()).backward()
+
+    with profile() as prof:
+        step()
+    assert not [e.name for e in prof.events() if e.name.startswith("vae_fast::")]
+    with Recorder() as recorder:
+        step()
+    assert {"vae_fast::latent_forward", "vae_fast::latent_backward", "vae_fast::elementwise_log_prob"} <= \
+        set(recorder.ops)
