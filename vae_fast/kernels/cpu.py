@@ -80,9 +80,7 @@ _NO_PRIOR_OR_NOISE = ((0, 0, 0, 0, 0, 0, 0), (0, 0, 0))
 
 def _prior_and_noise(prior_mu, prior_logvar, eps) -> tuple[tuple, tuple]:
     """The latent kernels' optional operands: ((pointer, row stride, column stride) of each prior tensor and
-    eps's pointer, their extents); all zero for the per-step call, which has none of them."""
-    if prior_mu is None and eps is None:
-        return _NO_PRIOR_OR_NOISE
+    eps's pointer, their extents); the callers use _NO_PRIOR_OR_NOISE for the per-step call, which has none."""
     return ((*_strided(prior_mu), *_strided(prior_logvar), _ptr(eps)),
             (_extent(prior_mu), _extent(prior_logvar), _extent(eps)))
 
@@ -99,7 +97,8 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     kl = mu.new_empty(batch)
     kl_per_dim = mu.new_empty(batch, dim) if want_kl_per_dim else None
     log_ratio = mu.new_zeros(num_samples, batch) if want_log_ratio else None  # the kernel accumulates into it
-    operands, extents = _prior_and_noise(prior_mu, prior_logvar, eps)
+    operands, extents = _NO_PRIOR_OR_NOISE if prior_mu is None and eps is None else \
+        _prior_and_noise(prior_mu, prior_logvar, eps)
     # (helpers inlined on this per-step path: in a training step every Python call costs several times
     # what it costs in a loop, its code and data evicted by the network's GEMMs and the optimizer)
     _C.latent_forward(
@@ -126,7 +125,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     grad_scale = _new_output(mu, batch, dim)
     grad_pm = mu.new_empty(batch, dim) if want_prior_grad else None
     grad_plv = mu.new_empty(batch, dim) if want_prior_grad else None
-    operands, extents = _prior_and_noise(prior_mu, prior_logvar, eps)
+    operands, extents = _NO_PRIOR_OR_NOISE if prior_mu is None and eps is None else \
+        _prior_and_noise(prior_mu, prior_logvar, eps)
     # (the upstream gradients are contiguous or absent: see ops/latent.py)
     _C.latent_backward(
         _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), mu.stride()[0], scale.data_ptr(),
