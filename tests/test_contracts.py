@@ -374,18 +374,18 @@ def test_settings_are_per_thread_context_managers():
     with vae_fast.use_backend("reference"), vae_fast.validate_args(False):
         assert vae_fast.backend("cpu") == "reference"
         # settings are read without the contextvar while no override is active anywhere
-        assert vae_fast.config.Setting.active_overrides == 2
+        assert vae_fast.config._Setting.active_overrides == 2
         inside.set()
         release.wait(10)
     thread.join(10)
     assert seen == {"backend": default, "validate": True}
     assert vae_fast.backend("cpu") == default
-    assert vae_fast.config.Setting.active_overrides == 0
+    assert vae_fast.config._Setting.active_overrides == 0
     with pytest.raises(RuntimeError, match="left by an exception"):
         with vae_fast.validate_args(False):
             assert vae_fast.config.VALIDATE_ARGS.get() is False
             raise RuntimeError("left by an exception")
-    assert vae_fast.config.Setting.active_overrides == 0 and vae_fast.config.VALIDATE_ARGS.get() is True
+    assert vae_fast.config._Setting.active_overrides == 0 and vae_fast.config.VALIDATE_ARGS.get() is True
     with pytest.raises(TypeError, match="enabled must be a bool"):
         vae_fast.validate_args("no")
 

@@ -26,7 +26,7 @@ import torch
 _UNSET = object()
 
 
-class Setting:
+class _Setting:
     """A process-wide default plus a contextvar override."""
 
     # Overrides entered and not yet left, in any thread: while there are none (every training step
@@ -41,28 +41,28 @@ class Setting:
     def get(self):
         # is_compiling first: dynamo cannot trace ContextVar.get (compiled code sees the default), and reading
         # the override count while tracing would guard the graph on it (a recompile per change)
-        if torch.compiler.is_compiling() or not Setting.active_overrides:
+        if torch.compiler.is_compiling() or not _Setting.active_overrides:
             return self.default
         value = self.var.get()
         return self.default if value is _UNSET else value
 
     @contextlib.contextmanager
     def override(self, value):
-        with Setting._lock:
-            Setting.active_overrides += 1
+        with _Setting._lock:
+            _Setting.active_overrides += 1
         token = self.var.set(value)
         try:
             yield
         finally:
             self.var.reset(token)
-            with Setting._lock:
-                Setting.active_overrides -= 1
+            with _Setting._lock:
+                _Setting.active_overrides -= 1
 
 
-VALIDATE_ARGS = Setting("validate_args", True)
-INPLACE_BACKWARD = Setting("inplace_backward", False)
-SAVE_INPUTS = Setting("save_inputs", False)
-BACKEND = Setting("backend", None)
+VALIDATE_ARGS = _Setting("validate_args", True)
+INPLACE_BACKWARD = _Setting("inplace_backward", False)
+SAVE_INPUTS = _Setting("save_inputs", False)
+BACKEND = _Setting("backend", None)
 
 
 def _check_bool(name: str, value) -> bool:

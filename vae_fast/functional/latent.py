@@ -53,12 +53,7 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
             want_log_ratio=False):
     if _is_common_call(mu, logvar, prior_mu, prior_logvar, eps, param):
         # this runs every training step: no further checks or reshapes are needed
-        if num_samples == 0:
-            seed = _unused_seed(_CPU)
-        elif generator is None:  # (_draw_seed's first case, inline)
-            seed = torch.randint(_SEED_BOUND, ())
-        else:
-            seed = _draw_seed(_CPU, generator)
+        seed = _draw_seed(_CPU, generator) if num_samples > 0 else _unused_seed(_CPU)
         z, kl, kl_per_dim, log_ratio = apply_latent(mu, logvar, None, None, None, seed, int(SCALE_PARAMS[param]),
                                                     num_samples, want_kl_per_dim, want_log_ratio)
         if want_log_ratio:
@@ -223,10 +218,7 @@ def gaussian_sample_kl(
         ``z`` of mu's shape (``(K, *mu.shape)`` for K > 1) and ``kl`` with the dims not in ``dim``.
     """
     check_positive_int("num_samples", num_samples)
-    if dim == -1 and type(dim) is int:  # (_latent_over's first case, one call less per step)
-        z, kl, _ = _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False)
-    else:
-        z, kl, _ = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False, dim=dim)
+    z, kl, _ = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False, dim=dim)
     return z, kl
 
 

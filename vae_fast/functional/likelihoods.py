@@ -48,7 +48,7 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str 
     like ``binary_cross_entropy_with_logits``; its gradient w.r.t. x is l). logits ``(B, ...)``
     or ``(K, B, ...)``, x ``(B, ...)``; returns ``(B,)`` or ``(K, B)`` for ``reduction="none"``.
     """
-    return _elementwise(Likelihood.BERNOULLI, "logits", logits, x, None, reduction, None)
+    return _bernoulli(logits, x, reduction, None)
 
 
 def _bernoulli(logits, x, reduction="none", expected_upstream=None):

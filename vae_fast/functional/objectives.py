@@ -229,8 +229,7 @@ def elbo(
     if fused is not None:
         # d loss / d log p(x | z_k) for each row under the ELBO objective: -1/(B K) ("mean"), -1/K ("sum")
         batch = x.shape[0]
-        upstream = -1.0 / max(batch * num_samples, 1) if reduction == "mean" else \
-            -1.0 / num_samples if reduction == "sum" else None
+        upstream = {"mean": -1.0 / max(batch * num_samples, 1), "sum": -1.0 / num_samples}.get(reduction)
         log_lik = fused(decoded, x, upstream)
     else:
         log_lik = log_prob_fn(decoded, x)
@@ -262,7 +261,7 @@ def elbo(
     # (a - b is exactly -(b - a) in IEEE arithmetic)
     per_example_loss = (kl_term if beta == 1.0 else beta * kl_term) - log_lik
     return ELBOResult(
-        loss=per_example_loss.mean() if reduction == "mean" else reduce(per_example_loss, reduction),
+        loss=reduce(per_example_loss, reduction),
         elbo=log_lik - kl,
         log_likelihood=log_lik,
         kl=kl,

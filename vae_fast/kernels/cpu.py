@@ -80,7 +80,9 @@ _NO_PRIOR_OR_NOISE = ((0, 0, 0, 0, 0, 0, 0), (0, 0, 0))
 
 def _prior_and_noise(prior_mu, prior_logvar, eps) -> tuple[tuple, tuple]:
     """The latent kernels' optional operands: ((pointer, row stride, column stride) of each prior tensor and
-    eps's pointer, their extents); the callers use _NO_PRIOR_OR_NOISE for the per-step call, which has none."""
+    eps's pointer, their extents); all zero for the per-step call, which has none of them."""
+    if prior_mu is None and eps is None:
+        return _NO_PRIOR_OR_NOISE
     return ((*_strided(prior_mu), *_strided(prior_logvar), _ptr(eps)),
             (_extent(prior_mu), _extent(prior_logvar), _extent(eps)))
 
@@ -97,14 +99,10 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     kl = mu.new_empty(batch)
     kl_per_dim = mu.new_empty(batch, dim) if want_kl_per_dim else None
     log_ratio = mu.new_zeros(num_samples, batch) if want_log_ratio else None  # the kernel accumulates into it
-    operands, extents = _NO_PRIOR_OR_NOISE if prior_mu is None and eps is None else \
-        _prior_and_noise(prior_mu, prior_logvar, eps)
-    # (helpers inlined on this per-step path: in a training step every Python call costs several times
-    # what it costs in a loop, its code and data evicted by the network's GEMMs and the optimizer)
+    operands, extents = _prior_and_noise(prior_mu, prior_logvar, eps)
     _C.latent_forward(
         _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), mu.stride()[0], scale.data_ptr(),
-        scale.stride()[0], *operands, int(seed), 0, z.data_ptr(), kl.data_ptr(),
-        0 if kl_per_dim is None else kl_per_dim.data_ptr(), 0 if log_ratio is None else log_ratio.data_ptr(),
+        scale.stride()[0], *operands, int(seed), 0, z.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), _ptr(log_ratio),
         torch.get_num_threads(),
         [_extent(mu), _extent(scale), *extents, num_samples * n, batch, n if want_kl_per_dim else 0,
          num_samples * batch if want_log_ratio else 0],
@@ -125,17 +123,12 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     grad_scale = _new_output(mu, batch, dim)
     grad_pm = mu.new_empty(batch, dim) if want_prior_grad else None
     grad_plv = mu.new_empty(batch, dim) if want_prior_grad else None
-    operands, extents = _NO_PRIOR_OR_NOISE if prior_mu is None and eps is None else \
-        _prior_and_noise(prior_mu, prior_logvar, eps)
-    # (the upstream gradients are contiguous or absent: see ops/latent.py)
+    operands, extents = _prior_and_noise(prior_mu, prior_logvar, eps)
     _C.latent_backward(
         _DTYPE_CODE[dtype], param, batch, dim, num_samples, mu.data_ptr(), mu.stride()[0], scale.data_ptr(),
-        scale.stride()[0], *operands, int(seed), 0,
-        0 if grad_z is None else grad_z.data_ptr(), 0 if grad_kl is None else grad_kl.data_ptr(),
-        0 if grad_kl_per_dim is None else grad_kl_per_dim.data_ptr(),
+        scale.stride()[0], *operands, int(seed), 0, _ptr(grad_z), _ptr(grad_kl), _ptr(grad_kl_per_dim),
         grad_mu.data_ptr(), grad_scale.data_ptr(), _ptr(grad_pm), _ptr(grad_plv), torch.get_num_threads(),
-        [_extent(mu), _extent(scale), *extents, 0 if grad_z is None else grad_z.numel(),
-         0 if grad_kl is None else grad_kl.numel(), 0 if grad_kl_per_dim is None else grad_kl_per_dim.numel(), n, n,
+        [_extent(mu), _extent(scale), *extents, _extent(grad_z), _extent(grad_kl), _extent(grad_kl_per_dim), n, n,
          n if want_prior_grad else 0, n if want_prior_grad else 0],
     )
     outs = (grad_mu, grad_scale, grad_pm, grad_plv)
@@ -152,14 +145,11 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     log_prob = theta.new_empty(rows)
     grad = _new_output(theta, rows, dim) if want_grad else None
     grad_lv = _new_output(theta, rows, dim) if want_logvar_grad else None
-    # (helpers inlined on this per-step path, as in latent_forward)
     bad = _C.elementwise_likelihood(
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
-        *(_NO_OPERAND if logvar is None else _strided(logvar)), log_prob.data_ptr(),
-        0 if grad is None else grad.data_ptr(), 0 if grad_lv is None else grad_lv.data_ptr(), float(expected_upstream),
+        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(expected_upstream),
         torch.get_num_threads(),
-        [_extent(theta), _extent(x), 0 if logvar is None else _extent(logvar), rows, n if want_grad else 0,
-         n if want_logvar_grad else 0],
+        [_extent(theta), _extent(x), _extent(logvar), rows, n if want_grad else 0, n if want_logvar_grad else 0],
     )
     outs = (log_prob, grad, grad_lv, bad)
     return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs

@@ -241,12 +241,10 @@ def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
                   "__doc__": f"Eager entry point of :class:`{function.__qualname__}` (same backward)."})
     eager_apply = _FUNCTION_APPLY.__get__(None, eager)
     transforms_active, dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
-    functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
     def apply(first, *args):
-        # (is_compiling first: dynamo folds it to True and traces nothing after it; then is_plain, inline)
-        if (torch.compiler.is_compiling() or transforms_active() or dispatch_modes() or type(first) is not torch.Tensor
-                or not (first.is_cpu or first.is_cuda) or functorch_wrapped(first)):
+        # (is_compiling first: dynamo folds it to True and traces nothing after it)
+        if torch.compiler.is_compiling() or transforms_active() or dispatch_modes() or not is_plain(first):
             return function.apply(first, *args)
         return eager_apply(first, *args)
 

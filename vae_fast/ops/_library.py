@@ -16,7 +16,7 @@ _kernel_cache: dict = {}
 def kernels_for(t: torch.Tensor):
     """The kernel module of the backend that serves ``t``'s device (cached per device type
     and backend override: this sits on every call's hot path)."""
-    key = ("cpu" if t.is_cpu else t.device.type, config.BACKEND.get() if config.Setting.active_overrides else None)
+    key = ("cpu" if t.is_cpu else t.device.type, config.BACKEND.get())
     module = _kernel_cache.get(key)
     if module is None:
         module = _kernel_cache[key] = _resolve_kernels(t)

@@ -116,8 +116,7 @@ class ElementwiseLogProb(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         theta, x, logvar, likelihood, lead_ndim, want_grad, want_lv = inputs[:7]
         _, grad, grad_lv, num_invalid = output
-        if type(num_invalid) is not int:  # (an int: the C++ kernel through the eager entry point, which
-            mark_non_differentiable(ctx, grad, grad_lv, num_invalid)  # returns neither gradient)
+        mark_non_differentiable(ctx, grad, grad_lv, num_invalid)
         ctx.likelihood, ctx.lead_ndim = likelihood, lead_ndim
         ctx.shapes = (theta.shape, x.shape, None if logvar is None else logvar.shape)
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
@@ -180,7 +179,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expe
     want_lv = grad_mode and logvar is not None and logvar.requires_grad
     log_prob, _, _, num_invalid = _apply_elementwise(theta, x, logvar, int(likelihood), lead_ndim, want_grad,
                                                            want_lv, expected_upstream)
-    if likelihood in _LOGIT_FAMILY and (type(num_invalid) is not int or num_invalid):  # (a 0 from C++: nothing to do)
+    if likelihood in _LOGIT_FAMILY:
         raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
     return log_prob
 
