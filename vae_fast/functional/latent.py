@@ -9,10 +9,7 @@ from .._validation import (check_broadcastable, check_choice, check_no_grad, che
                            check_same_dtype, check_tensor)
 from ..ops.codes import SCALE_PARAMS
 from ..ops._autograd import cached_zero
-from ..ops.latent import apply_latent
-
-
-_SEED_BOUND = 2**62  # seeds are drawn in [0, 2^62) (int64, randint's default dtype: no dtype argument to parse)
+from ..ops.latent import SEED_BOUND, apply_latent, latent_step
 
 
 def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -20,8 +17,8 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch
     # call advances the generator, and torch.compile(fullgraph=True) traces it (a Generator
     # made here would not). The kernels turn it into a Philox key.
     if generator is None:
-        return torch.randint(_SEED_BOUND, (), device=device)
-    seed = torch.randint(_SEED_BOUND, (), device=generator.device, generator=generator)
+        return torch.randint(SEED_BOUND, (), device=device)
+    seed = torch.randint(SEED_BOUND, (), device=generator.device, generator=generator)
     return seed if seed.device == device else seed.to(device)
 
 
@@ -40,21 +37,32 @@ def _as_rows(t: torch.Tensor | None, mu: torch.Tensor, rows: int) -> torch.Tenso
 _CPU = torch.device("cpu")
 
 
-def _is_common_call(mu, logvar, prior_mu, prior_logvar, eps, param) -> bool:
-    """The per-step call (two plain (B, Z) CPU tensors of one floating dtype, no prior, no explicit noise, a
-    named parameterisation), recognised in one expression: every check of :func:`_latent` passes for it."""
-    return (prior_mu is None and prior_logvar is None and eps is None and type(mu) is torch.Tensor
+_PARAM_CODES = {name: int(code) for name, code in SCALE_PARAMS.items()}
+
+
+def _common_call_code(mu, logvar, prior_mu, prior_logvar, eps, param) -> int | None:
+    """The parameterisation's code if this is the per-step call (two plain (B, Z) CPU tensors of one floating
+    dtype, no prior, no explicit noise, a named parameterisation), else None; recognised in one expression:
+    every check of :func:`_latent` passes for it."""
+    if (prior_mu is None and prior_logvar is None and eps is None and type(mu) is torch.Tensor
             and type(logvar) is torch.Tensor and mu.dim() == 2 and mu.is_cpu and logvar.is_cpu
             and mu.dtype == logvar.dtype and mu.is_floating_point() and logvar.shape == mu.shape
-            and isinstance(param, str) and param in SCALE_PARAMS)
+            and type(param) is str):
+        return _PARAM_CODES.get(param)
+    return None
 
 
 def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, want_kl_per_dim,
             want_log_ratio=False):
-    if _is_common_call(mu, logvar, prior_mu, prior_logvar, eps, param):
+    param_code = _common_call_code(mu, logvar, prior_mu, prior_logvar, eps, param)
+    if param_code is not None:
         # this runs every training step: no further checks or reshapes are needed
+        if generator is None and num_samples > 0 and not want_log_ratio:
+            outs = latent_step(mu, logvar, param_code, num_samples, want_kl_per_dim)
+            if outs is not None:
+                return outs if want_kl_per_dim else (*outs, None)
         seed = _draw_seed(_CPU, generator) if num_samples > 0 else _unused_seed(_CPU)
-        z, kl, kl_per_dim, log_ratio = apply_latent(mu, logvar, None, None, None, seed, int(SCALE_PARAMS[param]),
+        z, kl, kl_per_dim, log_ratio = apply_latent(mu, logvar, None, None, None, seed, param_code,
                                                     num_samples, want_kl_per_dim, want_log_ratio)
         if want_log_ratio:
             return z, kl, kl_per_dim, log_ratio
@@ -217,6 +225,11 @@ def gaussian_sample_kl(
     Returns:
         ``z`` of mu's shape (``(K, *mu.shape)`` for K > 1) and ``kl`` with the dims not in ``dim``.
     """
+    if dim == -1 and generator is None and type(num_samples) is int and num_samples > 0:  # the per-step call
+        param_code = _common_call_code(mu, logvar, prior_mu, prior_logvar, eps, param)
+        outs = None if param_code is None else latent_step(mu, logvar, param_code, num_samples, False)
+        if outs is not None:
+            return outs
     check_positive_int("num_samples", num_samples)
     z, kl, _ = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, False, dim=dim)
     return z, kl

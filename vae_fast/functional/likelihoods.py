@@ -26,6 +26,12 @@ def _is_common_call(theta, x) -> bool:
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
                  expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
     if _is_common_call(theta, x):
+        if logvar is None:  # the per-step call of the Bernoulli family and squared error
+            if expected_upstream is None:
+                expected_upstream = default_expected_upstream(reduction, theta.shape[0])
+            log_prob = likelihood_ops.elementwise_step(theta, x, likelihood, expected_upstream)
+            if log_prob is not None:
+                return log_prob if reduction == "none" else reduce(log_prob, reduction)
         lead = 1
     else:
         check_tensor(theta_name, theta)

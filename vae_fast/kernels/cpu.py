@@ -171,6 +171,64 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs
 
 
+# ---------------------------------------------------------------------------------------------
+# The per-step calls. A training step sends the same shapes every iteration: float32/float64 (B, Z)
+# and (B, D) operands with unit column stride, no prior, no explicit noise, no log-variance operand,
+# outputs below the buffer pool's size. The op layer's step paths (ops/latent.py, ops/likelihood.py)
+# check exactly that and call these, which skip the general entry points' casts, optional operands
+# and pool (about 3 us of Python a call at 128 x 20; the kernels and their C++ checks are the same).
+# ---------------------------------------------------------------------------------------------
+
+def step_fits(t: torch.Tensor, output_elements: int) -> bool:
+    """Whether the step entry points serve a call on ``t`` whose outputs hold ``output_elements``
+    elements: float32/float64, and below the buffer pool's size (they allocate with torch)."""
+    return t.dtype in _DTYPE_CODE and output_elements * t.element_size() < _POOL_MIN_BYTES
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    """(row stride, extent) of a 2-D operand with unit column stride."""
+    if t.is_contiguous():
+        return t.shape[1], t.numel()
+    return t.stride()[0], _extent(t)
+
+
+def latent_step_forward(mu, scale, seed, param, num_samples, want_kl_per_dim):
+    """:func:`latent_forward` without prior or eps (``seed``: an int): z ((B, Z) for K = 1, else (K, B, Z)), kl (B,), kl_per_dim | None."""
+    batch, dim = mu.shape
+    z = mu.new_empty(batch, dim) if num_samples == 1 else mu.new_empty(num_samples, batch, dim)
+    kl = mu.new_empty(batch)
+    kl_per_dim = mu.new_empty(batch, dim) if want_kl_per_dim else None
+    _C.latent_step_forward(_DTYPE_CODE[mu.dtype], param, batch, dim, num_samples, mu.data_ptr(), *_rows(mu),
+                           scale.data_ptr(), *_rows(scale), seed, z.data_ptr(), kl.data_ptr(),
+                           0 if kl_per_dim is None else kl_per_dim.data_ptr(), torch.get_num_threads())
+    return z, kl, kl_per_dim
+
+
+def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, param, num_samples):
+    """:func:`latent_backward` of :func:`latent_step_forward` (upstream gradients contiguous or None) -> grad_mu,
+    grad_scale (B, Z)."""
+    batch, dim = mu.shape
+    grad_mu = mu.new_empty(batch, dim)
+    grad_scale = mu.new_empty(batch, dim)
+    _C.latent_step_backward(_DTYPE_CODE[mu.dtype], param, batch, dim, num_samples, mu.data_ptr(), *_rows(mu),
+                            scale.data_ptr(), *_rows(scale), seed, _ptr(grad_z),
+                            _extent(grad_z), _ptr(grad_kl), _extent(grad_kl), _ptr(grad_kl_per_dim),
+                            _extent(grad_kl_per_dim), grad_mu.data_ptr(), grad_scale.data_ptr(), torch.get_num_threads())
+    return grad_mu, grad_scale
+
+
+def elementwise_step_log_prob(theta, x, likelihood, want_grad, expected_upstream):
+    """:func:`elementwise_log_prob` without a log-variance operand, theta and x (B, D) of one dtype (x's rows
+    matching theta's) -> log_prob (B,), grad_theta (B, D) | None, num_invalid (int)."""
+    rows, dim = theta.shape
+    log_prob = theta.new_empty(rows)
+    grad = theta.new_empty(rows, dim) if want_grad else None
+    bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, dim, theta.data_ptr(), _extent(theta),
+                              x.data_ptr(), _extent(x), log_prob.data_ptr(), _ptr(grad), expected_upstream,
+                              torch.get_num_threads())
+    return log_prob, grad, bad
+
+
 def values_within(values: torch.Tensor, low: float, high: float) -> bool | None:
     """Whether every value of a float32/float64 CPU tensor lies in [low, high] (False if one is NaN), read
     in place by one C++ call; None for a dtype or layout it does not read (callers then reduce with torch).

@@ -7,6 +7,11 @@ integer tensors of any shape (0-d, or per row / per block as the Triton kernels 
 no reduction is launched; ``raise_if_invalid`` and the op wrappers accept both). Reductions (log-likelihoods, KL) are returned in float32 for half
 inputs, float64 for float64; gradients and z in the input dtype. ``tests/test_contracts.py``
 checks that each backend module has these functions with these parameters.
+
+A backend may also offer per-step entry points for the calls a training step repeats (the CPU
+extension does: ``step_fits``, ``latent_step_forward``, ``latent_step_backward``,
+``elementwise_step_log_prob``, see kernels/cpu.py); the ops use them when ``step_fits`` says so
+(``ops/_library.py`` ``step_kernels_for``) and the general functions below otherwise.
 """
 from __future__ import annotations
 

@@ -203,6 +203,23 @@ def saved_and_inputs(ctx, what: str, want_inputs: bool):
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
+def eager_function_apply(function):
+    """``function.apply`` of a ctx-style ``autograd.Function`` for calls that passed :func:`eager_call`:
+    the C implementation, without the Python classmethod's checks."""
+    return _FUNCTION_APPLY.__get__(None, function)
+
+
+_transforms_active, _dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
+
+
+def eager_call(first: torch.Tensor) -> bool:
+    """Whether a call whose first tensor is ``first`` runs plain eager: no torch.compile tracing, no
+    torch.func transform, no dispatch mode, a real CPU/CUDA tensor. Exactly those calls take the
+    eager entry points (:func:`fast_apply`, the per-step paths) and the host-side shortcuts."""
+    # (is_compiling first: dynamo folds it to True and traces nothing after it)
+    return not (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes()) and is_plain(first)
+
+
 def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
     """``function.apply`` for a setup_context-style ``autograd.Function``, with an eager fast path.
 
@@ -239,14 +256,10 @@ def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
     eager = type(function.__name__, (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
                   "__doc__": f"Eager entry point of :class:`{function.__qualname__}` (same backward)."})
-    eager_apply = _FUNCTION_APPLY.__get__(None, eager)
-    transforms_active, dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
+    eager_apply = eager_function_apply(eager)
 
     def apply(first, *args):
-        # (is_compiling first: dynamo folds it to True and traces nothing after it)
-        if torch.compiler.is_compiling() or transforms_active() or dispatch_modes() or not is_plain(first):
-            return function.apply(first, *args)
-        return eager_apply(first, *args)
+        return eager_apply(first, *args) if eager_call(first) else function.apply(first, *args)
 
     apply.eager_function = eager
     return apply

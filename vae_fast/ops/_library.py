@@ -23,6 +23,15 @@ def kernels_for(t: torch.Tensor):
     return module
 
 
+def step_kernels_for(t: torch.Tensor, output_elements: int):
+    """The kernel module serving ``t`` if it has per-step entry points (``latent_step_forward``, ...)
+    for ``t``'s dtype and outputs of ``output_elements`` elements (the CPU extension: float32/float64
+    outputs below its buffer pool's size, see kernels/cpu.py), else None."""
+    kernels = kernels_for(t)
+    step_fits = getattr(kernels, "step_fits", None)
+    return kernels if step_fits is not None and step_fits(t, output_elements) else None
+
+
 def _resolve_kernels(t: torch.Tensor):
     name = backend(t.device)
     if name == "triton" and t.device.type == "cpu" and not triton_interpreting():

@@ -14,10 +14,12 @@ recomputed from the Philox stream, and sigma from the scale.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
-from ._autograd import fast_apply
-from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op
+from ._autograd import eager_call, eager_function_apply, fast_apply
+from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op, step_kernels_for
 from .codes import ScaleParam
 
 def _expand_prior(prior: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor | None:
@@ -172,25 +174,108 @@ class LatentFunction(torch.autograd.Function):
         mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples = inputs[:8]
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
-        ctx.param, ctx.num_samples = param, num_samples
+        ctx.param, ctx.num_samples, ctx.step_kernels = param, num_samples, None
         if output[3] is not None:
             ctx.mark_non_differentiable(output[3])
 
     @staticmethod
-    def backward(ctx, grad_z, grad_kl, grad_kl_per_dim, _grad_log_ratio=None):
-        if torch.is_grad_enabled():  # create_graph=True, torch.func
+    def backward(ctx, grad_z, grad_kl, grad_kl_per_dim=None, _grad_log_ratio=None):
+        step_kernels = ctx.step_kernels  # set by LatentStep (the per-step call), else None
+        grad_mode = torch.is_grad_enabled()
+        if step_kernels is not None and not grad_mode and _plain_gradients(grad_z, grad_kl, grad_kl_per_dim):
+            mu, scale = ctx.saved_tensors
+            grad_mu, grad_scale = step_kernels.latent_step_backward(
+                mu, scale, ctx.seed, _contiguous(grad_z), _contiguous(grad_kl), _contiguous(grad_kl_per_dim), ctx.param,
+                ctx.num_samples)
+            needs = ctx.needs_input_grad
+            return grad_mu if needs[0] else None, grad_scale if needs[1] else None, None, None, None, None
+        if grad_mode:  # create_graph=True, torch.func
             grad_z, grad_kl, grad_kl_per_dim = present(grad_z), present(grad_kl), present(grad_kl_per_dim)
-            mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
+            mu, scale, prior_mu, prior_logvar, eps, seed = _saved_inputs(ctx)
             noise = _latent_noise(mu, eps, seed, ctx.num_samples) if grad_z is not None else None
             grads = _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, ctx.param,
                                                     ctx.needs_input_grad, grad_z, grad_kl, grad_kl_per_dim)
         else:  # (the kernel skips absent upstream gradients: None or empty placeholders)
-            grads = latent_gradients(ctx.saved_tensors, ctx.param, ctx.num_samples, ctx.needs_input_grad,
+            grads = latent_gradients(_saved_inputs(ctx), ctx.param, ctx.num_samples, ctx.needs_input_grad,
                                      grad_z, grad_kl, grad_kl_per_dim)
+        if step_kernels is not None:  # LatentStep's inputs: mu, scale and four non-tensors
+            return (grads[0], grads[1], None, None, None, None)
         return (*grads, None, None, None, None, None, None)
 
 
 apply_latent = fast_apply(LatentFunction, _forward_kernel)
+
+
+SEED_BOUND = 2**62  # seeds are drawn in [0, 2^62) (int64, randint's default dtype: no dtype argument to parse)
+
+_seed_buffers = threading.local()
+
+
+def _draw_step_seed() -> int:
+    """A seed from torch's default CPU generator, the value ``torch.randint(SEED_BOUND, ())`` would give
+    (randint is ``empty(()).random_(0, high)``), drawn into a per-thread 0-d buffer (0.4 us cheaper)."""
+    buffer = getattr(_seed_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _seed_buffers.buffer = torch.empty((), dtype=torch.int64)
+    return buffer.random_(0, SEED_BOUND).item()
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _plain_gradients(grad_z, grad_kl, grad_kl_per_dim) -> bool:
+    """Upstream gradients the step kernels can read: plain tensors (or None), no dispatch mode active."""
+    return ((grad_z is None or type(grad_z) is torch.Tensor) and (grad_kl is None or type(grad_kl) is torch.Tensor)
+            and (grad_kl_per_dim is None or type(grad_kl_per_dim) is torch.Tensor)
+            and not torch._C._len_torch_dispatch_stack())
+
+
+def _saved_inputs(ctx):
+    """(mu, scale, prior_mu, prior_logvar, eps, seed) of a LatentFunction or LatentStep node."""
+    if ctx.step_kernels is None:
+        return ctx.saved_tensors
+    mu, scale = ctx.saved_tensors
+    return mu, scale, None, None, None, torch.tensor(ctx.seed, dtype=torch.int64, device=mu.device)
+
+
+class LatentStep(torch.autograd.Function):
+    """The per-step call of :class:`LatentFunction`, through the backend's step kernels (see :func:`latent_step`).
+
+    forward(mu, scale, kernels, param, K, want_kl_per_dim) -> z, kl (, kl_per_dim if asked for), the seed
+    drawn here from torch's default generator (a Python int kept in ctx, not a saved tensor); backward
+    *is* ``LatentFunction.backward`` (one autograd implementation), which calls the step backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, scale, kernels, param, num_samples, want_kl_per_dim):
+        seed = _draw_step_seed()
+        z, kl, kl_per_dim = kernels.latent_step_forward(mu, scale, seed, param, num_samples, want_kl_per_dim)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(mu, scale)
+        ctx.param, ctx.num_samples, ctx.step_kernels, ctx.seed = param, num_samples, kernels, seed
+        return (z, kl, kl_per_dim) if want_kl_per_dim else (z, kl)
+
+    backward = staticmethod(LatentFunction.backward)
+
+
+_apply_step = eager_function_apply(LatentStep)
+
+
+def latent_step(mu, scale, param, num_samples, want_kl_per_dim):
+    """The per-step latent call: (z, kl[, kl_per_dim]) as ``apply_latent(mu, scale, None, None, None, seed,
+    param, K, want_kl_per_dim)`` gives them for a seed from torch's default generator, through the
+    backend's step kernels; None when the call does not qualify (the caller then uses :data:`apply_latent`).
+
+    Qualifies: a plain eager call (:func:`eager_call`) on (B, Z) tensors of one dtype with unit column
+    stride (any row stride: the halves of ``h.chunk(2, dim=-1)``), K >= 1, on a backend with step
+    kernels for them. The caller has checked the arguments (shapes, dtypes, devices, the code)."""
+    if eager_call(mu) and mu.stride()[1] == 1 and scale.stride()[1] == 1:
+        kernels = step_kernels_for(mu, (num_samples + 2) * mu.numel())
+        if kernels is not None:
+            return _apply_step(mu, scale, kernels, param, num_samples, want_kl_per_dim)
+    return None
+
 
 register_op(
     "latent_forward",

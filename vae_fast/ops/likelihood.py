@@ -22,9 +22,9 @@ import math
 import torch
 
 from .._validation import raise_if_invalid
-from ._autograd import (fast_apply, mark_non_differentiable, row_factor, saved_and_inputs, scale_saved,
-                        setup_saved_gradient)
-from ._library import acc_dtype, call, kernels_for, register_op, with_shape
+from ._autograd import (eager_call, eager_function_apply, fast_apply, mark_non_differentiable, row_factor,
+                        saved_and_inputs, scale_saved, setup_saved_gradient)
+from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_shape
 from .codes import Likelihood
 
 
@@ -170,6 +170,47 @@ register_op(
 
 
 _apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_outputs=(0, 3))  # log_prob, num_invalid
+
+
+class ElementwiseStep(torch.autograd.Function):
+    """The per-step call of :class:`ElementwiseLogProb` (see :func:`_elementwise_step`) through the backend's
+    step kernel: forward(theta, x, kernels, likelihood, want_grad, expected_upstream) -> log_prob (B,),
+    num_invalid (an int), with ctx holding what ``ElementwiseLogProb.setup_context`` holds; backward *is*
+    ``ElementwiseLogProb.backward`` (one autograd implementation)."""
+
+    @staticmethod
+    def forward(ctx, theta, x, kernels, likelihood, want_grad, expected_upstream):
+        log_prob, grad, num_invalid = kernels.elementwise_step_log_prob(theta, x, likelihood, want_grad,
+                                                                        expected_upstream)
+        ctx.likelihood, ctx.lead_ndim, ctx.shapes = likelihood, 1, (theta.shape, x.shape, None)
+        setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, None), (theta, x, None),
+                             keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY)
+        return log_prob, num_invalid
+
+    backward = staticmethod(ElementwiseLogProb.backward)
+
+
+_apply_elementwise_step = eager_function_apply(ElementwiseStep)
+
+
+def elementwise_step(theta, x, likelihood: int, expected_upstream: float) -> torch.Tensor | None:
+    """:func:`elementwise_log_prob` (theta, x, None, likelihood, 1, expected_upstream) of the per-step call,
+    through the backend's step kernel; None when the call does not qualify (the caller then uses
+    :func:`elementwise_log_prob`). Qualifies: plain eager (:func:`eager_call`) contiguous (B, D) theta and
+    x of one dtype and shape on the CPU, no log-variance operand (Bernoulli, continuous Bernoulli,
+    squared error), a backend with a step kernel for them."""
+    if not (theta.dim() == 2 and type(x) is torch.Tensor and x.dtype == theta.dtype and x.is_cpu
+            and theta.shape == x.shape and eager_call(theta) and theta.is_contiguous() and x.is_contiguous()):
+        return None
+    kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
+    if kernels is None:
+        return None
+    want_grad = torch.is_grad_enabled() and (theta.requires_grad
+                                             or (likelihood not in _LOGIT_FAMILY and x.requires_grad))
+    log_prob, num_invalid = _apply_elementwise_step(theta, x, kernels, likelihood, want_grad, expected_upstream)
+    if num_invalid and likelihood in _LOGIT_FAMILY:
+        raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
+    return log_prob
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:

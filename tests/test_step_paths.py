@@ -1,0 +1,190 @@
+"""The per-step paths (ops/latent.py ``latent_step``, ops/likelihood.py ``elementwise_step``, kernels/cpu.py
+``*_step*``): the plain eager calls a training step makes every iteration skip the general entry points'
+layers. They must give exactly what the general paths give, keep every contract (they share the one
+backward), and leave every call that does not qualify to the general paths."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import vae_fast
+import vae_fast.functional.latent as functional_latent
+import vae_fast.ops.likelihood as likelihood_ops
+from vae_fast import _backend
+
+pytestmark = pytest.mark.skipif(_backend._cpu_ext is None, reason="the step entry points are the C++ backend's")
+
+
+_KERNEL_ENTRY_POINTS = {"latent_forward", "latent_backward", "elementwise_likelihood", "latent_step_forward",
+                        "latent_step_backward", "elementwise_step"}
+
+
+class _Recorder:
+    """Stands in for vae_fast._C in the CPU backend, recording the names of the latent and elementwise
+    kernels' entry points called (not the helpers: the upstream-gradient check, the buffer pool)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name not in _KERNEL_ENTRY_POINTS:
+            return fn
+
+        def record(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return record
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    from vae_fast.kernels import cpu
+
+    recording = _Recorder(cpu._C)
+    monkeypatch.setattr(cpu, "_C", recording)
+    with vae_fast.use_backend("cpu"):
+        yield recording
+
+
+@pytest.fixture
+def general_paths(monkeypatch):
+    """A context in which every call takes the general path (the step entry points decline)."""
+
+    def use():
+        monkeypatch.setattr(functional_latent, "latent_step", lambda *args: None)
+        monkeypatch.setattr(likelihood_ops, "elementwise_step", lambda *args: None)
+
+    return use
+
+
+def _mlp_step(mu, logvar, logits_weight, x, **elbo_kwargs):
+    out = vae_fast.elbo(x, mu, logvar, lambda z: z @ logits_weight, **elbo_kwargs)
+    grads = torch.autograd.grad(out.loss, (mu, logvar, logits_weight))
+    return out, grads
+
+
+def test_plain_eager_training_calls_take_the_step_entry_points(recorder):
+    mu, logvar = torch.randn(16, 6, requires_grad=True), torch.randn(16, 6, requires_grad=True)
+    weight = torch.randn(6, 10, requires_grad=True)
+    x = torch.rand(16, 10).round()
+    _mlp_step(mu, logvar, weight, x)
+    assert recorder.calls == ["latent_step_forward", "elementwise_step", "latent_step_backward"]
+    recorder.calls.clear()
+    z, kl = vae_fast.gaussian_sample_kl(mu, logvar, num_samples=3)
+    (z.sum() + kl.sum()).backward()
+    samples = z.detach().requires_grad_()
+    vae_fast.mse_log_prob(samples[0], x[:, :6].contiguous()).sum().backward()
+    vae_fast.continuous_bernoulli_log_prob(samples[1], x[:, :6].contiguous()).sum().backward()
+    assert recorder.calls == ["latent_step_forward", "latent_step_backward", "elementwise_step", "elementwise_step"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("param", ["logvar", "logstd", "softplus"])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_step_paths_give_exactly_the_general_paths_results(general_paths, dtype, param, num_samples):
+    def run():
+        torch.manual_seed(0)
+        moments = torch.randn(32, 2 * 7, dtype=dtype, requires_grad=True)
+        mu, logvar = moments.chunk(2, dim=-1)  # unit column stride, row stride 14: read in place
+        weight = torch.randn(7, 12, dtype=dtype, requires_grad=True)
+        x = torch.rand(32, 12, dtype=dtype).round()
+        torch.manual_seed(1)
+        out = vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, param=param, num_samples=num_samples)
+        z, kl = vae_fast.gaussian_sample_kl(mu, logvar, param=param, num_samples=num_samples)
+        loss = out.loss + (z * z).mean() + kl.mean() - vae_fast.bernoulli_log_prob((z if num_samples == 1 else z[-1]) @ weight, x).mean()
+        return (*out, z, kl, *torch.autograd.grad(loss, (moments, weight)))
+
+    step = run()
+    general_paths()
+    general = run()
+    for got, want in zip(step, general):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_calls_that_do_not_qualify_take_the_general_paths(recorder):
+    x = torch.rand(8, 5).round()
+    # a half dtype, a transposed (column-strided) latent, explicit noise, an own generator, outputs above the
+    # buffer pool's size: the general entry points
+    half = torch.randn(8, 5, dtype=torch.bfloat16, requires_grad=True)
+    vae_fast.gaussian_sample_kl(half, half.detach())
+    vae_fast.bernoulli_log_prob(half, x.bfloat16())
+    wide = torch.randn(5, 8, requires_grad=True).t()
+    vae_fast.gaussian_sample_kl(wide, wide.detach())
+    vae_fast.gaussian_sample_kl(wide.detach(), wide.detach(), eps=torch.randn(8, 5))
+    vae_fast.gaussian_sample_kl(wide.detach(), wide.detach(), generator=torch.Generator().manual_seed(0))
+    big = torch.zeros(1024, 1024)
+    vae_fast.gaussian_sample_kl(big, big)
+    vae_fast.bernoulli_log_prob(big, big)
+    assert "latent_step_forward" not in recorder.calls and "elementwise_step" not in recorder.calls
+    assert recorder.calls.count("latent_forward") == 5 and recorder.calls.count("elementwise_likelihood") == 2
+    recorder.calls.clear()
+    with vae_fast.use_backend("reference"):  # another backend serves the CPU tensors
+        vae_fast.gaussian_sample_kl(big[:4], big[:4])
+        vae_fast.bernoulli_log_prob(big[:4], big[:4])
+    assert recorder.calls == []
+
+
+def test_step_nodes_keep_the_op_contracts():
+    F64 = torch.float64
+    mu = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    logvar = (0.3 * torch.randn(3, 4, dtype=F64)).requires_grad_()
+
+    def reseeded(m, lv):  # the default generator, reseeded so that every call draws the same noise
+        torch.manual_seed(5)
+        z, kl = vae_fast.gaussian_sample_kl(m, lv)
+        return z * z, kl
+
+    assert torch.autograd.gradcheck(reseeded, (mu, logvar))
+    assert torch.autograd.gradgradcheck(reseeded, (mu, logvar))  # create_graph through LatentStep nodes
+    theta, x = torch.randn(3, 5, dtype=F64, requires_grad=True), torch.rand(3, 5, dtype=F64).round()
+    assert torch.autograd.gradcheck(lambda t: vae_fast.bernoulli_log_prob(t, x), (theta,))
+    assert torch.autograd.gradgradcheck(lambda t: vae_fast.bernoulli_log_prob(t, x), (theta,))
+    # several backward passes, and a backward pass under a dispatch mode (which the step kernels leave to the
+    # general backward, through torch.ops.vae_fast) all give the same gradients
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
+    loss = (z * z).sum() + kl.sum()
+    first = torch.autograd.grad(loss, (mu, logvar), retain_graph=True)
+    second = torch.autograd.grad(loss, (mu, logvar), retain_graph=True)
+    with Recorder() as mode:
+        in_mode = torch.autograd.grad(loss, (mu, logvar))
+    assert "vae_fast::latent_backward" in mode.ops
+    for a, b, c in zip(first, second, in_mode):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_step_seeds_follow_torch_manual_seed_in_other_threads():
+    # the seed is drawn into a per-thread buffer: a thread's first draw creates its own
+    mu = torch.zeros(64, 8)
+    torch.manual_seed(7)
+    expected = vae_fast.gaussian_sample_kl(mu, mu)[0]
+    lock, results = threading.Lock(), []
+
+    def draw():
+        with lock:  # (the default generator is process-wide: seed and draw together)
+            torch.manual_seed(7)
+            results.append(vae_fast.gaussian_sample_kl(mu, mu)[0])
+
+    threads = [threading.Thread(target=draw) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3
+    for z in results:
+        torch.testing.assert_close(z, expected, rtol=0, atol=0)
