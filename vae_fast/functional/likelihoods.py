@@ -54,7 +54,7 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str 
     like ``binary_cross_entropy_with_logits``; its gradient w.r.t. x is l). logits ``(B, ...)``
     or ``(K, B, ...)``, x ``(B, ...)``; returns ``(B,)`` or ``(K, B)`` for ``reduction="none"``.
     """
-    return _bernoulli(logits, x, reduction, None)
+    return _elementwise(Likelihood.BERNOULLI, "logits", logits, x, None, reduction, None)
 
 
 def _bernoulli(logits, x, reduction="none", expected_upstream=None):
@@ -67,7 +67,7 @@ def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor, *, redu
     Bernoulli term plus ``log C(lambda)``, ``C = l / tanh(l/2)`` in logits (a series near l = 0
     keeps it exact at lambda = 1/2). Shapes as :func:`bernoulli_log_prob`.
     """
-    return _continuous_bernoulli(logits, x, reduction, None)
+    return _elementwise(Likelihood.CONTINUOUS_BERNOULLI, "logits", logits, x, None, reduction, None)
 
 
 def _continuous_bernoulli(logits, x, reduction="none", expected_upstream=None):

@@ -179,16 +179,12 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
 # and pool (about 3 us of Python a call at 128 x 20; the kernels and their C++ checks are the same).
 # ---------------------------------------------------------------------------------------------
 
-def step_fits(t: torch.Tensor, output_elements: int) -> bool:
-    """Whether the step entry points serve a call on ``t`` whose outputs hold ``output_elements``
-    elements: float32/float64, and below the buffer pool's size (they allocate with torch)."""
-    return t.dtype in _DTYPE_CODE and output_elements * t.element_size() < _POOL_MIN_BYTES
+STEP_DTYPES = _DTYPE_CODE  # the dtypes the step entry points take ...
+STEP_MAX_OUTPUT_BYTES = _POOL_MIN_BYTES  # ... and their outputs' size limit (they allocate with torch, not the pool)
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int]:
-    """(row stride, extent) of a 2-D operand with unit column stride."""
-    if t.is_contiguous():
-        return t.shape[1], t.numel()
+    """(row stride, extent) of a 2-D operand with unit column stride (callers test the contiguous case inline)."""
     return t.stride()[0], _extent(t)
 
 
@@ -198,8 +194,11 @@ def latent_step_forward(mu, scale, seed, param, num_samples, want_kl_per_dim):
     z = mu.new_empty(batch, dim) if num_samples == 1 else mu.new_empty(num_samples, batch, dim)
     kl = mu.new_empty(batch)
     kl_per_dim = mu.new_empty(batch, dim) if want_kl_per_dim else None
-    _C.latent_step_forward(_DTYPE_CODE[mu.dtype], param, batch, dim, num_samples, mu.data_ptr(), *_rows(mu),
-                           scale.data_ptr(), *_rows(scale), seed, z.data_ptr(), kl.data_ptr(),
+    n = batch * dim
+    mu_rows = (dim, n) if mu.is_contiguous() else _rows(mu)  # (row stride, extent)
+    scale_rows = (dim, n) if scale.is_contiguous() else _rows(scale)
+    _C.latent_step_forward(_DTYPE_CODE[mu.dtype], param, batch, dim, num_samples, mu.data_ptr(), *mu_rows,
+                           scale.data_ptr(), *scale_rows, seed, z.data_ptr(), kl.data_ptr(),
                            0 if kl_per_dim is None else kl_per_dim.data_ptr(), torch.get_num_threads())
     return z, kl, kl_per_dim
 
@@ -218,13 +217,15 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
 
 
 def elementwise_step_log_prob(theta, x, likelihood, want_grad, expected_upstream):
-    """:func:`elementwise_log_prob` without a log-variance operand, theta and x (B, D) of one dtype (x's rows
-    matching theta's) -> log_prob (B,), grad_theta (B, D) | None, num_invalid (int)."""
+    """:func:`elementwise_log_prob` without a log-variance operand, theta and x contiguous (B, D) of one dtype
+    (checked by the caller: the C++ side checks reads against the extents passed, here their sizes)
+    -> log_prob (B,), grad_theta (B, D) | None, num_invalid (int)."""
     rows, dim = theta.shape
     log_prob = theta.new_empty(rows)
     grad = theta.new_empty(rows, dim) if want_grad else None
-    bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, dim, theta.data_ptr(), _extent(theta),
-                              x.data_ptr(), _extent(x), log_prob.data_ptr(), _ptr(grad), expected_upstream,
+    n = rows * dim  # (theta and x contiguous, (B, D) each)
+    bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, dim, theta.data_ptr(), n, x.data_ptr(), n,
+                              log_prob.data_ptr(), 0 if grad is None else grad.data_ptr(), expected_upstream,
                               torch.get_num_threads())
     return log_prob, grad, bad
 

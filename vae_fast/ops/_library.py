@@ -23,13 +23,38 @@ def kernels_for(t: torch.Tensor):
     return module
 
 
+_transforms_active, _dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def step_kernels_for(t: torch.Tensor, output_elements: int):
-    """The kernel module serving ``t`` if it has per-step entry points (``latent_step_forward``, ...)
-    for ``t``'s dtype and outputs of ``output_elements`` elements (the CPU extension: float32/float64
-    outputs below its buffer pool's size, see kernels/cpu.py), else None."""
+    """The kernel module serving a plain eager call on the CPU tensor ``t`` if it has per-step entry
+    points (``latent_step_forward``, ...) for ``t``'s dtype (``STEP_DTYPES``) and outputs of
+    ``output_elements`` elements (below ``STEP_MAX_OUTPUT_BYTES``): the CPU extension, see
+    kernels/cpu.py; else None.
+
+    Plain eager as in :func:`vae_fast.ops._autograd.eager_call`, tested inline with the backend
+    lookup of :func:`kernels_for` (each Python call costs 0.1 us here, and this runs on every call
+    of a training step)."""
+    # (is_compiling first: dynamo folds it to True and traces nothing after it)
+    if (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes() or type(t) is not torch.Tensor
+            or not t.is_cpu or _functorch_wrapped(t)):
+        return None
+    entry = _step_cache.get((t.dtype, config.BACKEND.get()))
+    if entry is None:
+        entry = _step_cache[(t.dtype, config.BACKEND.get())] = _step_entry(t)
+    kernels, max_output_elements = entry
+    return kernels if output_elements < max_output_elements else None
+
+
+_step_cache: dict = {}  # (dtype, backend setting) -> (kernels, max output elements): 0 without step entry points
+
+
+def _step_entry(t: torch.Tensor):
     kernels = kernels_for(t)
-    step_fits = getattr(kernels, "step_fits", None)
-    return kernels if step_fits is not None and step_fits(t, output_elements) else None
+    if t.dtype not in getattr(kernels, "STEP_DTYPES", ()):
+        return None, 0
+    return kernels, kernels.STEP_MAX_OUTPUT_BYTES // t.element_size()
 
 
 def _resolve_kernels(t: torch.Tensor):

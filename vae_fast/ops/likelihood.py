@@ -22,7 +22,7 @@ import math
 import torch
 
 from .._validation import raise_if_invalid
-from ._autograd import (eager_call, eager_function_apply, fast_apply, mark_non_differentiable, row_factor,
+from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor,
                         saved_and_inputs, scale_saved, setup_saved_gradient)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_shape
 from .codes import Likelihood
@@ -174,18 +174,22 @@ _apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_o
 
 class ElementwiseStep(torch.autograd.Function):
     """The per-step call of :class:`ElementwiseLogProb` (see :func:`_elementwise_step`) through the backend's
-    step kernel: forward(theta, x, kernels, likelihood, want_grad, expected_upstream) -> log_prob (B,),
-    num_invalid (an int), with ctx holding what ``ElementwiseLogProb.setup_context`` holds; backward *is*
-    ``ElementwiseLogProb.backward`` (one autograd implementation)."""
+    step kernel: forward(theta, x, (kernels, likelihood, want_grad, expected_upstream)) -> log_prob (B,),
+    raising ValueError itself for x outside the support, with ctx holding what
+    ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
+    autograd implementation; its gradients beyond (theta, x, plan) are None)."""
 
     @staticmethod
-    def forward(ctx, theta, x, kernels, likelihood, want_grad, expected_upstream):
+    def forward(ctx, theta, x, plan):
+        kernels, likelihood, want_grad, expected_upstream = plan
         log_prob, grad, num_invalid = kernels.elementwise_step_log_prob(theta, x, likelihood, want_grad,
                                                                         expected_upstream)
+        if num_invalid and likelihood in _LOGIT_FAMILY:
+            raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
         ctx.likelihood, ctx.lead_ndim, ctx.shapes = likelihood, 1, (theta.shape, x.shape, None)
         setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, None), (theta, x, None),
                              keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY)
-        return log_prob, num_invalid
+        return log_prob
 
     backward = staticmethod(ElementwiseLogProb.backward)
 
@@ -196,21 +200,20 @@ _apply_elementwise_step = eager_function_apply(ElementwiseStep)
 def elementwise_step(theta, x, likelihood: int, expected_upstream: float) -> torch.Tensor | None:
     """:func:`elementwise_log_prob` (theta, x, None, likelihood, 1, expected_upstream) of the per-step call,
     through the backend's step kernel; None when the call does not qualify (the caller then uses
-    :func:`elementwise_log_prob`). Qualifies: plain eager (:func:`eager_call`) contiguous (B, D) theta and
-    x of one dtype and shape on the CPU, no log-variance operand (Bernoulli, continuous Bernoulli,
-    squared error), a backend with a step kernel for them."""
-    if not (theta.dim() == 2 and type(x) is torch.Tensor and x.dtype == theta.dtype and x.is_cpu
-            and theta.shape == x.shape and eager_call(theta) and theta.is_contiguous() and x.is_contiguous()):
+    :func:`elementwise_log_prob`).
+
+    The caller passes plain CPU tensors of one floating dtype and one shape (the functional layer's
+    per-step check) and no log-variance operand (Bernoulli, continuous Bernoulli, squared error). The
+    call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous (B, D)
+    and the backend has a step kernel for them."""
+    if not (theta.dim() == 2 and theta.is_contiguous() and x.is_contiguous()):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
     if kernels is None:
         return None
     want_grad = torch.is_grad_enabled() and (theta.requires_grad
                                              or (likelihood not in _LOGIT_FAMILY and x.requires_grad))
-    log_prob, num_invalid = _apply_elementwise_step(theta, x, kernels, likelihood, want_grad, expected_upstream)
-    if num_invalid and likelihood in _LOGIT_FAMILY:
-        raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
-    return log_prob
+    return _apply_elementwise_step(theta, x, (kernels, likelihood, want_grad, expected_upstream))
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
