@@ -11,6 +11,7 @@
 #include <cmath>
 #include <new>
 #include <stdexcept>
+#include <cstdlib>
 #include <string>
 
 #include "buffer_pool.h"
@@ -63,8 +64,19 @@ Isa detect_isa() {
   return Isa::kBaseline;
 }
 
+// VAE_FAST_ISA=avx2 / baseline selects a lower instruction set than the CPU's best (tests run each kernel
+// build; measurements compare them); a name the CPU cannot run, or an unknown one, keeps the detected one.
+Isa requested_isa(Isa detected) {
+  const char* name = std::getenv("VAE_FAST_ISA");
+  if (name == nullptr) return detected;
+  const std::string requested(name);
+  if (requested == "baseline") return Isa::kBaseline;
+  if (requested == "avx2" && detected != Isa::kBaseline) return Isa::kAvx2;
+  return detected;
+}
+
 Isa active_isa() {
-  static const Isa isa = detect_isa();
+  static const Isa isa = requested_isa(detect_isa());
   return isa;
 }
 

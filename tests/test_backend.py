@@ -197,3 +197,52 @@ def test_buffer_cache_works_in_a_forked_child():
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+_ISA_CHECK = textwrap.dedent("""
+    import torch, vae_fast
+    from vae_fast import reference as ref
+    from vae_fast.kernels import cpu
+    print(cpu._C.isa())
+    g = torch.Generator().manual_seed(0)
+    F64 = torch.float64
+    with vae_fast.use_backend("cpu"):
+        for dtype, tol in ((F64, 1e-10), (torch.float32, 2e-5)):
+            mu = torch.randn(37, 19, generator=g, dtype=F64)
+            lv = torch.randn(37, 19, generator=g, dtype=F64)
+            eps = torch.randn(37, 19, generator=g, dtype=F64)
+            z, kl = vae_fast.gaussian_sample_kl(mu.to(dtype), lv.to(dtype), eps=eps.to(dtype))
+            torch.testing.assert_close(kl.double(), ref.gaussian_kl(mu, lv), rtol=tol, atol=tol * 19)
+            torch.testing.assert_close(z.double(), ref.reparameterize(mu, lv, eps), rtol=tol, atol=tol)
+            torch.manual_seed(3)  # the in-kernel Philox noise (drawn in float32): mu = 0, sigma = 1 gives it
+            z, _ = vae_fast.gaussian_sample_kl(torch.zeros(37, 19, dtype=dtype), torch.zeros(37, 19, dtype=dtype))
+            torch.manual_seed(3)
+            noise = ref.latent_noise(torch.randint(2**62, ()).item(), 1, 37, 19)[0]
+            torch.testing.assert_close(z.double(), noise, rtol=0, atol=2e-6)
+            logits = torch.randn(37, 53, generator=g, dtype=F64) * 4
+            x = torch.rand(37, 53, generator=g, dtype=F64)
+            for public, oracle in ((vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob),
+                                   (vae_fast.continuous_bernoulli_log_prob, ref.continuous_bernoulli_log_prob),
+                                   (vae_fast.gaussian_log_prob, ref.gaussian_log_prob),
+                                   (vae_fast.laplace_log_prob, ref.laplace_log_prob)):
+                torch.testing.assert_close(public(logits.to(dtype), x.to(dtype)).double(), oracle(logits, x),
+                                           rtol=tol * 10, atol=tol * 53)
+            images = torch.rand(2, 3, 4, 5, generator=g, dtype=F64) * 2 - 1
+            images = torch.round((images + 1) * 127.5) / 127.5 - 1
+            params = torch.randn(2, 10 * 3, 4, 5, generator=g, dtype=F64)
+            got = vae_fast.dmol_packed_log_prob(images.to(dtype), params.to(dtype), 3)
+            want = ref.discretized_logistic_mixture_log_prob(images, *vae_fast.dmol_from_packed(params, 3, 3))
+            torch.testing.assert_close(got.double(), want, rtol=tol * 100, atol=tol * 100)
+""")
+
+
+@pytest.mark.skipif(vae_fast._backend._cpu_ext is None, reason="needs the C++ extension")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_instruction_set_build_matches_the_reference(isa):
+    # the extension holds one kernel build per instruction set and runs the CPU's best; VAE_FAST_ISA selects a
+    # lower one, so that each build is tested on this machine (and can be compared in benchmarks)
+    result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env={**os.environ, "VAE_FAST_ISA": isa},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    active = result.stdout.split()[0]
+    assert active == isa or (isa == "avx2" and active == "baseline"), active  # (a CPU without AVX2 runs baseline)

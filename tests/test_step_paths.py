@@ -79,7 +79,10 @@ def test_plain_eager_training_calls_take_the_step_entry_points(recorder):
     samples = z.detach().requires_grad_()
     vae_fast.mse_log_prob(samples[0], x[:, :6].contiguous()).sum().backward()
     vae_fast.continuous_bernoulli_log_prob(samples[1], x[:, :6].contiguous()).sum().backward()
-    assert recorder.calls == ["latent_step_forward", "latent_step_backward", "elementwise_step", "elementwise_step"]
+    images = torch.randn(4, 1, 5, 5, requires_grad=True)  # a conv decoder's (B, C, H, W) logits
+    vae_fast.bernoulli_log_prob(images, torch.rand(4, 1, 5, 5).round()).mean().backward()
+    assert recorder.calls == ["latent_step_forward", "latent_step_backward", "elementwise_step", "elementwise_step",
+                              "elementwise_step"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -95,7 +98,11 @@ def test_step_paths_give_exactly_the_general_paths_results(general_paths, dtype,
         torch.manual_seed(1)
         out = vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, param=param, num_samples=num_samples)
         z, kl = vae_fast.gaussian_sample_kl(mu, logvar, param=param, num_samples=num_samples)
-        loss = out.loss + (z * z).mean() + kl.mean() - vae_fast.bernoulli_log_prob((z if num_samples == 1 else z[-1]) @ weight, x).mean()
+        logits = (z if num_samples == 1 else z[-1]) @ weight
+        images = logits.view(32, 3, 2, 2)  # (B, C, H, W) as a conv decoder gives them
+        loss = (out.loss + (z * z).mean() + kl.mean() - vae_fast.bernoulli_log_prob(logits, x).mean()
+                - vae_fast.continuous_bernoulli_log_prob(images, x.view(32, 3, 2, 2)).sum()
+                + vae_fast.mse_log_prob(images, x.view(32, 3, 2, 2), reduction="mean"))
         return (*out, z, kl, *torch.autograd.grad(loss, (moments, weight)))
 
     step = run()

@@ -217,16 +217,16 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
 
 
 def elementwise_step_log_prob(theta, x, likelihood, want_grad, expected_upstream):
-    """:func:`elementwise_log_prob` without a log-variance operand, theta and x contiguous (B, D) of one dtype
-    (checked by the caller: the C++ side checks reads against the extents passed, here their sizes)
-    -> log_prob (B,), grad_theta (B, D) | None, num_invalid (int)."""
-    rows, dim = theta.shape
+    """:func:`elementwise_log_prob` without a log-variance operand, theta and x contiguous of one dtype and
+    shape (B, ...) with B > 0, read as (B, D) (checked by the caller: the C++ side checks reads against the
+    extents passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, num_invalid (int)."""
+    rows = theta.shape[0]
+    n = theta.numel()
     log_prob = theta.new_empty(rows)
-    grad = theta.new_empty(rows, dim) if want_grad else None
-    n = rows * dim  # (theta and x contiguous, (B, D) each)
-    bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, dim, theta.data_ptr(), n, x.data_ptr(), n,
-                              log_prob.data_ptr(), 0 if grad is None else grad.data_ptr(), expected_upstream,
-                              torch.get_num_threads())
+    grad = torch.empty_like(theta) if want_grad else None  # (contiguous, as theta is)
+    bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, n // rows, theta.data_ptr(), n,
+                              x.data_ptr(), n, log_prob.data_ptr(), 0 if grad is None else grad.data_ptr(),
+                              expected_upstream, torch.get_num_threads())
     return log_prob, grad, bad
 
 

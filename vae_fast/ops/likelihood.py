@@ -204,9 +204,9 @@ def elementwise_step(theta, x, likelihood: int, expected_upstream: float) -> tor
 
     The caller passes plain CPU tensors of one floating dtype and one shape (the functional layer's
     per-step check) and no log-variance operand (Bernoulli, continuous Bernoulli, squared error). The
-    call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous (B, D)
-    and the backend has a step kernel for them."""
-    if not (theta.dim() == 2 and theta.is_contiguous() and x.is_contiguous()):
+    call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous (B, ...) with
+    B > 0 (an MLP's (B, D) logits, a conv decoder's (B, C, H, W)) and the backend has a step kernel for them."""
+    if not (theta.is_contiguous() and x.is_contiguous() and theta.shape[0] > 0):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
     if kernels is None:
