@@ -195,3 +195,24 @@ def test_step_seeds_follow_torch_manual_seed_in_other_threads():
     assert len(results) == 3
     for z in results:
         torch.testing.assert_close(z, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["step path", "general path"])
+def test_inference_mode_and_no_grad_evaluate_without_a_graph(contiguous):
+    # evaluation loops run the model under torch.inference_mode() or torch.no_grad(): the decoder output is then an
+    # inference tensor (no version counter) or a tensor without grad_fn
+    mu, logvar = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    weight = torch.randn(4, 10, requires_grad=True)
+    x = torch.rand(8, 10).round()
+    x = x if contiguous else torch.rand(10, 8).round().t()
+    torch.manual_seed(2)
+    expected = vae_fast.elbo(x, mu, logvar, lambda z: z @ weight)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            torch.manual_seed(2)
+            out = vae_fast.elbo(x, mu, logvar, lambda z: z @ weight)
+            z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
+            log_p = vae_fast.bernoulli_log_prob(z @ weight, x)
+        assert out.loss.grad_fn is None and z.grad_fn is None and log_p.grad_fn is None
+        for got, want in zip(out, expected):
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)

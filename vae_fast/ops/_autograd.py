@@ -164,7 +164,14 @@ class InputRefs:
             return
         self.entries = entries = []
         for t in tensors:  # (a loop: a comprehension is a function call of its own on Python 3.11)
-            entries.append(None if t is None else (weakref.ref(t), t._version))
+            if t is None:
+                entries.append(None)
+                continue
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
+                version = None
+            entries.append((weakref.ref(t), version))
 
     def get(self, op_name: str, what: str):
         if self.entries is None:
@@ -182,7 +189,7 @@ class InputRefs:
                     f"vae_fast.{op_name}: double backward (create_graph=True) needs {what}, which was freed after "
                     "the forward pass (the fused op keeps only its gradient). Keep a reference to it until "
                     "backward, or run the forward pass inside `with vae_fast.save_inputs():`")
-            if t._version != version:
+            if version is not None and t._version != version:
                 raise RuntimeError(f"vae_fast.{op_name}: {what} was modified in place after the forward pass; "
                                    "double backward (create_graph=True) needs its original value")
             tensors.append(t)
