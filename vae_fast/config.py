@@ -46,6 +46,14 @@ class _Setting:
         value = self.var.get()
         return self.default if value is _UNSET else value
 
+    def get_eager(self):
+        """:meth:`get` for callers that have checked they run eagerly (not under torch.compile): the
+        per-step paths, which read settings on every call."""
+        if not _Setting.active_overrides:
+            return self.default
+        value = self.var.get()
+        return self.default if value is _UNSET else value
+
     @contextlib.contextmanager
     def override(self, value):
         with _Setting._lock:

@@ -106,29 +106,34 @@ def _zero_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int, saved, double_backward_inputs=None,
-                         keep_inputs: bool = False) -> None:
+                         keep_inputs: bool = False, eager: bool = False) -> None:
     """The ctx state every saved-gradient op's backward reads, set in one call (it runs every step):
     the op's name (for errors), the expected upstream gradient its kernel pre-scaled by (input
     ``expected_index``, default 1.0), the ``inplace_backward`` setting at forward time, and the
     saved tensors: ``saved`` (the gradients computed in forward; read back with :func:`saved_and_inputs`)
     plus the op's ``double_backward_inputs`` if given, kept strongly (saved too) when first-order backward
     needs them (``keep_inputs``), inside ``vae_fast.save_inputs()`` or under torch.func transforms (whose
-    ``grad`` runs backward with grad mode on and tracks only tensors saved this way), else weakly (InputRefs)."""
+    ``grad`` runs backward with grad mode on and tracks only tensors saved this way), else weakly (InputRefs).
+    ``eager``: the caller runs plain eager (no torch.compile tracing, no torch.func transform; the per-step
+    paths), so neither needs testing here."""
     ctx.set_materialize_grads(False)
     ctx.op_name = op_name
     ctx.expected_upstream = inputs[expected_index] if len(inputs) > expected_index else 1.0
-    ctx.inplace_backward = config.INPLACE_BACKWARD.get()
+    ctx.inplace_backward = config.INPLACE_BACKWARD.get_eager() if eager else config.INPLACE_BACKWARD.get()
     ctx.num_saved = len(saved)
     if double_backward_inputs is None:
         ctx.save_for_backward(*saved)
         return
-    strong = ctx.strong_inputs = (keep_inputs or config.SAVE_INPUTS.get()
-                                  or torch._C._are_functorch_transforms_active())
+    if eager:
+        strong = keep_inputs or config.SAVE_INPUTS.get_eager()
+    else:
+        strong = keep_inputs or config.SAVE_INPUTS.get() or torch._C._are_functorch_transforms_active()
+    ctx.strong_inputs = strong
     if strong:
         ctx.save_for_backward(*saved, *double_backward_inputs)
     else:
         ctx.save_for_backward(*saved)
-        ctx.inputs = InputRefs(double_backward_inputs)
+        ctx.inputs = InputRefs(double_backward_inputs, traced=False if eager else None)
 
 
 def mark_non_differentiable(ctx, *outputs) -> None:
@@ -158,8 +163,9 @@ class InputRefs:
 
     __slots__ = ("entries",)  # (weak reference, version) per input, None for an absent one; None if traced
 
-    def __init__(self, tensors):
-        if torch.compiler.is_compiling():  # traced graphs have no double backward (AOTAutograd does not support it)
+    def __init__(self, tensors, traced: bool | None = None):
+        # traced graphs have no double backward (AOTAutograd does not support it); traced=None: find out
+        if traced or (traced is None and torch.compiler.is_compiling()):
             self.entries = None
             return
         self.entries = entries = []

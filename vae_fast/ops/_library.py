@@ -40,9 +40,9 @@ def step_kernels_for(t: torch.Tensor, output_elements: int):
     if (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes() or type(t) is not torch.Tensor
             or not t.is_cpu or _functorch_wrapped(t)):
         return None
-    entry = _step_cache.get((t.dtype, config.BACKEND.get()))
+    entry = _step_cache.get((t.dtype, config.BACKEND.get_eager()))
     if entry is None:
-        entry = _step_cache[(t.dtype, config.BACKEND.get())] = _step_entry(t)
+        entry = _step_cache[(t.dtype, config.BACKEND.get_eager())] = _step_entry(t)
     kernels, max_output_elements = entry
     return kernels if output_elements < max_output_elements else None
 

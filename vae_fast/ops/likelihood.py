@@ -188,7 +188,7 @@ class ElementwiseStep(torch.autograd.Function):
             raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
         ctx.likelihood, ctx.lead_ndim, ctx.shapes = likelihood, 1, (theta.shape, x.shape, None)
         setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, None), (theta, x, None),
-                             keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY)
+                             keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY, eager=True)
         return log_prob
 
     backward = staticmethod(ElementwiseLogProb.backward)
