@@ -7,6 +7,7 @@ Without CUDA, Triton kernels run on CPU tensors through the Triton interpreter
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -71,3 +72,16 @@ def assert_matches_reference(actual, expected, dtype, terms=1, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert not torch.isnan(actual).any() or torch.isnan(expected).any(), f"{what}: NaN in result"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(terms, 1), equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+class OpRecorder(TorchDispatchMode):
+    """A dispatch mode (``with OpRecorder() as mode``) recording the names of the ops that reach the
+    dispatcher in ``mode.ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))

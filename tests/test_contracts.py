@@ -21,7 +21,7 @@ from vae_fast import reference as ref
 from vae_fast._validation import DeferredChecks
 from vae_fast.kernels import protocol
 
-from .conftest import assert_matches_reference
+from .conftest import OpRecorder, assert_matches_reference
 
 F64 = torch.float64
 
@@ -488,17 +488,6 @@ def test_plain_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_ops():
     # active (FlopCounterMode, a user's TorchDispatchMode) the calls go through torch.ops.vae_fast, forward
     # and backward, so the mode sees them
     from torch.profiler import profile
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     mu, logvar = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     logits, x = torch.randn(4, 5, requires_grad=True), torch.rand(4, 5).round()
 
@@ -509,7 +498,7 @@ def test_plain_eager_calls_skip_the_dispatcher_and_dispatch_modes_see_the_ops():
     with profile() as prof:
         step()
     assert not [e.name for e in prof.events() if e.name.startswith("vae_fast::")]
-    with Recorder() as recorder:
+    with OpRecorder() as recorder:
         step()
     assert {"vae_fast::latent_forward", "vae_fast::latent_backward", "vae_fast::elementwise_log_prob"} <= \
         set(recorder.ops)

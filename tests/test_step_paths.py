@@ -14,6 +14,8 @@ import vae_fast.functional.latent as functional_latent
 import vae_fast.ops.likelihood as likelihood_ops
 from vae_fast import _backend
 
+from .conftest import OpRecorder
+
 pytestmark = pytest.mark.skipif(_backend._cpu_ext is None, reason="the step entry points are the C++ backend's")
 
 
@@ -152,22 +154,11 @@ def test_step_nodes_keep_the_op_contracts():
     assert torch.autograd.gradgradcheck(lambda t: vae_fast.bernoulli_log_prob(t, x), (theta,))
     # several backward passes, and a backward pass under a dispatch mode (which the step kernels leave to the
     # general backward, through torch.ops.vae_fast) all give the same gradients
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
     loss = (z * z).sum() + kl.sum()
     first = torch.autograd.grad(loss, (mu, logvar), retain_graph=True)
     second = torch.autograd.grad(loss, (mu, logvar), retain_graph=True)
-    with Recorder() as mode:
+    with OpRecorder() as mode:
         in_mode = torch.autograd.grad(loss, (mu, logvar))
     assert "vae_fast::latent_backward" in mode.ops
     for a, b, c in zip(first, second, in_mode):
