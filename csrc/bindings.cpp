@@ -284,12 +284,13 @@ void latent_step_backward(int dtype, int param, int64_t batch, int64_t dim, int6
                   {mu_extent, scale_extent, 0, 0, 0, grad_z_extent, grad_kl_extent, grad_kl_per_dim_extent, n, n, 0, 0});
 }
 
+// scale: 0, or the address of one value (a fixed scalar log-variance / log-scale, read with strides 0)
 int64_t elementwise_step(int dtype, int likelihood, int64_t rows, int64_t dim, uintptr_t theta, int64_t theta_extent,
-                         uintptr_t x, int64_t x_extent, uintptr_t log_prob, uintptr_t grad_theta, double expected_upstream,
-                         int num_threads) {
-  return elementwise_likelihood(dtype, likelihood, rows, rows, dim, theta, x, 0, 0, 0, log_prob, grad_theta, 0,
+                         uintptr_t x, int64_t x_extent, uintptr_t scale, uintptr_t log_prob, uintptr_t grad_theta,
+                         double expected_upstream, int num_threads) {
+  return elementwise_likelihood(dtype, likelihood, rows, rows, dim, theta, x, scale, 0, 0, log_prob, grad_theta, 0,
                                 expected_upstream, num_threads,
-                                {theta_extent, x_extent, 0, rows, grad_theta ? rows * dim : 0, 0});
+                                {theta_extent, x_extent, scale ? 1 : 0, rows, grad_theta ? rows * dim : 0, 0});
 }
 
 int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,

@@ -83,8 +83,16 @@ def test_plain_eager_training_calls_take_the_step_entry_points(recorder):
     vae_fast.continuous_bernoulli_log_prob(samples[1], x[:, :6].contiguous()).sum().backward()
     images = torch.randn(4, 1, 5, 5, requires_grad=True)  # a conv decoder's (B, C, H, W) logits
     vae_fast.bernoulli_log_prob(images, torch.rand(4, 1, 5, 5).round()).mean().backward()
-    assert recorder.calls == ["latent_step_forward", "latent_step_backward", "elementwise_step", "elementwise_step",
-                              "elementwise_step"]
+    # a fixed scalar log-variance / log-scale: a float, or a 0-d tensor that gets no gradient
+    vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5)).mean().backward()
+    vae_fast.laplace_log_prob(images, torch.rand(4, 1, 5, 5), torch.tensor(-0.5)).mean().backward()
+    assert recorder.calls == ["latent_step_forward", "latent_step_backward"] + ["elementwise_step"] * 5
+    recorder.calls.clear()
+    # a learned scalar (it needs its gradient) or a per-pixel log-variance: the general path
+    learned = torch.zeros((), requires_grad=True)
+    vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5), learned).mean().backward()
+    vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5), torch.zeros(1, 5, 5)).mean().backward()
+    assert recorder.calls == ["elementwise_likelihood"] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -104,7 +112,9 @@ def test_step_paths_give_exactly_the_general_paths_results(general_paths, dtype,
         images = logits.view(32, 3, 2, 2)  # (B, C, H, W) as a conv decoder gives them
         loss = (out.loss + (z * z).mean() + kl.mean() - vae_fast.bernoulli_log_prob(logits, x).mean()
                 - vae_fast.continuous_bernoulli_log_prob(images, x.view(32, 3, 2, 2)).sum()
-                + vae_fast.mse_log_prob(images, x.view(32, 3, 2, 2), reduction="mean"))
+                + vae_fast.mse_log_prob(images, x.view(32, 3, 2, 2), reduction="mean")
+                - vae_fast.gaussian_log_prob(images, x.view(32, 3, 2, 2), 0.3).mean()
+                - vae_fast.laplace_log_prob(logits, x, torch.tensor(-0.2, dtype=dtype), reduction="sum"))
         return (*out, z, kl, *torch.autograd.grad(loss, (moments, weight)))
 
     step = run()
@@ -152,6 +162,9 @@ def test_step_nodes_keep_the_op_contracts():
     theta, x = torch.randn(3, 5, dtype=F64, requires_grad=True), torch.rand(3, 5, dtype=F64).round()
     assert torch.autograd.gradcheck(lambda t: vae_fast.bernoulli_log_prob(t, x), (theta,))
     assert torch.autograd.gradgradcheck(lambda t: vae_fast.bernoulli_log_prob(t, x), (theta,))
+    data = torch.rand(3, 5, dtype=F64, requires_grad=True)  # the Gaussian's gradient reaches x too
+    assert torch.autograd.gradcheck(lambda t, d: vae_fast.gaussian_log_prob(t, d, 0.4), (theta, data))
+    assert torch.autograd.gradgradcheck(lambda t, d: vae_fast.gaussian_log_prob(t, d), (theta, data))
     # several backward passes, and a backward pass under a dispatch mode (which the step kernels leave to the
     # general backward, through torch.ops.vae_fast) all give the same gradients
     z, kl = vae_fast.gaussian_sample_kl(mu, logvar)

@@ -57,6 +57,8 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_broadcastable(name: str, t: torch.Tensor, target_shape, target_name: str) -> None:
+    if t.dim() == 0 or t.shape == target_shape:  # a scalar, or the same shape: the per-call cases, at once
+        return  # (torch.broadcast_shapes goes through torch._refs: 8 us a call)
     try:
         shape = torch.broadcast_shapes(t.shape, target_shape)
     except RuntimeError:

@@ -12,6 +12,7 @@ import torch
 
 from .._validation import check_broadcastable, check_same_device, check_tensor
 from ..ops import likelihood as likelihood_ops
+from ..ops._autograd import cached_zero
 from ..ops.codes import Likelihood
 from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 
@@ -26,10 +27,10 @@ def _is_common_call(theta, x) -> bool:
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
                  expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
     if _is_common_call(theta, x):
-        if logvar is None:  # the per-step call of the Bernoulli family and squared error
+        if logvar is None or logvar.dim() == 0:  # the per-step call (a fixed scalar log-variance at most)
             if expected_upstream is None:
                 expected_upstream = default_expected_upstream(reduction, theta.shape[0])
-            log_prob = likelihood_ops.elementwise_step(theta, x, likelihood, expected_upstream)
+            log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, expected_upstream)
             if log_prob is not None:
                 return log_prob if reduction == "none" else reduce(log_prob, reduction)
         lead = 1
@@ -91,7 +92,9 @@ def _scale_operand(name: str, mean, value) -> torch.Tensor:
     # a float (fixed) becomes a 0-d tensor of mean's dtype; tensors are checked, not converted
     check_tensor("mean", mean)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = torch.tensor(float(value), dtype=mean.dtype, device=mean.device)
+        # (the default 0 is one cached tensor per dtype and device: a new one costs 1.5 us a call)
+        value = cached_zero(mean.dtype, mean.device) if value == 0 else torch.tensor(float(value), dtype=mean.dtype,
+                                                                                      device=mean.device)
     check_tensor(name, value)
     check_same_device(("mean", name), (mean, value))
     return value

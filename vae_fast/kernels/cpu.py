@@ -216,17 +216,18 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
     return grad_mu, grad_scale
 
 
-def elementwise_step_log_prob(theta, x, likelihood, want_grad, expected_upstream):
-    """:func:`elementwise_log_prob` without a log-variance operand, theta and x contiguous of one dtype and
-    shape (B, ...) with B > 0, read as (B, D) (checked by the caller: the C++ side checks reads against the
-    extents passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, num_invalid (int)."""
+def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, expected_upstream):
+    """:func:`elementwise_log_prob` with no log-variance operand or a fixed 0-d one (``scale``: the Gaussian's
+    log-variance, the Laplace's log-scale, of theta's dtype), theta and x contiguous of one dtype and shape
+    (B, ...) with B > 0, read as (B, D) (checked by the caller: the C++ side checks reads against the extents
+    passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, num_invalid (int)."""
     rows = theta.shape[0]
     n = theta.numel()
     log_prob = theta.new_empty(rows)
     grad = torch.empty_like(theta) if want_grad else None  # (contiguous, as theta is)
     bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, n // rows, theta.data_ptr(), n,
-                              x.data_ptr(), n, log_prob.data_ptr(), 0 if grad is None else grad.data_ptr(),
-                              expected_upstream, torch.get_num_threads())
+                              x.data_ptr(), n, 0 if scale is None else scale.data_ptr(), log_prob.data_ptr(),
+                              0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())
     return log_prob, grad, bad
 
 

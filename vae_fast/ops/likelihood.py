@@ -174,20 +174,22 @@ _apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_o
 
 class ElementwiseStep(torch.autograd.Function):
     """The per-step call of :class:`ElementwiseLogProb` (see :func:`_elementwise_step`) through the backend's
-    step kernel: forward(theta, x, (kernels, likelihood, want_grad, expected_upstream)) -> log_prob (B,),
+    step kernel: forward(theta, x, (kernels, scale, likelihood, want_grad, expected_upstream)) -> log_prob (B,),
     raising ValueError itself for x outside the support, with ctx holding what
     ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
-    autograd implementation; its gradients beyond (theta, x, plan) are None)."""
+    autograd implementation; its gradients beyond (theta, x, plan) are None). ``scale``: None or a fixed
+    0-d log-variance / log-scale (it gets no gradient: one that requires grad takes the general path)."""
 
     @staticmethod
     def forward(ctx, theta, x, plan):
-        kernels, likelihood, want_grad, expected_upstream = plan
-        log_prob, grad, num_invalid = kernels.elementwise_step_log_prob(theta, x, likelihood, want_grad,
+        kernels, scale, likelihood, want_grad, expected_upstream = plan
+        log_prob, grad, num_invalid = kernels.elementwise_step_log_prob(theta, x, scale, likelihood, want_grad,
                                                                         expected_upstream)
         if num_invalid and likelihood in _LOGIT_FAMILY:
             raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
-        ctx.likelihood, ctx.lead_ndim, ctx.shapes = likelihood, 1, (theta.shape, x.shape, None)
-        setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, None), (theta, x, None),
+        ctx.likelihood, ctx.lead_ndim = likelihood, 1
+        ctx.shapes = (theta.shape, x.shape, None if scale is None else scale.shape)
+        setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, None), (theta, x, scale),
                              keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY, eager=True)
         return log_prob
 
@@ -197,23 +199,28 @@ class ElementwiseStep(torch.autograd.Function):
 _apply_elementwise_step = eager_function_apply(ElementwiseStep)
 
 
-def elementwise_step(theta, x, likelihood: int, expected_upstream: float) -> torch.Tensor | None:
-    """:func:`elementwise_log_prob` (theta, x, None, likelihood, 1, expected_upstream) of the per-step call,
+def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float) -> torch.Tensor | None:
+    """:func:`elementwise_log_prob` (theta, x, scale, likelihood, 1, expected_upstream) of the per-step call,
     through the backend's step kernel; None when the call does not qualify (the caller then uses
     :func:`elementwise_log_prob`).
 
     The caller passes plain CPU tensors of one floating dtype and one shape (the functional layer's
-    per-step check) and no log-variance operand (Bernoulli, continuous Bernoulli, squared error). The
-    call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous (B, ...) with
-    B > 0 (an MLP's (B, D) logits, a conv decoder's (B, C, H, W)) and the backend has a step kernel for them."""
+    per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, squared error) or a tensor (the
+    Gaussian's log-variance, the Laplace's log-scale). The call qualifies when it is plain eager (see
+    :func:`step_kernels_for`), theta and x are contiguous (B, ...) with B > 0 (an MLP's (B, D) logits, a
+    conv decoder's (B, C, H, W)), ``scale`` is None or a fixed scalar (a plain 0-d CPU tensor of theta's
+    dtype that gets no gradient here) and the backend has a step kernel for them."""
     if not (theta.is_contiguous() and x.is_contiguous() and theta.shape[0] > 0):
+        return None
+    grad_mode = torch.is_grad_enabled()
+    if scale is not None and not (type(scale) is torch.Tensor and scale.dim() == 0 and scale.dtype == theta.dtype
+                                  and scale.is_cpu and not (grad_mode and scale.requires_grad)):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
     if kernels is None:
         return None
-    want_grad = torch.is_grad_enabled() and (theta.requires_grad
-                                             or (likelihood not in _LOGIT_FAMILY and x.requires_grad))
-    return _apply_elementwise_step(theta, x, (kernels, likelihood, want_grad, expected_upstream))
+    want_grad = grad_mode and (theta.requires_grad or (likelihood not in _LOGIT_FAMILY and x.requires_grad))
+    return _apply_elementwise_step(theta, x, (kernels, scale, likelihood, want_grad, expected_upstream))
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
