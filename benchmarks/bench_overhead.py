@@ -9,7 +9,8 @@ backward separately, in the terms of issue #18: wrapper time minus raw-kernel ti
 
 Next to them, the floor that any ``torch.autograd.Function`` pays here: an empty Function that
 allocates the op's outputs (forward) and its gradients (backward); and the seed draw the latent op
-needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent and 128 x 784 Bernoulli.
+needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent and 128 x 784 Bernoulli, and a
+128 x 784 Gaussian with a fixed variance.
 Overheads are minima over alternated rounds (the machine's noise only adds to them); medians in
 parentheses.
 
@@ -101,7 +102,24 @@ def cases(batch: int = 128, dim: int = 20, pixels: int = 784) -> dict:
         "engine_bwd": lambda: torch.autograd.grad(elp, logits, upstream, retain_graph=True),
         "floor_bwd": lambda: torch.autograd.grad(flp, logits, upstream, retain_graph=True),
     }
-    return {f"latent {batch}x{dim}": latent, f"bernoulli {batch}x{pixels}": bernoulli}
+    # the Gaussian with a fixed scalar log-variance (the default 0): the kernel reads it with strides 0
+    mean, mean_d, target = logits, logits_d, torch.rand(batch, pixels)
+    zero = torch.zeros(())
+    lp = vae_fast.gaussian_log_prob(mean, target)
+    engine_g = _floor_function([(batch,)], [grad_buf, None])
+    (egp,) = engine_g.apply(mean, target)
+    gaussian = {
+        "kernel_fwd": lambda: _C.elementwise_likelihood(0, 2, batch, batch, pixels, mean_d.data_ptr(), target.data_ptr(),
+                                                        zero.data_ptr(), 0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0,
+                                                        -1.0 / batch, threads, [m, m, 1, batch, m, 0]),
+        "public_fwd": lambda: vae_fast.gaussian_log_prob(mean, target),
+        "floor_fwd": lambda: floor_l.apply(mean, target),
+        "node_bwd": lambda: torch.autograd.grad(lp, mean, upstream, retain_graph=True),
+        "engine_bwd": lambda: torch.autograd.grad(egp, mean, upstream, retain_graph=True),
+        "floor_bwd": lambda: torch.autograd.grad(flp, logits, upstream, retain_graph=True),
+    }
+    return {f"latent {batch}x{dim}": latent, f"bernoulli {batch}x{pixels}": bernoulli,
+            f"gaussian (fixed scalar variance) {batch}x{pixels}": gaussian}
 
 
 def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
