@@ -211,8 +211,6 @@ SEED_BOUND = 2**62  # seeds are drawn in [0, 2^62) (int64, randint's default dty
 _seed_buffers = threading.local()
 
 
-
-
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
