@@ -173,10 +173,11 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
 
 # ---------------------------------------------------------------------------------------------
 # The per-step calls. A training step sends the same shapes every iteration: float32/float64 (B, Z)
-# and (B, D) operands with unit column stride, no prior, no explicit noise, no log-variance operand,
-# outputs below the buffer pool's size. The op layer's step paths (ops/latent.py, ops/likelihood.py)
-# check exactly that and call these, which skip the general entry points' casts, optional operands
-# and pool (about 3 us of Python a call at 128 x 20; the kernels and their C++ checks are the same).
+# latents with unit column stride and no prior or explicit noise; contiguous (B, ...) likelihood
+# operands with no log-variance operand or a fixed scalar one; outputs below the buffer pool's size.
+# The op layer's step paths (ops/latent.py, ops/likelihood.py) check exactly that and call these,
+# which skip the general entry points' casts, optional operands and pool (about 3 us of Python a call
+# at 128 x 20; the kernels and their C++ checks are the same).
 # ---------------------------------------------------------------------------------------------
 
 STEP_DTYPES = _DTYPE_CODE  # the dtypes the step entry points take ...
