@@ -41,7 +41,7 @@ test-asan: $(DEPS_STAMP)
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		VAE_FAST_BACKEND=cpu $(VPY) -m pytest -q -m "not slow" -p no:cacheprovider tests/test_latent.py tests/test_likelihood.py tests/test_elbo.py \
 		tests/test_dmol.py tests/test_mse.py tests/test_conv_latents.py tests/test_contracts.py tests/test_laplace.py \
-		tests/test_heads.py \
+		tests/test_heads.py tests/test_step_paths.py \
 		"tests/test_backend.py::test_large_outputs_come_from_the_buffer_cache_and_behave_like_torch_tensors"
 
 bench: $(BUILD_STAMP)
