@@ -41,10 +41,9 @@ class _Setting:
     def get(self):
         # is_compiling first: dynamo cannot trace ContextVar.get (compiled code sees the default), and reading
         # the override count while tracing would guard the graph on it (a recompile per change)
-        if torch.compiler.is_compiling() or not _Setting.active_overrides:
+        if torch.compiler.is_compiling():
             return self.default
-        value = self.var.get()
-        return self.default if value is _UNSET else value
+        return self.get_eager()
 
     def get_eager(self):
         """:meth:`get` for callers that have checked they run eagerly (not under torch.compile): the

@@ -6,7 +6,7 @@ import torch
 from .. import config, kernels
 from .._backend import backend, triton_interpreting
 from .._validation import is_plain
-from ._autograd import loop_vmap
+from ._autograd import _dispatch_modes, _transforms_active, loop_vmap
 
 LIB = torch.library.Library("vae_fast", "DEF")
 
@@ -23,7 +23,6 @@ def kernels_for(t: torch.Tensor):
     return module
 
 
-_transforms_active, _dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
@@ -40,9 +39,10 @@ def step_kernels_for(t: torch.Tensor, output_elements: int):
     if (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes() or type(t) is not torch.Tensor
             or not t.is_cpu or _functorch_wrapped(t)):
         return None
-    entry = _step_cache.get((t.dtype, config.BACKEND.get_eager()))
+    key = (t.dtype, config.BACKEND.get_eager())
+    entry = _step_cache.get(key)
     if entry is None:
-        entry = _step_cache[(t.dtype, config.BACKEND.get_eager())] = _step_entry(t)
+        entry = _step_cache[key] = _step_entry(t)
     kernels, max_output_elements = entry
     return kernels if output_elements < max_output_elements else None
 

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from ._autograd import eager_function_apply, fast_apply
+from ._autograd import _dispatch_modes, eager_function_apply, fast_apply
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op, step_kernels_for
 from .codes import ScaleParam
 
@@ -185,7 +185,8 @@ class LatentFunction(torch.autograd.Function):
         if step_kernels is not None and not grad_mode and _plain_gradients(grad_z, grad_kl, grad_kl_per_dim):
             mu, scale = ctx.saved_tensors
             grad_mu, grad_scale = step_kernels.latent_step_backward(
-                mu, scale, ctx.seed, _contiguous(grad_z), _contiguous(grad_kl), _contiguous(grad_kl_per_dim), ctx.param,
+                mu, scale, ctx.seed, optional_contiguous(grad_z), optional_contiguous(grad_kl),
+                optional_contiguous(grad_kl_per_dim), ctx.param,
                 ctx.num_samples)
             needs = ctx.needs_input_grad
             return grad_mu if needs[0] else None, grad_scale if needs[1] else None, None
@@ -211,15 +212,11 @@ SEED_BOUND = 2**62  # seeds are drawn in [0, 2^62) (int64, randint's default dty
 _seed_buffers = threading.local()
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
 def _plain_gradients(grad_z, grad_kl, grad_kl_per_dim) -> bool:
     """Upstream gradients the step kernels can read: plain tensors (or None), no dispatch mode active."""
     return ((grad_z is None or type(grad_z) is torch.Tensor) and (grad_kl is None or type(grad_kl) is torch.Tensor)
             and (grad_kl_per_dim is None or type(grad_kl_per_dim) is torch.Tensor)
-            and not torch._C._len_torch_dispatch_stack())
+            and not _dispatch_modes())
 
 
 def _saved_inputs(ctx):

@@ -173,7 +173,7 @@ _apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_o
 
 
 class ElementwiseStep(torch.autograd.Function):
-    """The per-step call of :class:`ElementwiseLogProb` (see :func:`_elementwise_step`) through the backend's
+    """The per-step call of :class:`ElementwiseLogProb` (see :func:`elementwise_step`) through the backend's
     step kernel: forward(theta, x, (kernels, scale, likelihood, want_grad, expected_upstream)) -> log_prob (B,),
     raising ValueError itself for x outside the support, with ctx holding what
     ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
