@@ -94,7 +94,7 @@ def cases(batch: int = 128, dim: int = 20, pixels: int = 784) -> dict:
     (elp,) = engine_l.apply(logits, x)
     bernoulli = {
         "kernel_fwd": lambda: _C.elementwise_likelihood(0, 0, batch, batch, pixels, logits_d.data_ptr(), x.data_ptr(), 0,
-                                                        0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0, -1.0 / batch,
+                                                        0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0, False, -1.0 / batch,
                                                         threads, [m, m, 0, batch, m, 0]),
         "public_fwd": lambda: vae_fast.bernoulli_log_prob(logits, x),
         "floor_fwd": lambda: floor_l.apply(logits, x),
@@ -110,7 +110,7 @@ def cases(batch: int = 128, dim: int = 20, pixels: int = 784) -> dict:
     (egp,) = engine_g.apply(mean, target)
     gaussian = {
         "kernel_fwd": lambda: _C.elementwise_likelihood(0, 2, batch, batch, pixels, mean_d.data_ptr(), target.data_ptr(),
-                                                        zero.data_ptr(), 0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0,
+                                                        zero.data_ptr(), 0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0, False,
                                                         -1.0 / batch, threads, [m, m, 1, batch, m, 0]),
         "public_fwd": lambda: vae_fast.gaussian_log_prob(mean, target),
         "floor_fwd": lambda: floor_l.apply(mean, target),

@@ -53,9 +53,13 @@ KERNELS = [
         for block, warps in _LATENT for param, prior in ((0, False), (2, True))
     ]),
     (elementwise_kernel, {"invalid_ptr": "*i32"}, [
-        (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=likelihood in (2, 4), ACC=F32, BLOCK=block),
-         warps)
+        (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=likelihood in (2, 4), LOGVAR_GRAD_PER_ROW=False,
+              ACC=F32, BLOCK=block), warps)
         for block, warps in _ROW for likelihood in (0, 1, 2, 3, 4)
+    ] + [  # a learned scalar log-variance (the LDM autoencoder's): its gradient summed per row in the kernel
+        (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=True, LOGVAR_GRAD_PER_ROW=True, ACC=F32,
+              BLOCK=_ROW[0][0]), _ROW[0][1])
+        for likelihood in (2, 4)
     ]),
     (categorical_kernel, {"target_ptr": "*i64", "invalid_ptr": "*i32"}, [
         (dict(WANT_GRAD=True, ACC=F32, PIXELS=16, CLASSES=256), 4),  # the launcher's 4096-element tile

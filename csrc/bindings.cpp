@@ -226,8 +226,8 @@ void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t s
 
 int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t x_rows, int64_t dim,
                                uintptr_t theta, uintptr_t x, uintptr_t logvar, int64_t lv_rs, int64_t lv_cs,
-                               uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar, double expected_upstream,
-                               int num_threads, const std::vector<int64_t>& extents) {
+                               uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar, bool logvar_grad_per_row,
+                               double expected_upstream, int num_threads, const std::vector<int64_t>& extents) {
   check_expected_upstream(expected_upstream);
   check_dtype(dtype);
   check_threads(num_threads);
@@ -241,9 +241,13 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
                          likelihood == static_cast<int>(Likelihood::kLaplace);
   VF_REQUIRE(!has_scale || empty || logvar != 0, "the Gaussian and Laplace likelihoods need logvar (their log-scale)");
   VF_REQUIRE(has_scale || grad_logvar == 0, "grad_logvar is only for the Gaussian and Laplace likelihoods");
+  VF_REQUIRE(!logvar_grad_per_row || lv_cs == 0,
+             "logvar_grad_per_row needs a logvar constant along each row (column stride 0)");
   check_extents({"theta", "x", "logvar", "log_prob", "grad_theta", "grad_logvar"},
                 {theta, x, logvar, log_prob, grad_theta, grad_logvar},
-                {rows * dim, x_rows * dim, extent(rows, dim, lv_rs, lv_cs), rows, rows * dim, rows * dim}, extents);
+                {rows * dim, x_rows * dim, extent(rows, dim, lv_rs, lv_cs), rows, rows * dim,
+                 logvar_grad_per_row ? rows : rows * dim},
+                extents);
   ElementwiseLikelihoodArgs a;
   a.rows = rows;
   a.x_rows = x_rows;
@@ -255,6 +259,7 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   a.log_prob = as_mut_ptr(log_prob);
   a.grad_theta = as_mut_ptr(grad_theta);
   a.grad_logvar = as_mut_ptr(grad_logvar);
+  a.logvar_grad_per_row = logvar_grad_per_row;
   a.expected_upstream = expected_upstream;
   a.num_threads = num_threads;
   py::gil_scoped_release no_gil;
@@ -284,13 +289,15 @@ void latent_step_backward(int dtype, int param, int64_t batch, int64_t dim, int6
                   {mu_extent, scale_extent, 0, 0, 0, grad_z_extent, grad_kl_extent, grad_kl_per_dim_extent, n, n, 0, 0});
 }
 
-// scale: 0, or the address of one value (a fixed scalar log-variance / log-scale, read with strides 0)
+// scale: 0, or the address of one value (a scalar log-variance / log-scale, read with strides 0);
+// grad_scale: 0, or (rows,) for each row's d log p / d scale (a learned scalar: backward sums them)
 int64_t elementwise_step(int dtype, int likelihood, int64_t rows, int64_t dim, uintptr_t theta, int64_t theta_extent,
                          uintptr_t x, int64_t x_extent, uintptr_t scale, uintptr_t log_prob, uintptr_t grad_theta,
-                         double expected_upstream, int num_threads) {
-  return elementwise_likelihood(dtype, likelihood, rows, rows, dim, theta, x, scale, 0, 0, log_prob, grad_theta, 0,
-                                expected_upstream, num_threads,
-                                {theta_extent, x_extent, scale ? 1 : 0, rows, grad_theta ? rows * dim : 0, 0});
+                         uintptr_t grad_scale, double expected_upstream, int num_threads) {
+  return elementwise_likelihood(dtype, likelihood, rows, rows, dim, theta, x, scale, 0, 0, log_prob, grad_theta,
+                                grad_scale, grad_scale != 0, expected_upstream, num_threads,
+                                {theta_extent, x_extent, scale ? 1 : 0, rows, grad_theta ? rows * dim : 0,
+                                 grad_scale ? rows : 0});
 }
 
 int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,

@@ -61,7 +61,8 @@ struct ElementwiseLikelihoodArgs {
   Strided2D logvar;  // Gaussian log-variance / Laplace log-scale only; (rows, dim) view, may broadcast
   void* log_prob = nullptr;        // (rows,)
   void* grad_theta = nullptr;      // (rows, dim) or null
-  void* grad_logvar = nullptr;     // (rows, dim) or null (Gaussian and Laplace only)
+  void* grad_logvar = nullptr;     // (rows, dim), (rows,) if logvar_grad_per_row, or null (Gaussian and Laplace only)
+  bool logvar_grad_per_row = false;  // grad_logvar holds each row's sum (logvar constant along the row: col_stride 0)
   double expected_upstream = 1.0;         // gradients are written multiplied by this (see ops/likelihood.py)
   int num_threads = 1;
 };

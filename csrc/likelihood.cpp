@@ -83,8 +83,15 @@ constexpr bool kHasScale = L == Likelihood::kGaussian || L == Likelihood::kLapla
 // per-example logvar: col_stride 0), a contiguous row, or any other stride (gathered).
 enum class LogVarLayout { kRowConstant, kContiguous, kStrided };
 
-template <typename T, Likelihood L, bool WANT_GRAD, bool WANT_LV_GRAD, LogVarLayout LV>
+// What is written of d log p / d logvar: nothing, every element's, or each row's sum (a logvar
+// constant along the row: a learned scalar or per-example one, whose gradient is that sum; the
+// (rows, dim) buffer and its reduction are skipped).
+enum class LogVarGrad { kNone, kPerElement, kPerRow };
+
+template <typename T, Likelihood L, bool WANT_GRAD, LogVarGrad LV_GRAD, LogVarLayout LV>
 int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
+  static_assert(LV_GRAD != LogVarGrad::kPerRow || LV == LogVarLayout::kRowConstant,
+                "a per-row logvar gradient needs a logvar constant along the row");
   const T* __restrict theta = static_cast<const T*>(a.theta);
   const T* __restrict x = static_cast<const T*>(a.x);
   T* __restrict log_prob = static_cast<T*>(a.log_prob);
@@ -106,6 +113,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     const T row_lv = read_row_lv ? logvar[r * a.logvar.row_stride] : T(0);
     const T row_inv_var = (kHasScale<L> && LV == LogVarLayout::kRowConstant) ? vexp(-row_lv) : T(1);
     T row_sum = T(0);
+    T row_lv_grad = T(0);  // (kPerRow) sum over the row of d log p / d logvar, before the upstream factor
     int64_t row_bad = 0;
     for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
       const int64_t n = std::min(kChunk, D - j0);
@@ -122,7 +130,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
       }
       T* __restrict g = grad_theta + r * D + j0;
       T* __restrict g_lv = grad_logvar + r * D + j0;
-#pragma omp simd reduction(+ : row_sum, row_bad)
+#pragma omp simd reduction(+ : row_sum, row_bad, row_lv_grad)
       for (int64_t i = 0; i < n; ++i) {
         const T xi = xs[i];
         const T ti = th[i];
@@ -135,7 +143,8 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           const T scaled_sq = sq == T(0) ? T(0) : sq * inv_var;
           value = T(-0.5) * (scaled_sq + lvi + T(kLog2Pi));
           grad = diff == T(0) ? T(0) : diff * inv_var;
-          if constexpr (WANT_LV_GRAD) g_lv[i] = T(0.5) * (scaled_sq - T(1)) * expected_upstream;
+          if constexpr (LV_GRAD == LogVarGrad::kPerElement) g_lv[i] = T(0.5) * (scaled_sq - T(1)) * expected_upstream;
+          if constexpr (LV_GRAD == LogVarGrad::kPerRow) row_lv_grad += T(0.5) * (scaled_sq - T(1));
         } else if constexpr (L == Likelihood::kLaplace) {
           const T s_i = LV == LogVarLayout::kRowConstant ? row_lv : lv[i];
           const T inv_b = LV == LogVarLayout::kRowConstant ? row_inv_var : vexp(-s_i);
@@ -144,7 +153,8 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           const T scaled = abs_diff == T(0) ? T(0) : abs_diff * inv_b;
           value = -scaled - s_i - T(kLn2);
           grad = diff > T(0) ? inv_b : (diff < T(0) ? -inv_b : T(0));
-          if constexpr (WANT_LV_GRAD) g_lv[i] = (scaled - T(1)) * expected_upstream;
+          if constexpr (LV_GRAD == LogVarGrad::kPerElement) g_lv[i] = (scaled - T(1)) * expected_upstream;
+          if constexpr (LV_GRAD == LogVarGrad::kPerRow) row_lv_grad += scaled - T(1);
         } else if constexpr (L == Likelihood::kSquaredError) {
           // -(x - mean)^2: the Gaussian's quadratic without variance or normaliser ("MSE" losses)
           const T diff = xi - ti;
@@ -170,6 +180,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
       }
     }
     log_prob[r] = row_sum;
+    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad * expected_upstream;
     bad += row_bad;
   }
   return bad;
@@ -177,16 +188,23 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
 
 template <typename T, Likelihood L, bool WANT_GRAD>
 int64_t elementwise_scale_layout(const ElementwiseLikelihoodArgs& a) {
-  const bool want_lv = a.grad_logvar != nullptr;
+  const LogVarGrad lv_grad = a.grad_logvar == nullptr ? LogVarGrad::kNone
+                             : a.logvar_grad_per_row ? LogVarGrad::kPerRow
+                                                     : LogVarGrad::kPerElement;
   const LogVarLayout layout = a.logvar.col_stride == 0   ? LogVarLayout::kRowConstant
                               : a.logvar.col_stride == 1 ? LogVarLayout::kContiguous
                                                          : LogVarLayout::kStrided;
-#define VF_LAYOUT(LAYOUT)                                                        \
-  case LAYOUT:                                                                   \
-    return want_lv ? elementwise_impl<T, L, WANT_GRAD, true, LAYOUT>(a)          \
-                   : elementwise_impl<T, L, WANT_GRAD, false, LAYOUT>(a);
+#define VF_LAYOUT(LAYOUT)                                                                          \
+  case LAYOUT:                                                                                     \
+    return lv_grad == LogVarGrad::kPerElement ? elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerElement, LAYOUT>(a) \
+                                              : elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kNone, LAYOUT>(a);
   switch (layout) {
-    VF_LAYOUT(LogVarLayout::kRowConstant)
+    case LogVarLayout::kRowConstant:  // (the entry point allows the per-row gradient for this layout only)
+      if (lv_grad == LogVarGrad::kPerRow)
+        return elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerRow, LogVarLayout::kRowConstant>(a);
+      return lv_grad == LogVarGrad::kPerElement
+                 ? elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerElement, LogVarLayout::kRowConstant>(a)
+                 : elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kNone, LogVarLayout::kRowConstant>(a);
     VF_LAYOUT(LogVarLayout::kContiguous)
     VF_LAYOUT(LogVarLayout::kStrided)
   }
@@ -201,14 +219,14 @@ int64_t elementwise_dispatch(const ElementwiseLikelihoodArgs& a) {
   using LV = LogVarLayout;
   switch (a.likelihood) {
     case LL::kBernoulli:
-      return grad ? elementwise_impl<T, LL::kBernoulli, true, false, LV::kContiguous>(a)
-                  : elementwise_impl<T, LL::kBernoulli, false, false, LV::kContiguous>(a);
+      return grad ? elementwise_impl<T, LL::kBernoulli, true, LogVarGrad::kNone, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kBernoulli, false, LogVarGrad::kNone, LV::kContiguous>(a);
     case LL::kContinuousBernoulli:
-      return grad ? elementwise_impl<T, LL::kContinuousBernoulli, true, false, LV::kContiguous>(a)
-                  : elementwise_impl<T, LL::kContinuousBernoulli, false, false, LV::kContiguous>(a);
+      return grad ? elementwise_impl<T, LL::kContinuousBernoulli, true, LogVarGrad::kNone, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kContinuousBernoulli, false, LogVarGrad::kNone, LV::kContiguous>(a);
     case LL::kSquaredError:
-      return grad ? elementwise_impl<T, LL::kSquaredError, true, false, LV::kContiguous>(a)
-                  : elementwise_impl<T, LL::kSquaredError, false, false, LV::kContiguous>(a);
+      return grad ? elementwise_impl<T, LL::kSquaredError, true, LogVarGrad::kNone, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kSquaredError, false, LogVarGrad::kNone, LV::kContiguous>(a);
     case LL::kGaussian:
       return grad ? elementwise_scale_layout<T, LL::kGaussian, true>(a)
                   : elementwise_scale_layout<T, LL::kGaussian, false>(a);

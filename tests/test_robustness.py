@@ -350,7 +350,7 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     if C is None:
         pytest.skip("needs the C++ extension")
     theta, x, out, grad = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4), torch.zeros(4, 8)
-    ok = (0, 0, 4, 4, 8, theta.data_ptr(), x.data_ptr(), 0, 0, 0, out.data_ptr(), grad.data_ptr(), 0, 1.0, 1)
+    ok = (0, 0, 4, 4, 8, theta.data_ptr(), x.data_ptr(), 0, 0, 0, out.data_ptr(), grad.data_ptr(), 0, False, 1.0, 1)
     assert C.elementwise_likelihood(*ok, [32, 32, 0, 4, 32, 0]) == 0
     with pytest.raises(ValueError, match="theta holds 31 elements but the kernel would touch 32"):
         C.elementwise_likelihood(*ok, [31, 32, 0, 4, 32, 0])
@@ -366,7 +366,7 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
         C.elementwise_likelihood(0, 0, -4, 4, 8, *ok[5:], [32, 32, 0, 4, 32, 0])
     for bad_scale in (0.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="expected_upstream must be finite and non-zero"):
-            C.elementwise_likelihood(*ok[:13], bad_scale, 1, [32, 32, 0, 4, 32, 0])
+            C.elementwise_likelihood(*ok[:14], bad_scale, 1, [32, 32, 0, 4, 32, 0])
     mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
     ratio = torch.zeros(1, 2)
     # (dtype, param, batch, dim, samples, mu, mu row stride, scale, scale row stride, ...)

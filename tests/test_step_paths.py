@@ -83,15 +83,18 @@ def test_plain_eager_training_calls_take_the_step_entry_points(recorder):
     vae_fast.continuous_bernoulli_log_prob(samples[1], x[:, :6].contiguous()).sum().backward()
     images = torch.randn(4, 1, 5, 5, requires_grad=True)  # a conv decoder's (B, C, H, W) logits
     vae_fast.bernoulli_log_prob(images, torch.rand(4, 1, 5, 5).round()).mean().backward()
-    # a fixed scalar log-variance / log-scale: a float, or a 0-d tensor that gets no gradient
+    # a scalar log-variance / log-scale: a float, a 0-d tensor that gets no gradient, a learned one (the LDM
+    # autoencoder's: the kernel writes its per-row gradients)
     vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5)).mean().backward()
     vae_fast.laplace_log_prob(images, torch.rand(4, 1, 5, 5), torch.tensor(-0.5)).mean().backward()
-    assert recorder.calls == ["latent_step_forward", "latent_step_backward"] + ["elementwise_step"] * 5
-    recorder.calls.clear()
-    # a learned scalar (it needs its gradient) or a per-pixel log-variance: the general path
     learned = torch.zeros((), requires_grad=True)
     vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5), learned).mean().backward()
+    vae_fast.laplace_log_prob(images, torch.rand(4, 1, 5, 5), learned).mean().backward()
+    assert recorder.calls == ["latent_step_forward", "latent_step_backward"] + ["elementwise_step"] * 7
+    recorder.calls.clear()
+    # a per-pixel or per-example log-variance: the general path
     vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5), torch.zeros(1, 5, 5)).mean().backward()
+    vae_fast.laplace_log_prob(images, torch.rand(4, 1, 5, 5), torch.zeros(4, 1, 1, 1)).mean().backward()
     assert recorder.calls == ["elementwise_likelihood"] * 2
 
 
@@ -104,6 +107,7 @@ def test_step_paths_give_exactly_the_general_paths_results(general_paths, dtype,
         moments = torch.randn(32, 2 * 7, dtype=dtype, requires_grad=True)
         mu, logvar = moments.chunk(2, dim=-1)  # unit column stride, row stride 14: read in place
         weight = torch.randn(7, 12, dtype=dtype, requires_grad=True)
+        learned = torch.tensor(0.1, dtype=dtype, requires_grad=True)  # a learned scalar log-variance / log-scale
         x = torch.rand(32, 12, dtype=dtype).round()
         torch.manual_seed(1)
         out = vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, param=param, num_samples=num_samples)
@@ -114,8 +118,11 @@ def test_step_paths_give_exactly_the_general_paths_results(general_paths, dtype,
                 - vae_fast.continuous_bernoulli_log_prob(images, x.view(32, 3, 2, 2)).sum()
                 + vae_fast.mse_log_prob(images, x.view(32, 3, 2, 2), reduction="mean")
                 - vae_fast.gaussian_log_prob(images, x.view(32, 3, 2, 2), 0.3).mean()
-                - vae_fast.laplace_log_prob(logits, x, torch.tensor(-0.2, dtype=dtype), reduction="sum"))
-        return (*out, z, kl, *torch.autograd.grad(loss, (moments, weight)))
+                - vae_fast.laplace_log_prob(logits, x, torch.tensor(-0.2, dtype=dtype), reduction="sum")
+                - vae_fast.gaussian_log_prob(images, x.view(32, 3, 2, 2), learned).mean()
+                - vae_fast.laplace_log_prob(logits, x, 2 * learned).mean()
+                - vae_fast.elbo(x, mu, logvar, lambda z: (z @ weight, learned), likelihood="laplace").elbo.sum())
+        return (*out, z, kl, *torch.autograd.grad(loss, (moments, weight, learned)))
 
     step = run()
     general_paths()
@@ -165,6 +172,10 @@ def test_step_nodes_keep_the_op_contracts():
     data = torch.rand(3, 5, dtype=F64, requires_grad=True)  # the Gaussian's gradient reaches x too
     assert torch.autograd.gradcheck(lambda t, d: vae_fast.gaussian_log_prob(t, d, 0.4), (theta, data))
     assert torch.autograd.gradgradcheck(lambda t, d: vae_fast.gaussian_log_prob(t, d), (theta, data))
+    learned = torch.tensor(0.3, dtype=F64, requires_grad=True)  # a learned scalar: its per-row gradients, summed
+    for log_prob in (vae_fast.gaussian_log_prob, vae_fast.laplace_log_prob):
+        assert torch.autograd.gradcheck(lambda t, d, s: log_prob(t, d, s), (theta, data, learned))
+        assert torch.autograd.gradgradcheck(lambda t, d, s: log_prob(t, d, s), (theta, data, learned))
     # several backward passes, and a backward pass under a dispatch mode (which the step kernels leave to the
     # general backward, through torch.ops.vae_fast) all give the same gradients
     z, kl = vae_fast.gaussian_sample_kl(mu, logvar)

@@ -27,7 +27,7 @@ def _is_common_call(theta, x) -> bool:
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
                  expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
     if _is_common_call(theta, x):
-        if logvar is None or logvar.dim() == 0:  # the per-step call (a fixed scalar log-variance at most)
+        if logvar is None or logvar.dim() == 0:  # the per-step call (a scalar log-variance at most, fixed or learned)
             if expected_upstream is None:
                 expected_upstream = default_expected_upstream(reduction, theta.shape[0])
             log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, expected_upstream)

@@ -135,7 +135,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     return _to(outs, out_dtype) if dtype != out_dtype else outs
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0,
+                         logvar_grad_per_row=False):
     out_dtype = theta.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
@@ -144,12 +145,13 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     n = rows * dim
     log_prob = theta.new_empty(rows)
     grad = _new_output(theta, rows, dim) if want_grad else None
-    grad_lv = _new_output(theta, rows, dim) if want_logvar_grad else None
+    per_row = bool(want_logvar_grad and logvar_grad_per_row)
+    grad_lv = (theta.new_empty(rows) if per_row else _new_output(theta, rows, dim)) if want_logvar_grad else None
     bad = _C.elementwise_likelihood(
         _DTYPE_CODE[dtype], likelihood, rows, x.shape[0], dim, theta.data_ptr(), x.data_ptr(),
-        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), float(expected_upstream),
+        *_strided(logvar), log_prob.data_ptr(), _ptr(grad), _ptr(grad_lv), per_row, float(expected_upstream),
         torch.get_num_threads(),
-        [_extent(theta), _extent(x), _extent(logvar), rows, n if want_grad else 0, n if want_logvar_grad else 0],
+        [_extent(theta), _extent(x), _extent(logvar), rows, n if want_grad else 0, _extent(grad_lv)],
     )
     outs = (log_prob, grad, grad_lv, bad)
     return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs
@@ -174,7 +176,7 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
 # ---------------------------------------------------------------------------------------------
 # The per-step calls. A training step sends the same shapes every iteration: float32/float64 (B, Z)
 # latents with unit column stride and no prior or explicit noise; contiguous (B, ...) likelihood
-# operands with no log-variance operand or a fixed scalar one; outputs below the buffer pool's size.
+# operands with no log-variance operand or a scalar one (fixed or learned); outputs below the buffer pool's size.
 # The op layer's step paths (ops/latent.py, ops/likelihood.py) check exactly that and call these,
 # which skip the general entry points' casts, optional operands and pool (about 3 us of Python a call
 # at 128 x 20; the kernels and their C++ checks are the same).
@@ -217,19 +219,22 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
     return grad_mu, grad_scale
 
 
-def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, expected_upstream):
-    """:func:`elementwise_log_prob` with no log-variance operand or a fixed 0-d one (``scale``: the Gaussian's
+def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream):
+    """:func:`elementwise_log_prob` with no log-variance operand or a 0-d one (``scale``: the Gaussian's
     log-variance, the Laplace's log-scale, of theta's dtype), theta and x contiguous of one dtype and shape
     (B, ...) with B > 0, read as (B, D) (checked by the caller: the C++ side checks reads against the extents
-    passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, num_invalid (int)."""
+    passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, grad_scale (B,) | None (each
+    row's d log p / d scale: backward sums them), num_invalid (int)."""
     rows = theta.shape[0]
     n = theta.numel()
     log_prob = theta.new_empty(rows)
     grad = torch.empty_like(theta) if want_grad else None  # (contiguous, as theta is)
+    grad_scale = theta.new_empty(rows) if want_scale_grad else None
     bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, n // rows, theta.data_ptr(), n,
                               x.data_ptr(), n, 0 if scale is None else scale.data_ptr(), log_prob.data_ptr(),
-                              0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())
-    return log_prob, grad, bad
+                              0 if grad is None else grad.data_ptr(), 0 if grad_scale is None else grad_scale.data_ptr(),
+                              expected_upstream, torch.get_num_threads())
+    return log_prob, grad, grad_scale, bad
 
 
 def values_within(values: torch.Tensor, low: float, high: float) -> bool | None:

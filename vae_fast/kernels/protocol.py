@@ -37,9 +37,12 @@ class KernelBackend(Protocol):
         grad_prior_logvar (B, Z) | None."""
 
     def elementwise_log_prob(self, theta: Tensor, x: Tensor, logvar: Tensor | None, likelihood: int, want_grad: bool,
-                             want_logvar_grad: bool, expected_upstream: float = 1.0):
+                             want_logvar_grad: bool, expected_upstream: float = 1.0,
+                             logvar_grad_per_row: bool = False):
         """theta (N, D), x (Bx, D) (row r scored against x row r % Bx) -> log_prob (N,),
-        grad_theta (N, D) | None, grad_logvar (N, D) | None, num_invalid; gradients times expected_upstream."""
+        grad_theta (N, D) | None, grad_logvar (N, D) | None, num_invalid; gradients times expected_upstream.
+        ``logvar_grad_per_row`` (logvar constant along each row, column stride 0): grad_logvar (N,) holds each
+        row's sum instead."""
 
     def categorical_log_prob(self, logits: Tensor, target: Tensor, want_grad: bool, expected_upstream: float = 1.0):
         """logits (N, P, C), target (Bx, P) int64 -> log_prob (N,), grad_logits | None, num_invalid."""

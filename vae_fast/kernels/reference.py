@@ -101,7 +101,8 @@ def _num_invalid(x, likelihood):
     return ((x < 0) | (x > 1)).sum().cpu()
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0,
+                         logvar_grad_per_row=False):
     theta64 = _f64(theta).requires_grad_(want_grad)
     lv64 = None if logvar is None else _f64(logvar).requires_grad_(want_logvar_grad)
     with _autograd_inside_op():
@@ -109,7 +110,9 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
         grads = list(torch.autograd.grad(log_prob.sum() * expected_upstream, wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
     grad = grads.pop(0).to(theta.dtype) if want_grad else None
-    grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta).contiguous() if want_logvar_grad else None
+    grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta) if want_logvar_grad else None
+    if grad_lv is not None:
+        grad_lv = grad_lv.sum(1) if logvar_grad_per_row else grad_lv.contiguous()
     return log_prob.detach().to(_acc(theta.dtype)), grad, grad_lv, _num_invalid(x, likelihood)
 
 

@@ -55,12 +55,19 @@ def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want
         x2 = _as_rows(x if x.dtype == theta.dtype else x.to(theta.dtype), x.shape[0], dim)
     lv2 = None if logvar is None else logvar.to(theta.dtype).expand(shape).reshape(rows, dim)
     want_lv = want_logvar_grad and logvar is not None
+    if want_lv:
+        # a logvar without event extent (a learned scalar, a per-example one) gets each row's sum from the kernel
+        # itself, not a (rows, D) gradient to reduce here
+        lv_grad_shape = _logvar_grad_shape(shape, lead_ndim, logvar.shape)
+        lv_per_row = math.prod(lv_grad_shape[lead_ndim:]) == 1 and lv2.stride(1) == 0
+    else:
+        lv_per_row = False
     log_prob, grad, grad_lv, bad = kernels_for(theta2).elementwise_log_prob(
-        theta2, x2, lv2, likelihood, want_grad, want_lv, expected_upstream)
+        theta2, x2, lv2, likelihood, want_grad, want_lv, expected_upstream, lv_per_row)
     if grad is not None and theta2 is not theta:
         grad = with_shape(grad, shape)
     if grad_lv is not None:
-        grad_lv = grad_lv.view(shape).sum_to_size(_logvar_grad_shape(shape, lead_ndim, logvar.shape))
+        grad_lv = grad_lv.view(lv_grad_shape) if lv_per_row else grad_lv.view(shape).sum_to_size(lv_grad_shape)
     return (log_prob if lead_ndim == 1 else log_prob.view(shape[:lead_ndim])), grad, grad_lv, bad
 
 
@@ -157,8 +164,7 @@ class ElementwiseLogProb(torch.autograd.Function):
             if grad_lv is None:
                 raise RuntimeError(
                     "vae_fast.elementwise_log_prob: call with want_logvar_grad=True to differentiate w.r.t. logvar")
-            factor = row_factor(grad_out / ctx.expected_upstream, grad_lv.dim()).to(grad_lv.dtype)
-            grad_logvar = (grad_lv * factor).sum_to_size(lv_shape)
+            grad_logvar = scale_saved(ctx, grad_lv, grad_out).sum_to_size(lv_shape)
         return grad_theta, grad_x, grad_logvar, None, None, None, None, None
 
 
@@ -174,23 +180,24 @@ _apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_o
 
 class ElementwiseStep(torch.autograd.Function):
     """The per-step call of :class:`ElementwiseLogProb` (see :func:`elementwise_step`) through the backend's
-    step kernel: forward(theta, x, (kernels, scale, likelihood, want_grad, expected_upstream)) -> log_prob (B,),
-    raising ValueError itself for x outside the support, with ctx holding what
+    step kernel: forward(theta, x, scale, (kernels, likelihood, want_grad, want_scale_grad, expected_upstream))
+    -> log_prob (B,), raising ValueError itself for x outside the support, with ctx holding what
     ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
-    autograd implementation; its gradients beyond (theta, x, plan) are None). ``scale``: None or a fixed
-    0-d log-variance / log-scale (it gets no gradient: one that requires grad takes the general path)."""
+    autograd implementation; its gradients beyond (theta, x, scale, plan) are None). ``scale``: None or a 0-d
+    log-variance / log-scale, fixed or learned (the kernel then writes each row's d log p / d scale, which
+    backward sums)."""
 
     @staticmethod
-    def forward(ctx, theta, x, plan):
-        kernels, scale, likelihood, want_grad, expected_upstream = plan
-        log_prob, grad, num_invalid = kernels.elementwise_step_log_prob(theta, x, scale, likelihood, want_grad,
-                                                                        expected_upstream)
+    def forward(ctx, theta, x, scale, plan):
+        kernels, likelihood, want_grad, want_scale_grad, expected_upstream = plan
+        log_prob, grad, grad_scale, num_invalid = kernels.elementwise_step_log_prob(
+            theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream)
         if num_invalid and likelihood in _LOGIT_FAMILY:
             raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
         ctx.likelihood, ctx.lead_ndim = likelihood, 1
         ctx.shapes = (theta.shape, x.shape, None if scale is None else scale.shape)
-        setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, None), (theta, x, scale),
-                             keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY, eager=True)
+        setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, grad_scale),
+                             (theta, x, scale), keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY, eager=True)
         return log_prob
 
     backward = staticmethod(ElementwiseLogProb.backward)
@@ -208,19 +215,23 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
     per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, squared error) or a tensor (the
     Gaussian's log-variance, the Laplace's log-scale). The call qualifies when it is plain eager (see
     :func:`step_kernels_for`), theta and x are contiguous (B, ...) with B > 0 (an MLP's (B, D) logits, a
-    conv decoder's (B, C, H, W)), ``scale`` is None or a fixed scalar (a plain 0-d CPU tensor of theta's
-    dtype that gets no gradient here) and the backend has a step kernel for them."""
+    conv decoder's (B, C, H, W)), ``scale`` is None or a scalar (a plain 0-d CPU tensor of theta's dtype:
+    fixed, or learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel for them."""
     if not (theta.is_contiguous() and x.is_contiguous() and theta.shape[0] > 0):
         return None
-    grad_mode = torch.is_grad_enabled()
     if scale is not None and not (type(scale) is torch.Tensor and scale.dim() == 0 and scale.dtype == theta.dtype
-                                  and scale.is_cpu and not (grad_mode and scale.requires_grad)):
+                                  and scale.is_cpu):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
     if kernels is None:
         return None
-    want_grad = grad_mode and (theta.requires_grad or (likelihood not in _LOGIT_FAMILY and x.requires_grad))
-    return _apply_elementwise_step(theta, x, (kernels, scale, likelihood, want_grad, expected_upstream))
+    if torch.is_grad_enabled():
+        want_grad = theta.requires_grad or (likelihood not in _LOGIT_FAMILY and x.requires_grad)
+        want_scale_grad = scale is not None and scale.requires_grad
+    else:
+        want_grad = want_scale_grad = False
+    return _apply_elementwise_step(theta, x, scale, (kernels, likelihood, want_grad, want_scale_grad,
+                                                     expected_upstream))
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:

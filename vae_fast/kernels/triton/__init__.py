@@ -139,11 +139,12 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     return grad_mu, grad_scale, grad_pm, grad_plv
 
 
-def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0):
+def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0,
+                         logvar_grad_per_row=False):
     rows, dim = theta.shape
     log_prob = theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype))
     grad = torch.empty_like(theta) if want_grad else None
-    grad_lv = torch.empty_like(theta) if want_logvar_grad else None
+    grad_lv = (theta.new_empty((rows,)) if logvar_grad_per_row else torch.empty_like(theta)) if want_logvar_grad else None
     invalid = torch.empty((rows,), dtype=torch.int32, device=theta.device)  # every row's program writes its count
     if rows > 0:
         _elementwise[(rows,)](
@@ -152,6 +153,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
             _upstream_tensor(expected_upstream, _acc_dtype(theta.dtype), theta.device),
             x.shape[0], dim,
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
+            LOGVAR_GRAD_PER_ROW=bool(logvar_grad_per_row and want_logvar_grad),
         )
     return log_prob, grad, grad_lv, invalid
 

@@ -62,12 +62,13 @@ def elementwise_kernel(
     log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr, expected_upstream_ptr,
     x_rows, dim,
     LIKELIHOOD: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_LOGVAR_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    LOGVAR_GRAD_PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * dim may exceed 2^31
     x_row = row % x_rows                 # K decoder samples share one x
     upstream = tl.load(expected_upstream_ptr).to(ACC)  # the expected upstream gradient (ops/likelihood.py)
     total = tl.zeros([BLOCK], dtype=ACC)
+    lv_total = tl.zeros([BLOCK], dtype=ACC)  # (LOGVAR_GRAD_PER_ROW: a logvar constant along the row gets the row's sum)
     invalid = tl.zeros([BLOCK], dtype=tl.int32)
     for j0 in range(0, dim, BLOCK):
         cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
@@ -86,8 +87,13 @@ def elementwise_kernel(
         if WANT_GRAD:
             tl.store(grad_ptr + offs, grad * upstream, mask=mask)
         if WANT_LOGVAR_GRAD:
-            tl.store(grad_logvar_ptr + offs, grad_lv * upstream, mask=mask)
+            if LOGVAR_GRAD_PER_ROW:
+                lv_total += tl.where(mask, grad_lv, 0.0)
+            else:
+                tl.store(grad_logvar_ptr + offs, grad_lv * upstream, mask=mask)
     tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
+    if WANT_LOGVAR_GRAD and LOGVAR_GRAD_PER_ROW:
+        tl.store(grad_logvar_ptr + row, tl.sum(lv_total, axis=0) * upstream)
     tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
 
 
