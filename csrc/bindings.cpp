@@ -406,6 +406,56 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
   return VF_DISPATCH(dmol, dtype, a);
 }
 
+// The per-step calls of the heads: contiguous operands whose extents are their sizes (numel), one sample row
+// per x row. They run the general entry points above, checks included.
+
+// logits (rows, pixels, classes), target (rows, pixels) int64
+int64_t categorical_step(int dtype, int64_t rows, int64_t pixels, int64_t classes, uintptr_t logits,
+                         int64_t logits_extent, uintptr_t target, int64_t target_extent, uintptr_t log_prob,
+                         uintptr_t grad_logits, double expected_upstream, int num_threads) {
+  return categorical(dtype, rows, rows, pixels, classes, logits, target, log_prob, grad_logits, expected_upstream,
+                     num_threads, {logits_extent, target_extent, rows, grad_logits ? logits_extent : 0});
+}
+
+// The packed PixelCNN++ / NVAE layout (ops/dmol.py packed_views): params (rows, M + C * per_channel, pixels)
+// with per_channel = 3M for C = 3 (M means, M log-scales, M raw coefficients) and 2M otherwise; grad_params
+// (0 or the same layout) receives the gradient.
+int64_t dmol_packed_step(int dtype, int64_t rows, int64_t channels, int64_t mixtures, int64_t pixels, uintptr_t x,
+                         int64_t x_extent, uintptr_t params, int64_t params_extent, double half_bin,
+                         double log_scale_min, uintptr_t log_prob, uintptr_t grad_params, double expected_upstream,
+                         int num_threads) {
+  check_dtype(dtype);
+  VF_REQUIRE(rows >= 0 && pixels >= 0 && channels >= 1 && mixtures >= 1,
+             "need rows, pixels >= 0 and channels, mixtures >= 1");
+  const int64_t element = dtype == 0 ? 4 : 8;
+  const int64_t per_channel = (channels == 3 ? 3 : 2) * mixtures;
+  const int64_t row = (mixtures + channels * per_channel) * pixels;
+  // (pointer, row, channel, mixture strides) of each operand inside a packed buffer at `base`
+  const auto view = [&](uintptr_t base, int64_t offset, int64_t channel_stride) -> DmolView {
+    return {base == 0 ? 0 : static_cast<int64_t>(base + offset * element), row, channel_stride, pixels};
+  };
+  const auto views = [&](uintptr_t base) {
+    const int64_t means = mixtures * pixels;
+    return std::array<DmolView, 4>{view(base, 0, 0), view(base, means, per_channel * pixels),
+                                   view(base, means + mixtures * pixels, per_channel * pixels),
+                                   channels == 3 ? view(base, means + 2 * mixtures * pixels, per_channel * pixels)
+                                                 : DmolView{0, 0, 0, 0}};
+  };
+  const auto operands = views(params), grads = views(grad_params);
+  // every operand lies within params (and every gradient within grad_params): their extents are the buffers'
+  // sizes from each view's start
+  const auto within = [&](const DmolView& v, uintptr_t base, int64_t extent) {
+    return v[0] == 0 ? int64_t(0) : extent - (static_cast<int64_t>(v[0]) - static_cast<int64_t>(base)) / element;
+  };
+  std::vector<int64_t> extents{x_extent};
+  for (const auto& v : operands) extents.push_back(within(v, params, params_extent));
+  extents.push_back(rows);
+  for (const auto& v : grads) extents.push_back(within(v, grad_params, params_extent));
+  return dmol(dtype, rows, rows, channels, mixtures, pixels, x, operands[0], operands[1], operands[2], operands[3],
+              /*coeffs_tanh=*/true, half_bin, log_scale_min, log_prob, grads[0], grads[1], grads[2], grads[3],
+              expected_upstream, num_threads, extents);
+}
+
 // Whether all n values at ptr (element stride `stride`, float32 or float64) lie in [low, high]; false
 // for a NaN. The likelihoods' backward asks it of its upstream gradient (the expected one lets it
 // return the gradient saved in forward as is): one call instead of a reduction and two host reads.
@@ -462,6 +512,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("elementwise_step", &elementwise_step);
   m.def("categorical", &categorical);
   m.def("dmol", &dmol);
+  m.def("categorical_step", &categorical_step);
+  m.def("dmol_packed_step", &dmol_packed_step);
   m.def("values_within", &values_within, "Whether n strided float32 (0) / float64 (1) values all lie in [low, high]");
   m.def("pooled_tensor", &pooled_tensor, "DLPack capsule of a float32 (0) / float64 (1) tensor on a pooled buffer");
   m.def("buffer_cache_bytes", []() { return BufferPool::instance().cached_bytes(); });

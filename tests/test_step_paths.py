@@ -11,6 +11,7 @@ import torch
 
 import vae_fast
 import vae_fast.functional.latent as functional_latent
+import vae_fast.ops.dmol as dmol_ops
 import vae_fast.ops.likelihood as likelihood_ops
 from vae_fast import _backend
 
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.skipif(_backend._cpu_ext is None, reason="the step entr
 
 
 _KERNEL_ENTRY_POINTS = {"latent_forward", "latent_backward", "elementwise_likelihood", "latent_step_forward",
-                        "latent_step_backward", "elementwise_step"}
+                        "latent_step_backward", "elementwise_step", "categorical", "categorical_step", "dmol",
+                        "dmol_packed_step"}
 
 
 class _Recorder:
@@ -59,6 +61,8 @@ def general_paths(monkeypatch):
     def use():
         monkeypatch.setattr(functional_latent, "latent_step", lambda *args: None)
         monkeypatch.setattr(likelihood_ops, "elementwise_step", lambda *args: None)
+        monkeypatch.setattr(likelihood_ops, "categorical_step", lambda *args: None)
+        monkeypatch.setattr(dmol_ops, "dmol_packed_step", lambda *args: None)
 
     return use
 
@@ -231,3 +235,115 @@ def test_inference_mode_and_no_grad_evaluate_without_a_graph(contiguous):
         assert out.loss.grad_fn is None and z.grad_fn is None and log_p.grad_fn is None
         for got, want in zip(out, expected):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ the heads: categorical, packed logistic mixture
+
+
+def _packed_dmol(batch, channels, mixtures, pixels=(3, 4), dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    packed = mixtures * (1 + channels * (3 if channels == 3 else 2))
+    params = torch.randn(batch, packed, *pixels, generator=gen, dtype=dtype).requires_grad_()
+    x = (torch.randint(0, 256, (batch, channels, *pixels), generator=gen) / 127.5 - 1).to(dtype)
+    return x, params
+
+
+def test_head_training_calls_take_the_step_entry_points(recorder):
+    logits = torch.randn(4, 3, 5, 7, requires_grad=True)  # (B, *pixels, C)
+    target = torch.randint(0, 7, (4, 3, 5))
+    vae_fast.categorical_log_prob(logits, target).mean().backward()
+    x, params = _packed_dmol(4, 3, 2)
+    vae_fast.dmol_packed_log_prob(x, params, reduction="mean").backward()
+    x1, params1 = _packed_dmol(4, 1, 3)
+    vae_fast.dmol_packed_log_prob(x1, params1, 3, log_scale_min=-5.0).sum().backward()
+    assert recorder.calls == ["categorical_step", "dmol_packed_step", "dmol_packed_step"]
+    recorder.calls.clear()
+    # int32 targets, K decoder samples, transposed logits, an int log_scale_min, x of another dtype, split
+    # parameters: the general entry points
+    vae_fast.categorical_log_prob(logits, target.int())
+    vae_fast.categorical_log_prob(torch.randn(2, 4, 3, 5, 7), target)
+    vae_fast.categorical_log_prob(torch.randn(4, 3, 7, 5).transpose(-1, -2), target)
+    vae_fast.dmol_packed_log_prob(x, params, log_scale_min=-7)
+    vae_fast.dmol_packed_log_prob(x.double(), params)
+    vae_fast.discretized_logistic_mixture_log_prob(x1, *vae_fast.dmol_from_packed(params1, 3, 1))
+    assert recorder.calls == ["categorical"] * 3 + ["dmol"] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_step_paths_give_exactly_the_general_paths_results(general_paths, dtype):
+    def run():
+        logits = torch.randn(6, 2, 3, 9, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        target = torch.randint(0, 9, (6, 2, 3), generator=torch.Generator().manual_seed(2))
+        x, params = _packed_dmol(6, 3, 4, dtype=dtype)
+        x1, params1 = _packed_dmol(6, 1, 2, dtype=dtype, seed=3)
+        values = (vae_fast.categorical_log_prob(logits, target), vae_fast.dmol_packed_log_prob(x, params),
+                  vae_fast.dmol_packed_log_prob(x1, params1, log_scale_min=float("-inf"), num_bits=5))
+        loss = (-values[0].mean() - values[1].sum() + 0.5 * values[2].mean()
+                - vae_fast.categorical_log_prob(logits, target, reduction="sum")
+                - vae_fast.dmol_packed_log_prob(x, params, reduction="mean"))
+        return (*values, *torch.autograd.grad(loss, (logits, params, params1)))
+
+    step = run()
+    general_paths()
+    general = run()
+    for got, want in zip(step, general):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_head_step_nodes_keep_the_op_contracts():
+    F64 = torch.float64
+    logits = torch.randn(3, 4, 6, dtype=F64, requires_grad=True)
+    target = torch.randint(0, 6, (3, 4))
+    assert torch.autograd.gradcheck(lambda t: vae_fast.categorical_log_prob(t, target), (logits,))
+    assert torch.autograd.gradgradcheck(lambda t: vae_fast.categorical_log_prob(t, target), (logits,))
+    x, params = _packed_dmol(2, 3, 2, pixels=(2,), dtype=F64)
+    assert torch.autograd.gradcheck(lambda p: vae_fast.dmol_packed_log_prob(x, p), (params,))
+    log_p = vae_fast.dmol_packed_log_prob(x, params)
+    first = torch.autograd.grad(log_p.sum(), params, retain_graph=True)[0]
+    again = torch.autograd.grad(log_p.sum(), params, create_graph=False)[0]
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(vae_fast.dmol_packed_log_prob(x, params).sum(), params, create_graph=True)
+
+
+def test_head_step_paths_reject_what_the_general_paths_reject():
+    logits = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+        vae_fast.categorical_log_prob(logits, torch.tensor([[0, 1, 4], [0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+        vae_fast.categorical_log_prob(logits, torch.tensor([[0, 1, 2], [-1, 0, 0]]))
+    x, params = _packed_dmol(2, 3, 2)
+    with pytest.raises(ValueError, match=r"x must lie in \[-1, 1\]"):
+        vae_fast.dmol_packed_log_prob(x * 1.5, params)
+    with pytest.raises(ValueError, match="x is treated as data and must not require grad"):
+        vae_fast.dmol_packed_log_prob(x.requires_grad_(), params)
+    with pytest.raises(ValueError, match="params must have shape"):
+        vae_fast.dmol_packed_log_prob(x.detach(), params[:, :-1])
+    with pytest.raises(TypeError, match="dense"):
+        vae_fast.categorical_log_prob(logits.to_sparse(), torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_head_step_paths_serve_large_gradients_from_the_buffer_pool(monkeypatch):
+    # a 256-way likelihood's gradient is megabytes: the step path takes it from the pool, as the general path does
+    from vae_fast.kernels import cpu
+
+    pooled = []
+    real = cpu._C
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "pooled_tensor":
+                return lambda *args: pooled.append(args) or real.pooled_tensor(*args)
+            return getattr(real, name)
+
+    monkeypatch.setattr(cpu, "_C", Counting())
+    logits = torch.randn(4, 32, 32, 256, requires_grad=True)  # 4 MiB of float32: the pool's smallest buffer
+    target = torch.randint(0, 256, (4, 32, 32))
+    log_p = vae_fast.categorical_log_prob(logits, target)
+    (grad,) = torch.autograd.grad(-log_p.mean(), logits)
+    assert len(pooled) == 1 and tuple(pooled[0][1]) == tuple(logits.shape)
+    expected = torch.log_softmax(logits.detach().double(), -1)
+    torch.testing.assert_close(log_p.double(), expected.gather(-1, target[..., None]).sum((1, 2, 3)), rtol=1e-5,
+                               atol=1e-3)
+    onehot = torch.nn.functional.one_hot(target, 256).double()
+    torch.testing.assert_close(grad.double(), (expected.exp() - onehot) / 4, rtol=1e-4, atol=1e-7)

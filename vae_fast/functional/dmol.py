@@ -181,8 +181,33 @@ def dmol_packed_log_prob(
     return _dmol_packed(x, params, num_mixtures, num_bits, log_scale_min, reduction, None)
 
 
+def _step_mixtures(x, params, num_mixtures, num_bits, log_scale_min) -> int:
+    """M for the per-step call of :func:`_dmol_packed` — plain CPU tensors of one floating dtype, x (B, C, *pixels)
+    without grad, params (B, M * per-mixture channels, *pixels), valid num_bits and log_scale_min: every check
+    of the general path passes — tested in one expression; else 0."""
+    if not (type(params) is torch.Tensor and type(x) is torch.Tensor and params.dtype == x.dtype and params.is_cpu
+            and x.is_cpu and params.is_floating_point() and x.dim() >= 2 and params.dim() == x.dim()
+            and params.shape[0] == x.shape[0] and params.shape[2:] == x.shape[2:] and not x.requires_grad
+            and type(num_bits) is int and 1 <= num_bits <= 30 and type(log_scale_min) is float
+            and -math.inf <= log_scale_min < math.inf):
+        return 0
+    per_mixture = _dmol_packed_channels(1, x.shape[1])
+    if num_mixtures is None:
+        return params.shape[1] // per_mixture if params.shape[1] % per_mixture == 0 else 0
+    if type(num_mixtures) is int and num_mixtures > 0 and params.shape[1] == num_mixtures * per_mixture:
+        return num_mixtures
+    return 0
+
+
 def _dmol_packed(x, params, num_mixtures=None, num_bits=8, log_scale_min=-7.0, reduction="none",
                  expected_upstream=None):
+    mixtures = _step_mixtures(x, params, num_mixtures, num_bits, log_scale_min)
+    if mixtures:
+        if expected_upstream is None:
+            expected_upstream = default_expected_upstream(reduction, x.shape[0])
+        log_prob = dmol_ops.dmol_packed_step(x, params, mixtures, num_bits, log_scale_min, expected_upstream)
+        if log_prob is not None:
+            return log_prob if reduction == "none" else reduce(log_prob, reduction)
     check_tensor("params", params)
     _check_dmol_x(x, params, "params", num_bits)
     batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]

@@ -237,6 +237,36 @@ def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale
     return log_prob, grad, grad_scale, bad
 
 
+def categorical_step_log_prob(logits, target, want_grad, expected_upstream):
+    """:func:`categorical_log_prob` of contiguous logits (B, *pixels, C) of a step dtype with C > 0 and a
+    contiguous int64 target (B, *pixels) (checked by the caller) -> log_prob (B,), grad_logits (logits' shape,
+    from the buffer pool when large) | None, num_invalid (int)."""
+    rows, classes = logits.shape[0], logits.shape[-1]
+    n = logits.numel()
+    log_prob = logits.new_empty(rows)
+    grad = _new_output(logits) if want_grad else None
+    bad = _C.categorical_step(_DTYPE_CODE[logits.dtype], rows, n // (rows * classes), classes, logits.data_ptr(), n,
+                              target.data_ptr(), target.numel(), log_prob.data_ptr(),
+                              0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())
+    return log_prob, grad, bad
+
+
+def dmol_packed_step_log_prob(x, params, num_mixtures, num_bits, log_scale_min, want_grad, expected_upstream):
+    """:func:`dmol_log_prob` of a packed parameter tensor (B, M + C * (3M or 2M), *pixels) and x (B, C, *pixels),
+    both contiguous of one step dtype (checked by the caller; the C++ side lays the packed views out and checks
+    them against the buffers' sizes) -> log_prob (B,), grad_params (params' shape, from the buffer pool when
+    large) | None, num_invalid (int)."""
+    rows, channels = x.shape[0], x.shape[1]
+    n = x.numel()
+    log_prob = params.new_empty(rows)
+    grad = _new_output(params) if want_grad else None
+    bad = _C.dmol_packed_step(_DTYPE_CODE[params.dtype], rows, channels, num_mixtures, n // (rows * channels),
+                              x.data_ptr(), n, params.data_ptr(), params.numel(), 1.0 / (2**num_bits - 1),
+                              log_scale_min, log_prob.data_ptr(), 0 if grad is None else grad.data_ptr(),
+                              expected_upstream, torch.get_num_threads())
+    return log_prob, grad, bad
+
+
 def values_within(values: torch.Tensor, low: float, high: float) -> bool | None:
     """Whether every value of a float32/float64 CPU tensor lies in [low, high] (False if one is NaN), read
     in place by one C++ call; None for a dtype or layout it does not read (callers then reduce with torch).

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from .._validation import raise_if_invalid
-from ._autograd import fast_apply, mark_non_differentiable, saved_gradients, scale_saved, setup_saved_gradient
-from ._library import acc_dtype, call, kernels_for, register_op
+from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, saved_gradients, scale_saved,
+                        setup_saved_gradient)
+from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 
 
 def _unit_pixel_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -183,3 +184,44 @@ def dmol_packed_log_prob(x, params, num_mixtures, num_bits, log_scale_min, expec
                                                        expected_upstream)
     raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
     return log_prob
+
+
+class DmolPackedStep(torch.autograd.Function):
+    """The per-step call of :class:`DmolPackedLogProb` (see :func:`dmol_packed_step`): forward(x, params,
+    (kernels, num_mixtures, num_bits, log_scale_min, want_grad, expected_upstream)) -> log_prob (B,), raising
+    ValueError itself for x outside [-1, 1], with ctx holding what ``DmolPackedLogProb.setup_context`` holds;
+    backward *is* ``DmolPackedLogProb.backward``."""
+
+    @staticmethod
+    def forward(ctx, x, params, plan):
+        kernels, num_mixtures, num_bits, log_scale_min, want_grad, expected_upstream = plan
+        log_prob, grad, num_invalid = kernels.dmol_packed_step_log_prob(x, params, num_mixtures, num_bits,
+                                                                        log_scale_min, want_grad, expected_upstream)
+        if num_invalid:
+            raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
+        setup_saved_gradient(ctx, "dmol_packed_log_prob", (expected_upstream,), 0, (grad,), eager=True)
+        return log_prob
+
+    backward = staticmethod(DmolPackedLogProb.backward)
+
+
+_apply_packed_step = eager_function_apply(DmolPackedStep)
+
+
+def dmol_packed_step(x, params, num_mixtures: int, num_bits: int, log_scale_min: float,
+                     expected_upstream: float) -> torch.Tensor | None:
+    """:func:`dmol_packed_log_prob` of the per-step call (x (B, C, *pixels), params (B, P, *pixels)) through the
+    backend's step kernel; None when the call does not qualify (the caller then uses :func:`dmol_packed_log_prob`).
+
+    The caller passes plain CPU tensors of one floating dtype with matching shapes and checked arguments (the
+    functional layer's per-step check). The call qualifies when it is plain eager (see :func:`step_kernels_for`),
+    both tensors are contiguous, B > 0, C > 0 and the backend has a step kernel for their dtype; the gradient
+    buffer comes from the backend's buffer pool when it is large."""
+    if not (params.is_contiguous() and x.is_contiguous() and x.shape[0] > 0 and x.shape[1] > 0):
+        return None
+    kernels = step_kernels_for(params, 0)
+    if kernels is None:
+        return None
+    want_grad = torch.is_grad_enabled() and params.requires_grad
+    return _apply_packed_step(x, params, (kernels, num_mixtures, num_bits, log_scale_min, want_grad,
+                                          expected_upstream))

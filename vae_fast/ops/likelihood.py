@@ -318,5 +318,55 @@ def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: floa
     """log p(target | logits) of shape logits.shape[:lead_ndim]; raises ValueError for targets outside [0, C)."""
     want_grad = torch.is_grad_enabled() and logits.requires_grad
     log_prob, _, num_invalid = _apply_categorical(logits, target, lead_ndim, want_grad, expected_upstream)
-    raise_if_invalid(num_invalid, f"x must hold class indices in [0, {logits.shape[-1]})")
+    if _any_invalid(num_invalid):
+        raise_if_invalid(num_invalid, _categorical_support_message(logits))
     return log_prob
+
+
+def _any_invalid(num_invalid) -> bool:
+    # (an int from the C++ kernels, a tensor otherwise: raise_if_invalid reads those)
+    return not isinstance(num_invalid, int) or num_invalid != 0
+
+
+def _categorical_support_message(logits) -> str:
+    return f"x must hold class indices in [0, {logits.shape[-1]})"
+
+
+class CategoricalStep(torch.autograd.Function):
+    """The per-step call of :class:`CategoricalLogProb` (see :func:`categorical_step`): forward(logits, target,
+    (kernels, want_grad, expected_upstream)) -> log_prob (B,), raising ValueError itself for targets outside
+    [0, C), with ctx holding what ``CategoricalLogProb.setup_context`` holds; backward *is*
+    ``CategoricalLogProb.backward``."""
+
+    @staticmethod
+    def forward(ctx, logits, target, plan):
+        kernels, want_grad, expected_upstream = plan
+        log_prob, grad, num_invalid = kernels.categorical_step_log_prob(logits, target, want_grad, expected_upstream)
+        if num_invalid:
+            raise_if_invalid(num_invalid, _categorical_support_message(logits))
+        ctx.lead_ndim = 1
+        setup_saved_gradient(ctx, "categorical_log_prob", (expected_upstream,), 0, (grad,), (logits, target),
+                             eager=True)
+        return log_prob
+
+    backward = staticmethod(CategoricalLogProb.backward)
+
+
+_apply_categorical_step = eager_function_apply(CategoricalStep)
+
+
+def categorical_step(logits, target, expected_upstream: float) -> torch.Tensor | None:
+    """:func:`categorical_log_prob` (logits, target, 1, expected_upstream) of the per-step call through the
+    backend's step kernel; None when the call does not qualify (the caller then uses :func:`categorical_log_prob`).
+
+    The caller passes plain CPU tensors: floating logits (B, *pixels, C) and an int64 target (B, *pixels). The
+    call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous, B > 0, C > 0 and
+    the backend has a step kernel for logits' dtype; the gradient buffer comes from the backend's buffer pool
+    when it is large (a 256-way image likelihood's is)."""
+    if not (logits.is_contiguous() and target.is_contiguous() and logits.shape[0] > 0 and logits.shape[-1] > 0):
+        return None
+    kernels = step_kernels_for(logits, 0)
+    if kernels is None:
+        return None
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _apply_categorical_step(logits, target, (kernels, want_grad, expected_upstream))
