@@ -10,7 +10,7 @@
 namespace vae_fast {
 
 enum class ScaleParam : int { kLogVar = 0, kLogStd = 1, kSoftplus = 2 };
-enum class Likelihood : int { kBernoulli = 0, kContinuousBernoulli = 1, kGaussian = 2, kSquaredError = 3, kLaplace = 4 };
+enum class Likelihood : int { kBernoulli = 0, kContinuousBernoulli = 1, kGaussian = 2, kMeanSquaredError = 3, kLaplace = 4 };
 
 // A read-only (rows, cols) operand addressed as ptr[r * row_stride + c * col_stride];
 // strides may be 0 (broadcast). ptr == nullptr means "absent".

@@ -10,6 +10,7 @@
 //       C(l) = l / tanh(l/2) (Loaiza-Ganem & Cunningham 2019, written in logits; even in l)
 //   Gaussian:              log p = -1/2 ((x - m)^2 e^-lv + lv + log 2 pi)
 //       d/dm = (x - m) e^-lv,   d/dlv = 1/2 ((x - m)^2 e^-lv - 1)
+//   mean squared error:    log p = -1/D (x - m)^2 per element (a row sums to minus its MSE),  d/dm = 2/D (x - m)
 //   Laplace (s = log b):   log p = -|x - m| e^-s - s - log 2
 //       d/dm = sign(x - m) e^-s (0 at x = m, as torch.abs),   d/ds = |x - m| e^-s - 1
 //   (x - m)^2 e^-lv and |x - m| e^-s map 0 * inf to 0: an exact fit under a collapsed scale adds nothing)
@@ -100,6 +101,9 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
   const T* __restrict logvar = static_cast<const T*>(a.logvar.ptr);
   const int64_t D = a.dim;
   const T expected_upstream = T(a.expected_upstream);
+  // the mean squared error's 1/D, applied once per row to the sum and folded into the gradient's factor
+  const T grad_factor = L == Likelihood::kMeanSquaredError && D > 0 ? T(a.expected_upstream / double(D))
+                                                                    : expected_upstream;
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * D > kParallelGrain)
@@ -155,8 +159,8 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           grad = diff > T(0) ? inv_b : (diff < T(0) ? -inv_b : T(0));
           if constexpr (LV_GRAD == LogVarGrad::kPerElement) g_lv[i] = (scaled - T(1)) * expected_upstream;
           if constexpr (LV_GRAD == LogVarGrad::kPerRow) row_lv_grad += scaled - T(1);
-        } else if constexpr (L == Likelihood::kSquaredError) {
-          // -(x - mean)^2: the Gaussian's quadratic without variance or normaliser ("MSE" losses)
+        } else if constexpr (L == Likelihood::kMeanSquaredError) {
+          // -(x - mean)^2 here, / D below: the Gaussian's quadratic without variance or normaliser ("MSE" losses)
           const T diff = xi - ti;
           value = -diff * diff;
           grad = T(2) * diff;
@@ -176,9 +180,10 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           }
         }
         row_sum += value;
-        if constexpr (WANT_GRAD) g[i] = grad * expected_upstream;
+        if constexpr (WANT_GRAD) g[i] = grad * grad_factor;
       }
     }
+    if constexpr (L == Likelihood::kMeanSquaredError) row_sum = D > 0 ? row_sum / T(D) : T(0);
     log_prob[r] = row_sum;
     if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad * expected_upstream;
     bad += row_bad;
@@ -224,9 +229,9 @@ int64_t elementwise_dispatch(const ElementwiseLikelihoodArgs& a) {
     case LL::kContinuousBernoulli:
       return grad ? elementwise_impl<T, LL::kContinuousBernoulli, true, LogVarGrad::kNone, LV::kContiguous>(a)
                   : elementwise_impl<T, LL::kContinuousBernoulli, false, LogVarGrad::kNone, LV::kContiguous>(a);
-    case LL::kSquaredError:
-      return grad ? elementwise_impl<T, LL::kSquaredError, true, LogVarGrad::kNone, LV::kContiguous>(a)
-                  : elementwise_impl<T, LL::kSquaredError, false, LogVarGrad::kNone, LV::kContiguous>(a);
+    case LL::kMeanSquaredError:
+      return grad ? elementwise_impl<T, LL::kMeanSquaredError, true, LogVarGrad::kNone, LV::kContiguous>(a)
+                  : elementwise_impl<T, LL::kMeanSquaredError, false, LogVarGrad::kNone, LV::kContiguous>(a);
     case LL::kGaussian:
       return grad ? elementwise_scale_layout<T, LL::kGaussian, true>(a)
                   : elementwise_scale_layout<T, LL::kGaussian, false>(a);

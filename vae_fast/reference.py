@@ -173,9 +173,10 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, batch_dim
     return _sum_event(per_pixel.expand(torch.broadcast_shapes(mean.shape, x.shape)), batch_dims)
 
 
-def squared_error_log_prob(mean: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
-    """sum -(x - mean)^2: the Gaussian's quadratic term without variance or normaliser."""
-    return _sum_event(-((x - mean) ** 2).expand(torch.broadcast_shapes(mean.shape, x.shape)), batch_dims)
+def mean_squared_error_log_prob(mean: torch.Tensor, x: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+    """-1/D sum (x - mean)^2 over the D event elements (0 for an empty event): minus the per-example MSE."""
+    per_pixel = -((x - mean) ** 2).expand(torch.broadcast_shapes(mean.shape, x.shape))
+    return _sum_event(per_pixel, batch_dims) / max(math.prod(per_pixel.shape[batch_dims:]), 1)
 
 
 def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, batch_dims: int = 1) -> torch.Tensor:

@@ -139,15 +139,8 @@ def mse_log_prob(mean: torch.Tensor, x: torch.Tensor, *, reduction: str = "none"
 
 
 def _mse(mean, x, reduction="none", expected_upstream=None):
-    if not _is_common_call(mean, x):  # (the per-step call passes both checks)
-        check_tensor("mean", mean)
-        check_x(x, "mean", mean, differentiable=True)
-    size = max(math.prod(x.shape[1:]), 1)  # D (an empty event gives 0, not 0/0)
-    if expected_upstream is None:
-        expected_upstream = default_expected_upstream(reduction, mean.numel() // size)
-    # the kernel sums -(x - mean)^2 over the event; its rows receive the upstream gradient / D
-    total = _elementwise(Likelihood.SQUARED_ERROR, "mean", mean, x, None, "none", expected_upstream / size)
-    return reduce(total / size, reduction)
+    # (the kernel divides each row's sum by D itself: one op, as for the other likelihoods)
+    return _elementwise(Likelihood.MEAN_SQUARED_ERROR, "mean", mean, x, None, reduction, expected_upstream)
 
 
 def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:

@@ -86,7 +86,7 @@ _ELEMENTWISE = {
     0: lambda t, x, lv: ref.bernoulli_log_prob(t, x),
     1: lambda t, x, lv: ref.continuous_bernoulli_log_prob(t, x),
     2: lambda t, x, lv: ref.gaussian_log_prob(t, x, lv),
-    3: lambda t, x, lv: ref.squared_error_log_prob(t, x),
+    3: lambda t, x, lv: ref.mean_squared_error_log_prob(t, x),
     4: lambda t, x, lv: ref.laplace_log_prob(t, x, lv),
 }
 

@@ -20,7 +20,7 @@ class Likelihood(enum.IntEnum):
     BERNOULLI = 0
     CONTINUOUS_BERNOULLI = 1
     GAUSSIAN = 2
-    SQUARED_ERROR = 3
+    MEAN_SQUARED_ERROR = 3  # -1/D sum (x - mean)^2 over the event: minus the per-example MSE
     LAPLACE = 4
 
 

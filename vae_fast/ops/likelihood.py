@@ -91,12 +91,13 @@ def _continuous_bernoulli_dlog_norm(logits):
     return torch.where(small, logits / 6 - 7 * logits ** 3 / 360, 1 / safe - 1 / torch.sinh(safe))
 
 
-def _elementwise_derivatives(likelihood: int, theta, x, logvar):
+def _elementwise_derivatives(likelihood: int, theta, x, logvar, lead_ndim: int):
     """(d log p / d theta, d log p / d x, d log p / d logvar) per element, in differentiable torch
     ops: the create_graph / torch.func path of backward (the kernels give the first-order values)."""
     x = x.to(theta.dtype)
-    if likelihood == Likelihood.SQUARED_ERROR:
-        return 2 * (x - theta), -2 * (x - theta), None
+    if likelihood == Likelihood.MEAN_SQUARED_ERROR:  # -1/D sum (x - mean)^2 over the event
+        d_mean = (x - theta) * (2.0 / max(math.prod(theta.shape[lead_ndim:]), 1))
+        return d_mean, -d_mean, None
     if likelihood == Likelihood.GAUSSIAN:
         inv_var = torch.exp(-logvar.to(theta.dtype))
         d_mean = (x - theta) * inv_var
@@ -142,7 +143,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         (grad, grad_lv), inputs = saved_and_inputs(ctx, "the decoder output (theta)", double or want_theta)
         if double:
             theta, x, logvar = inputs
-            d_theta, d_x, d_lv = _elementwise_derivatives(ctx.likelihood, theta, x, logvar)
+            d_theta, d_x, d_lv = _elementwise_derivatives(ctx.likelihood, theta, x, logvar, ctx.lead_ndim)
             upstream = row_factor(grad_out, theta.dim()).to(theta.dtype)
             grad_theta = (d_theta * upstream).sum_to_size(theta_shape) if needs[0] else None
             grad_x = (d_x * upstream).sum_to_size(x_shape) if needs[1] else None
@@ -152,7 +153,7 @@ class ElementwiseLogProb(torch.autograd.Function):
             raise RuntimeError("vae_fast.elementwise_log_prob: call with want_grad=True to differentiate w.r.t. theta")
         grad_theta = grad_x = grad_logvar = None
         if needs[1]:
-            if ctx.likelihood not in _LOGIT_FAMILY:  # Gaussian, squared error, Laplace: d/dx = -d/dmean
+            if ctx.likelihood not in _LOGIT_FAMILY:  # Gaussian, mean squared error, Laplace: d/dx = -d/dmean
                 grad_x = -(grad * row_factor(grad_out / ctx.expected_upstream, grad.dim()).to(grad.dtype))
             else:  # d/dx [x l - softplus(l) (+ log C(l))] = l
                 theta = inputs[0]
@@ -212,7 +213,7 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
     :func:`elementwise_log_prob`).
 
     The caller passes plain CPU tensors of one floating dtype and one shape (the functional layer's
-    per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, squared error) or a tensor (the
+    per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, mean squared error) or a tensor (the
     Gaussian's log-variance, the Laplace's log-scale). The call qualifies when it is plain eager (see
     :func:`step_kernels_for`), theta and x are contiguous (B, ...) with B > 0 (an MLP's (B, D) logits, a
     conv decoder's (B, C, H, W)), ``scale`` is None or a scalar (a plain 0-d CPU tensor of theta's dtype:

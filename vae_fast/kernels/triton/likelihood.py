@@ -1,6 +1,6 @@
 """Triton reconstruction kernels with the gradient computed in the forward pass.
 
-Elementwise likelihoods (Bernoulli, continuous Bernoulli, Gaussian, squared error, Laplace): one program
+Elementwise likelihoods (Bernoulli, continuous Bernoulli, Gaussian, mean squared error, Laplace): one program
 per row of the decoder output; the row's log-likelihood is accumulated in
 registers and stored once, d log p / d theta is written in the same pass.
 Categorical: one program per (row, block of pixels); a block of PIXELS x C logits
@@ -34,7 +34,7 @@ def elementwise_terms(theta, x, lv, LIKELIHOOD: tl.constexpr):
         grad = tl.where(diff > 0.0, inv_b, tl.where(diff < 0.0, -inv_b, 0.0))
         grad_lv = scaled - 1.0
         bad = x != x
-    elif LIKELIHOOD == 3:  # squared error -(x - mean)^2 (no variance, no normaliser)
+    elif LIKELIHOOD == 3:  # mean squared error: -(x - mean)^2 here, the row kernel divides by D
         diff = x - theta
         value = -diff * diff
         grad = 2.0 * diff
@@ -67,6 +67,9 @@ def elementwise_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * dim may exceed 2^31
     x_row = row % x_rows                 # K decoder samples share one x
     upstream = tl.load(expected_upstream_ptr).to(ACC)  # the expected upstream gradient (ops/likelihood.py)
+    if LIKELIHOOD == 3:  # the mean squared error's 1/D, folded into the gradient's factor and applied to the sum
+        inv_dim = 1.0 / tl.maximum(dim, 1).to(ACC)
+        upstream = upstream * inv_dim
     total = tl.zeros([BLOCK], dtype=ACC)
     lv_total = tl.zeros([BLOCK], dtype=ACC)  # (LOGVAR_GRAD_PER_ROW: a logvar constant along the row gets the row's sum)
     invalid = tl.zeros([BLOCK], dtype=tl.int32)
@@ -91,7 +94,10 @@ def elementwise_kernel(
                 lv_total += tl.where(mask, grad_lv, 0.0)
             else:
                 tl.store(grad_logvar_ptr + offs, grad_lv * upstream, mask=mask)
-    tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
+    if LIKELIHOOD == 3:
+        tl.store(log_prob_ptr + row, tl.sum(total, axis=0) / tl.maximum(dim, 1).to(ACC))
+    else:
+        tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
     if WANT_LOGVAR_GRAD and LOGVAR_GRAD_PER_ROW:
         tl.store(grad_logvar_ptr + row, tl.sum(lv_total, axis=0) * upstream)
     tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
