@@ -94,7 +94,13 @@ def test_plain_eager_training_calls_take_the_step_entry_points(recorder):
     learned = torch.zeros((), requires_grad=True)
     vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5), learned).mean().backward()
     vae_fast.laplace_log_prob(images, torch.rand(4, 1, 5, 5), learned).mean().backward()
-    assert recorder.calls == ["latent_step_forward", "latent_step_backward"] + ["elementwise_step"] * 7
+    parameter = torch.nn.Parameter(torch.zeros(()))  # as LDM's autoencoder holds it (self.logvar)
+    mu4, logvar4 = mu[:4].detach().requires_grad_(), logvar[:4].detach().requires_grad_()
+    vae_fast.elbo(images.detach(), mu4, logvar4, lambda z: (images * z.mean(), parameter),
+                  likelihood="laplace").loss.backward()
+    assert parameter.grad is not None
+    assert recorder.calls == (["latent_step_forward", "latent_step_backward"] + ["elementwise_step"] * 7
+                              + ["latent_step_forward", "elementwise_step", "latent_step_backward"])
     recorder.calls.clear()
     # a per-pixel or per-example log-variance: the general path
     vae_fast.gaussian_log_prob(images, torch.rand(4, 1, 5, 5), torch.zeros(1, 5, 5)).mean().backward()

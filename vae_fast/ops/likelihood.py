@@ -205,6 +205,8 @@ class ElementwiseStep(torch.autograd.Function):
 
 
 _apply_elementwise_step = eager_function_apply(ElementwiseStep)
+# a learned scale is usually a module's nn.Parameter (LDM's ``self.logvar``): a plain tensor to the kernels
+_PLAIN_SCALE_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float) -> torch.Tensor | None:
@@ -220,7 +222,7 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
     fixed, or learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel for them."""
     if not (theta.is_contiguous() and x.is_contiguous() and theta.shape[0] > 0):
         return None
-    if scale is not None and not (type(scale) is torch.Tensor and scale.dim() == 0 and scale.dtype == theta.dtype
+    if scale is not None and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
                                   and scale.is_cpu):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
