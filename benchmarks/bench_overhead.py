@@ -9,8 +9,9 @@ backward separately, in the terms of issue #18: wrapper time minus raw-kernel ti
 
 Next to them, the floor that any ``torch.autograd.Function`` pays here: an empty Function that
 allocates the op's outputs (forward) and its gradients (backward); and the seed draw the latent op
-needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent and 128 x 784 Bernoulli, and a
-128 x 784 Gaussian with a fixed variance.
+needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent, every elementwise likelihood at 128 x 784
+(the Gaussian with a fixed and a learned scalar variance, the Laplace with a learned scale as in the LDM
+autoencoder), a 256-way categorical over 16 x 64 pixels and a packed 16 x 3 x 8 x 8 logistic mixture.
 Overheads are minima over alternated rounds (the machine's noise only adds to them); medians in
 parentheses.
 
@@ -81,45 +82,88 @@ def cases(batch: int = 128, dim: int = 20, pixels: int = 784) -> dict:
         "engine_bwd": lambda: torch.autograd.grad((ez, ekl), (mu, lv), (gz, gk), retain_graph=True),
         "floor_bwd": lambda: torch.autograd.grad((fz, fkl), (mu, lv), (gz, gk), retain_graph=True),
     }
-    logits = torch.randn(batch, pixels, requires_grad=True)
-    logits_d = logits.detach()
-    x = torch.rand(batch, pixels).round()
-    lp_buf, grad_buf = torch.empty(batch), torch.empty(batch, pixels)
-    m = batch * pixels
-    upstream = torch.full((batch,), -1.0 / batch)  # what -log_p.mean() sends: backward returns the saved gradient
-    lp = vae_fast.bernoulli_log_prob(logits, x)
-    floor_l = _floor_function([(batch,), (batch, pixels)], [(batch, pixels), None])
-    engine_l = _floor_function([(batch,)], [grad_buf, None])
-    flp, _ = floor_l.apply(logits, x)
-    (elp,) = engine_l.apply(logits, x)
-    bernoulli = {
-        "kernel_fwd": lambda: _C.elementwise_likelihood(0, 0, batch, batch, pixels, logits_d.data_ptr(), x.data_ptr(), 0,
-                                                        0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0, False, -1.0 / batch,
-                                                        threads, [m, m, 0, batch, m, 0]),
-        "public_fwd": lambda: vae_fast.bernoulli_log_prob(logits, x),
-        "floor_fwd": lambda: floor_l.apply(logits, x),
-        "node_bwd": lambda: torch.autograd.grad(lp, logits, upstream, retain_graph=True),
-        "engine_bwd": lambda: torch.autograd.grad(elp, logits, upstream, retain_graph=True),
-        "floor_bwd": lambda: torch.autograd.grad(flp, logits, upstream, retain_graph=True),
+    rows = {f"latent {batch}x{dim}": latent}
+    rows.update(likelihood_cases(batch, pixels, threads))
+    return rows
+
+
+def _likelihood_case(public, inputs, differentiable, kernel_fwd, grad_shapes) -> dict:
+    """The callables of one likelihood row: ``public(*inputs)`` -> log p (B,) (its node built for the inputs
+    that require grad, ``differentiable``), ``kernel_fwd`` its raw C++ kernel on preallocated outputs,
+    ``grad_shapes`` the shape of each input's gradient (None where it gets none), which the op computes in
+    forward and its backward hands out."""
+    rows = public(*inputs).shape[0]
+    upstream = torch.full((rows,), -1.0 / rows)  # what -log_p.mean() sends: backward returns the saved gradient
+    log_p = public(*inputs)
+    computed = [g for g in grad_shapes if g is not None]
+    floor = _floor_function([(rows,), *computed], grad_shapes)
+    engine = _floor_function([(rows,)], [None if g is None else torch.empty(g) for g in grad_shapes])
+    floor_out = floor.apply(*inputs)[0]
+    (engine_out,) = engine.apply(*inputs)
+    return {
+        "kernel_fwd": kernel_fwd,
+        "public_fwd": lambda: public(*inputs),
+        "floor_fwd": lambda: floor.apply(*inputs),
+        "node_bwd": lambda: torch.autograd.grad(log_p, differentiable, upstream, retain_graph=True),
+        "engine_bwd": lambda: torch.autograd.grad(engine_out, differentiable, upstream, retain_graph=True),
+        "floor_bwd": lambda: torch.autograd.grad(floor_out, differentiable, upstream, retain_graph=True),
     }
-    # the Gaussian with a fixed scalar log-variance (the default 0): the kernel reads it with strides 0
-    mean, mean_d, target = logits, logits_d, torch.rand(batch, pixels)
-    zero = torch.zeros(())
-    lp = vae_fast.gaussian_log_prob(mean, target)
-    engine_g = _floor_function([(batch,)], [grad_buf, None])
-    (egp,) = engine_g.apply(mean, target)
-    gaussian = {
-        "kernel_fwd": lambda: _C.elementwise_likelihood(0, 2, batch, batch, pixels, mean_d.data_ptr(), target.data_ptr(),
-                                                        zero.data_ptr(), 0, 0, lp_buf.data_ptr(), grad_buf.data_ptr(), 0, False,
-                                                        -1.0 / batch, threads, [m, m, 1, batch, m, 0]),
-        "public_fwd": lambda: vae_fast.gaussian_log_prob(mean, target),
-        "floor_fwd": lambda: floor_l.apply(mean, target),
-        "node_bwd": lambda: torch.autograd.grad(lp, mean, upstream, retain_graph=True),
-        "engine_bwd": lambda: torch.autograd.grad(egp, mean, upstream, retain_graph=True),
-        "floor_bwd": lambda: torch.autograd.grad(flp, logits, upstream, retain_graph=True),
+
+
+def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
+    """One row per likelihood at the shape a training step sends: 128 x 784 for the elementwise ones (fixed and
+    learned scalar variances), a 16 x 64-pixel 256-way categorical and a 16 x 3 x 8 x 8 packed logistic mixture."""
+    theta = torch.randn(batch, pixels, requires_grad=True)
+    theta_d = theta.detach()
+    binary, grey = torch.rand(batch, pixels).round(), torch.rand(batch, pixels)
+    log_prob, grad = torch.empty(batch), torch.empty(batch, pixels)
+    zero, learned, grad_scale = torch.zeros(()), torch.zeros((), requires_grad=True), torch.empty(batch)
+    n = batch * pixels
+
+    def raw(code, x, scale=None, scale_grad=None):
+        return lambda: _C.elementwise_step(0, code, batch, pixels, theta_d.data_ptr(), n, x.data_ptr(), n,
+                                           0 if scale is None else scale.data_ptr(), log_prob.data_ptr(),
+                                           grad.data_ptr(), 0 if scale_grad is None else scale_grad.data_ptr(),
+                                           -1.0 / batch, threads)
+
+    shape = (batch, pixels)
+    cases = {
+        f"bernoulli {batch}x{pixels}": _likelihood_case(
+            vae_fast.bernoulli_log_prob, (theta, binary), theta, raw(0, binary), [shape, None]),
+        f"continuous bernoulli {batch}x{pixels}": _likelihood_case(
+            vae_fast.continuous_bernoulli_log_prob, (theta, grey), theta, raw(1, grey), [shape, None]),
+        f"gaussian (fixed scalar variance) {batch}x{pixels}": _likelihood_case(
+            vae_fast.gaussian_log_prob, (theta, grey), theta, raw(2, grey, zero), [shape, None]),
+        f"gaussian (learned scalar variance) {batch}x{pixels}": _likelihood_case(
+            vae_fast.gaussian_log_prob, (theta, grey, learned), (theta, learned), raw(2, grey, zero, grad_scale),
+            [shape, None, ()]),
+        f"laplace (learned scalar scale) {batch}x{pixels}": _likelihood_case(
+            vae_fast.laplace_log_prob, (theta, grey, learned), (theta, learned), raw(4, grey, zero, grad_scale),
+            [shape, None, ()]),
+        f"mse {batch}x{pixels}": _likelihood_case(
+            vae_fast.mse_log_prob, (theta, grey), theta, raw(3, grey), [shape, None]),
     }
-    return {f"latent {batch}x{dim}": latent, f"bernoulli {batch}x{pixels}": bernoulli,
-            f"gaussian (fixed scalar variance) {batch}x{pixels}": gaussian}
+    rows, positions, classes = 16, 64, 256
+    logits = torch.randn(rows, positions, classes, requires_grad=True)
+    logits_d, target = logits.detach(), torch.randint(0, classes, (rows, positions))
+    cat_log_prob, cat_grad = torch.empty(rows), torch.empty(rows, positions, classes)
+    cases[f"categorical {rows}x{positions}x{classes}"] = _likelihood_case(
+        vae_fast.categorical_log_prob, (logits, target), logits,
+        lambda: _C.categorical_step(0, rows, positions, classes, logits_d.data_ptr(), logits_d.numel(),
+                                    target.data_ptr(), target.numel(), cat_log_prob.data_ptr(), cat_grad.data_ptr(),
+                                    -1.0 / rows, threads), [(rows, positions, classes), None])
+    mixtures, side = 5, 8
+    packed = mixtures * (1 + 3 * 3)
+    params = torch.randn(rows, packed, side, side, requires_grad=True)
+    params_d = params.detach()
+    images = torch.randint(0, 256, (rows, 3, side, side)) / 127.5 - 1
+    dmol_log_prob, dmol_grad = torch.empty(rows), torch.empty(rows, packed, side, side)
+    cases[f"logistic mixture (packed) {rows}x3x{side}x{side}, M={mixtures}"] = _likelihood_case(
+        lambda x, p: vae_fast.dmol_packed_log_prob(x, p), (images, params), params,
+        lambda: _C.dmol_packed_step(0, rows, 3, mixtures, side * side, images.data_ptr(), images.numel(),
+                                    params_d.data_ptr(), params_d.numel(), 1.0 / 255, -7.0, dmol_log_prob.data_ptr(),
+                                    dmol_grad.data_ptr(), -1.0 / rows, threads), [None, (rows, packed, side, side)])
+    return cases
 
 
 def measure(rounds: int = 15, calls: int = 500) -> list[dict]:

@@ -86,7 +86,10 @@ def test_overhead_benchmark_measures_every_quantity():
     from benchmarks import bench_overhead
 
     rows = bench_overhead.measure(rounds=1, calls=3)
-    assert [r["op"] for r in rows] == ["latent 128x20", "bernoulli 128x784", "gaussian (fixed scalar variance) 128x784"]
+    assert [r["op"] for r in rows] == [
+        "latent 128x20", "bernoulli 128x784", "continuous bernoulli 128x784", "gaussian (fixed scalar variance) 128x784",
+        "gaussian (learned scalar variance) 128x784", "laplace (learned scalar scale) 128x784", "mse 128x784",
+        "categorical 16x64x256", "logistic mixture (packed) 16x3x8x8, M=5"]
     for row in rows:
         assert row["kernel_fwd"] > 0 and row["public_fwd"] > 0 and row["node_bwd"] > 0
     assert rows[0]["kernel_bwd"] > 0 and rows[0]["seed_draw"] > 0
