@@ -148,3 +148,21 @@ def test_elbo_step_launches(counter):
     assert kernels == ["latent_backward_kernel"]
     # torch's own nodes (mean, sub, the decoder's matmul) plus one rescale of the likelihood gradient
     assert backward.count("addcmul") == 1
+
+
+def test_mse_and_learned_scalar_variances_are_one_kernel_forward(counter):
+    mean, x = torch.randn(4, 6, requires_grad=True), torch.rand(4, 6)
+    # the mean squared error's 1/D is applied inside the kernel: no division launch
+    _, forward = _count(counter, lambda: vae_fast.mse_log_prob(mean, x))
+    assert forward == ["elementwise_kernel"]
+    # a learned scalar log-variance (LDM's): the kernel writes each row's d log p / d logvar, so backward
+    # reduces B values, not a (B, D) gradient
+    logvar = torch.zeros((), requires_grad=True)
+    log_prob, forward = _count(counter, lambda: vae_fast.gaussian_log_prob(mean, x, logvar))
+    assert forward == ["elementwise_kernel"]
+    upstream = torch.full_like(log_prob, 0.5)
+    _, backward = _count(counter, lambda: torch.autograd.grad(log_prob, (mean, logvar), upstream, retain_graph=True),
+                         backward=True)
+    # the mean's gradient rescaled (one pass), the B per-row scale gradients rescaled and summed (no pass over
+    # a (B, D) buffer: the scale's gradient was per element before, a division, a (B, D) product and its sum)
+    assert backward == ["addcmul", "addcmul", "sum"]
