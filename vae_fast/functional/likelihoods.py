@@ -12,7 +12,7 @@ import torch
 
 from .._validation import check_broadcastable, check_same_device, check_tensor
 from ..ops import likelihood as likelihood_ops
-from ..ops._autograd import cached_zero
+from ..ops._autograd import cached_scalar
 from ..ops.codes import Likelihood
 from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 
@@ -89,12 +89,13 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduct
 
 
 def _scale_operand(name: str, mean, value) -> torch.Tensor:
-    # a float (fixed) becomes a 0-d tensor of mean's dtype; tensors are checked, not converted
+    # a float (fixed) becomes a cached 0-d tensor of mean's dtype; tensors are checked, not converted
+    if (type(value) is float or type(value) is int) and type(mean) is torch.Tensor and mean.is_cpu \
+            and mean.is_floating_point():  # the per-step call: a fixed variance on the CPU, checked in one expression
+        return cached_scalar(float(value), mean.dtype, "cpu")
     check_tensor("mean", mean)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        # (the default 0 is one cached tensor per dtype and device: a new one costs 1.5 us a call)
-        value = cached_zero(mean.dtype, mean.device) if value == 0 else torch.tensor(float(value), dtype=mean.dtype,
-                                                                                      device=mean.device)
+        value = cached_scalar(float(value), mean.dtype, mean.device)
     check_tensor(name, value)
     check_same_device(("mean", name), (mean, value))
     return value
