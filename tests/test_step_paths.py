@@ -353,3 +353,18 @@ def test_head_step_paths_serve_large_gradients_from_the_buffer_pool(monkeypatch)
                                atol=1e-3)
     onehot = torch.nn.functional.one_hot(target, 256).double()
     torch.testing.assert_close(grad.double(), (expected.exp() - onehot) / 4, rtol=1e-4, atol=1e-7)
+
+
+def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
+    from vae_fast.ops import _autograd
+
+    mean, x = torch.randn(3, 4), torch.rand(3, 4)
+    for log_scale in (-0.5, 2, 0.0):  # floats and ints: the same as the 0-d tensor, call after call
+        want = vae_fast.laplace_log_prob(mean, x, torch.tensor(float(log_scale)))
+        for _ in range(2):
+            torch.testing.assert_close(vae_fast.laplace_log_prob(mean, x, log_scale), want, rtol=0, atol=0)
+    for step in range(2 * _autograd._MAX_CACHED_SCALARS):  # a schedule passing a new float every step
+        vae_fast.gaussian_log_prob(mean, x, -1.0 - step / 1000)
+    assert len(_autograd._scalars) <= _autograd._MAX_CACHED_SCALARS
+    with pytest.raises(TypeError, match="logvar must be a torch.Tensor"):
+        vae_fast.gaussian_log_prob(mean, x, True)
