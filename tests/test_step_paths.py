@@ -4,10 +4,14 @@ layers. They must give exactly what the general paths give, keep every contract 
 backward), and leave every call that does not qualify to the general paths."""
 from __future__ import annotations
 
+import contextlib
 import threading
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vae_fast
 import vae_fast.functional.latent as functional_latent
@@ -368,3 +372,67 @@ def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
     assert len(_autograd._scalars) <= _autograd._MAX_CACHED_SCALARS
     with pytest.raises(TypeError, match="logvar must be a torch.Tensor"):
         vae_fast.gaussian_log_prob(mean, x, True)
+
+
+
+@contextlib.contextmanager
+def _general_paths_only():
+    """Every call takes the general path (the step entry points decline), for property tests."""
+    with contextlib.ExitStack() as stack:
+        for module, name in ((functional_latent, "latent_step"), (likelihood_ops, "elementwise_step"),
+                             (likelihood_ops, "categorical_step"), (dmol_ops, "dmol_packed_step")):
+            stack.enter_context(mock.patch.object(module, name, lambda *args: None))
+        yield
+
+
+def _both_paths(run):
+    step = run()
+    with _general_paths_only():
+        general = run()
+    for got, want in zip(step, general):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@settings(deadline=None)
+@given(batch=st.integers(1, 5), event=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+       likelihood=st.sampled_from(["bernoulli", "continuous_bernoulli", "mse", "gaussian", "laplace"]),
+       scale=st.sampled_from(["none", "float", "fixed", "learned"]), double=st.booleans(), seed=st.integers(0, 99))
+def test_elementwise_step_path_equals_the_general_path_property(batch, event, likelihood, scale, double, seed):
+    dtype = torch.float64 if double else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    theta = (3 * torch.randn(batch, *event, generator=gen, dtype=dtype)).requires_grad_()
+    x = torch.rand(batch, *event, generator=gen, dtype=dtype)
+    learned = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    fn = getattr(vae_fast, f"{likelihood}_log_prob")
+    args = {"none": (), "float": (-0.7,), "fixed": (torch.tensor(0.4, dtype=dtype),), "learned": (learned,)}[scale]
+    if likelihood not in ("gaussian", "laplace"):
+        args = ()
+
+    def run():
+        log_p = fn(theta, x, *args)
+        wrt = (theta, learned) if args and args[0] is learned else (theta,)
+        return (log_p, *torch.autograd.grad((log_p * torch.linspace(-1, 1, batch, dtype=dtype)).sum(), wrt))
+
+    _both_paths(run)
+
+
+@settings(deadline=None)
+@given(batch=st.integers(1, 4), pixels=st.lists(st.integers(0, 4), min_size=0, max_size=2),
+       classes=st.integers(1, 9), channels=st.sampled_from([1, 2, 3]), mixtures=st.integers(1, 4),
+       double=st.booleans(), seed=st.integers(0, 99))
+def test_head_step_paths_equal_the_general_paths_property(batch, pixels, classes, channels, mixtures, double, seed):
+    dtype = torch.float64 if double else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, *pixels, classes, generator=gen, dtype=dtype).requires_grad_()
+    target = torch.randint(0, classes, (batch, *pixels), generator=gen)
+    packed = mixtures * (1 + channels * (3 if channels == 3 else 2))
+    params = torch.randn(batch, packed, *pixels, generator=gen, dtype=dtype).requires_grad_()
+    x = (torch.randint(0, 256, (batch, channels, *pixels), generator=gen) / 127.5 - 1).to(dtype)
+    upstream = torch.linspace(-1, 1, batch, dtype=dtype)
+
+    def run():
+        cat = vae_fast.categorical_log_prob(logits, target)
+        dmol = vae_fast.dmol_packed_log_prob(x, params)
+        return (cat, dmol, *torch.autograd.grad(((cat + dmol) * upstream).sum(), (logits, params)))
+
+    _both_paths(run)
