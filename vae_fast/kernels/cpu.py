@@ -176,14 +176,18 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
 # ---------------------------------------------------------------------------------------------
 # The per-step calls. A training step sends the same shapes every iteration: float32/float64 (B, Z)
 # latents with unit column stride and no prior or explicit noise; contiguous (B, ...) likelihood
-# operands with no log-variance operand or a scalar one (fixed or learned); outputs below the buffer pool's size.
-# The op layer's step paths (ops/latent.py, ops/likelihood.py) check exactly that and call these,
-# which skip the general entry points' casts, optional operands and pool (about 3 us of Python a call
-# at 128 x 20; the kernels and their C++ checks are the same).
+# operands with no log-variance operand or a scalar one (fixed or learned), outputs below the buffer pool's
+# size; contiguous categorical logits with int64 targets and packed logistic-mixture parameters (whose
+# gradients, megabytes at image sizes, come from the pool). The op layer's step paths (ops/latent.py,
+# ops/likelihood.py, ops/dmol.py) check exactly that and call these, which skip the general entry points'
+# casts, optional operands and views (about 3 us of Python a call at 128 x 20, 40 us for the packed
+# mixture; the kernels and their C++ checks are the same).
 # ---------------------------------------------------------------------------------------------
 
 STEP_DTYPES = _DTYPE_CODE  # the dtypes the step entry points take ...
-STEP_MAX_OUTPUT_BYTES = _POOL_MIN_BYTES  # ... and their outputs' size limit (they allocate with torch, not the pool)
+# ... and the latent and elementwise step outputs' size limit (they allocate with torch, not the pool; the
+# heads' step functions allocate their gradients with _new_output and are asked with a limit of 0)
+STEP_MAX_OUTPUT_BYTES = _POOL_MIN_BYTES
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int]:

@@ -29,8 +29,8 @@ _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def step_kernels_for(t: torch.Tensor, output_elements: int):
     """The kernel module serving a plain eager call on the CPU tensor ``t`` if it has per-step entry
     points (``latent_step_forward``, ...) for ``t``'s dtype (``STEP_DTYPES``) and outputs of
-    ``output_elements`` elements (below ``STEP_MAX_OUTPUT_BYTES``): the CPU extension, see
-    kernels/cpu.py; else None.
+    ``output_elements`` elements (below ``STEP_MAX_OUTPUT_BYTES``; the heads pass 0: their step functions take
+    large gradients from the buffer pool): the CPU extension, see kernels/cpu.py; else None.
 
     Plain eager as in :func:`vae_fast.ops._autograd.eager_call`, tested inline with the backend
     lookup of :func:`kernels_for` (each Python call costs 0.1 us here, and this runs on every call
