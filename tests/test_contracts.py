@@ -94,6 +94,42 @@ def test_every_op_backpropagates_any_number_of_times(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_the_same_values_and_gradients(backend, reentrant):
+    # torch.utils.checkpoint (diffusers' gradient checkpointing, NVAE's) reruns the forward pass in backward with the
+    # RNG state restored: the in-kernel noise, the saved gradients and the support checks must come out the same
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    mu, logvar = (torch.randn(4, 3, generator=gen).to(backend).requires_grad_() for _ in range(2))
+    w = torch.randn(3, 2 * 3 * 5, generator=gen).to(backend).requires_grad_()
+    learned = torch.zeros((), device=backend, requires_grad=True)
+    x = torch.rand(4, 2 * 3 * 5, generator=gen).to(backend)
+    images = (torch.randint(0, 256, (4, 1, 2, 5), generator=gen) / 127.5 - 1).to(backend)
+    target = torch.randint(0, 6, (4, 5), generator=gen).to(backend)
+    leaves = (mu, logvar, w, learned)
+
+    def block(mu, logvar, w, learned):
+        z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
+        out = z @ w
+        return (kl - vae_fast.bernoulli_log_prob(out, x.round()) - vae_fast.laplace_log_prob(out, x, learned)
+                - vae_fast.categorical_log_prob(out.view(4, 5, 6), target)
+                - vae_fast.dmol_packed_log_prob(images, out.view(4, 3, 2, 5))  # one mixture component
+                + vae_fast.elbo(x, mu, logvar, lambda z: (z @ w, learned), likelihood="gaussian").loss).mean()
+
+    def gradients(run):
+        for leaf in leaves:
+            leaf.grad = None
+        torch.manual_seed(1)
+        run().backward()  # (reentrant checkpointing supports .backward() only)
+        return [leaf.grad.clone() for leaf in leaves]
+
+    want = gradients(lambda: block(*leaves))
+    got = gradients(lambda: checkpoint(block, *leaves, use_reentrant=reentrant))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_gradcheck_and_gradgradcheck_with_default_settings(backend):
     for name, fn, theta, x in _elementwise_cases(backend):
         theta = theta.requires_grad_()
