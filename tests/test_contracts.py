@@ -130,6 +130,31 @@ def test_activation_checkpointing_recomputes_the_same_values_and_gradients(backe
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_saved_tensor_hooks_and_anomaly_mode_see_the_same_gradients(backend):
+    # activation offloading (saved_tensors_hooks, save_on_cpu) packs what the ops save, the saved gradients
+    # included; anomaly mode checks every backward output
+    mu, logvar = (torch.randn(8, 4, device=backend, requires_grad=True) for _ in range(2))
+    w = torch.randn(4, 10, device=backend, requires_grad=True)
+    learned = torch.zeros((), device=backend, requires_grad=True)
+    x = torch.rand(8, 10, device=backend)
+
+    def gradients():
+        torch.manual_seed(1)
+        out = vae_fast.elbo(x, mu, logvar, lambda z: (z @ w, learned), likelihood="laplace")
+        return torch.autograd.grad(out.loss - vae_fast.bernoulli_log_prob(x @ w.t() @ w, x.round()).mean(),
+                                   (mu, logvar, w, learned))
+
+    want = gradients()
+    packed = []
+    offload = torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t.clone(), lambda t: t)
+    for context in (offload, torch.autograd.graph.save_on_cpu(), torch.autograd.set_detect_anomaly(True)):
+        with context:
+            got = gradients()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert packed  # the hooks saw what the ops saved
+
+
 def test_gradcheck_and_gradgradcheck_with_default_settings(backend):
     for name, fn, theta, x in _elementwise_cases(backend):
         theta = theta.requires_grad_()
