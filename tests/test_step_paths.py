@@ -247,6 +247,37 @@ def test_inference_mode_and_no_grad_evaluate_without_a_graph(contiguous):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
+def test_training_after_a_first_call_under_inference_mode():
+    # an evaluation (or Lightning's sanity check) before training: the thread's first latent call and a float
+    # variance's first use happen under inference_mode; the cached seed buffer and 0-d scale are normal tensors,
+    # so later training calls can update and save them (they raised "Inplace update to inference tensor" and
+    # "Inference tensors cannot be saved for backward")
+    errors = []
+
+    def run():
+        try:
+            mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+            mean, x = torch.randn(4, 5), torch.rand(4, 5)
+            with torch.inference_mode():
+                vae_fast.gaussian_sample_kl(mu, logvar)
+                vae_fast.gaussian_log_prob(mean, x, -0.123)
+            trained = mu.clone().requires_grad_()
+            z, kl = vae_fast.gaussian_sample_kl(trained, logvar)
+            (z.sum() + kl.sum()).backward()
+            theta = mean.clone().requires_grad_()
+            with vae_fast.save_inputs():
+                log_p = vae_fast.gaussian_log_prob(theta, x, -0.123)
+            (grad,) = torch.autograd.grad(log_p.sum(), theta, create_graph=True)
+            torch.testing.assert_close(grad, (x - theta) * torch.tensor(0.123).exp())  # (x - mean) e^-lv
+        except Exception as error:  # noqa: BLE001 (reported below, from the main thread)
+            errors.append(error)
+
+    thread = threading.Thread(target=run)  # a fresh thread: its own, not yet created, seed buffer
+    thread.start()
+    thread.join()
+    assert not errors, errors
+
+
 # ------------------------------------------------------------------ the heads: categorical, packed logistic mixture
 
 

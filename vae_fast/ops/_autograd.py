@@ -100,7 +100,8 @@ def cached_scalar(value: float, dtype: torch.dtype, device) -> torch.Tensor:
     if scalar is None:
         if len(_scalars) >= _MAX_CACHED_SCALARS:
             _scalars.clear()
-        scalar = _scalars[key] = torch.full((), value, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # (one made under inference_mode could not be saved for backward later)
+            scalar = _scalars[key] = torch.full((), value, dtype=dtype, device=device)
     return scalar
 
 

@@ -78,7 +78,8 @@ def _upstream_tensor(value: float, dtype: torch.dtype, device: torch.device) -> 
     if t is None:
         if len(_scale_tensors) > 256:  # one per batch size and dtype in practice
             _scale_tensors.clear()
-        t = _scale_tensors[key] = torch.full((1,), float(value), dtype=dtype, device=device)
+        with torch.inference_mode(False):  # (a normal tensor whatever mode the first call ran in)
+            t = _scale_tensors[key] = torch.full((1,), float(value), dtype=dtype, device=device)
     return t
 
 
