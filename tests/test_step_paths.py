@@ -393,7 +393,8 @@ def test_head_step_paths_serve_large_gradients_from_the_buffer_pool(monkeypatch)
 def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
     from vae_fast.ops import _autograd
 
-    mean, x = torch.randn(3, 4), torch.rand(3, 4)
+    gen = torch.Generator().manual_seed(3)
+    mean, x = torch.randn(3, 4, generator=gen), torch.rand(3, 4, generator=gen)
     for log_scale in (-0.5, 2, 0.0):  # floats and ints: the same as the 0-d tensor, call after call
         want = vae_fast.laplace_log_prob(mean, x, torch.tensor(float(log_scale)))
         for _ in range(2):
@@ -403,6 +404,16 @@ def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
     assert len(_autograd._scalars) <= _autograd._MAX_CACHED_SCALARS
     with pytest.raises(TypeError, match="logvar must be a torch.Tensor"):
         vae_fast.gaussian_log_prob(mean, x, True)
+    # shape inference under FakeTensorMode first: nothing fake is cached for the real calls after it
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        vae_fast.gaussian_log_prob(torch.randn(3, 4), torch.rand(3, 4), -0.25)
+    assert all(type(t) is torch.Tensor for t in _autograd._scalars.values())
+    parameter = torch.nn.Parameter(mean.clone())  # (a subclass: the general path and its device-keyed lookup)
+    torch.testing.assert_close(vae_fast.gaussian_log_prob(parameter, x, -0.25),  # (both with a gradient: the
+                               vae_fast.gaussian_log_prob(mean.requires_grad_(), x, torch.tensor(-0.25)),  # same code)
+                               rtol=0, atol=0)
 
 
 
