@@ -91,10 +91,10 @@ _MAX_CACHED_SCALARS = 256  # (a schedule that passes a new float every step must
 def cached_scalar(value: float, dtype: torch.dtype, device) -> torch.Tensor:
     """A 0-d tensor holding ``value`` as ``dtype`` on ``device``, made once per (value, dtype, device): a fixed
     variance passed as a float costs a new tensor per call otherwise (1.5 us here; a kernel launch on CUDA).
-    A fresh one while torch.compile traces (a cached tensor would become a graph constant) or a dispatch mode is
-    active (FakeTensorMode would make it a fake tensor, and cache it for real calls). The tensors are internal:
-    never handed to users, never modified."""
-    if torch.compiler.is_compiling() or _dispatch_modes():
+    A fresh one while torch.compile traces (a cached tensor would become a graph constant) or under FakeTensorMode
+    (a fake one, which must not be cached for real calls; other dispatch modes, e.g. profilers, get the cached
+    one: no extra fill op). The tensors are internal: never handed to users, never modified."""
+    if torch.compiler.is_compiling() or (_dispatch_modes() and _fake_mode() is not None):
         return torch.full((), value, dtype=dtype, device=device)
     key = (value, dtype, device)  # callers pass a tensor's torch.device, or "cpu"
     scalar = _scalars.get(key)
@@ -235,6 +235,11 @@ def eager_function_apply(function):
 
 
 _transforms_active, _dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
+
+
+def _fake_mode():
+    """The active FakeTensorMode, or None."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
 
 
 def eager_call(first: torch.Tensor) -> bool:
