@@ -155,6 +155,38 @@ def test_saved_tensor_hooks_and_anomaly_mode_see_the_same_gradients(backend):
     assert packed  # the hooks saw what the ops saved
 
 
+def test_a_default_device_does_not_leak_into_cpu_calls():
+    # torch.set_default_device / `with torch.device(...)` (common on GPU machines) must not move what the ops
+    # create for CPU tensors: the step path's seed buffer (made on a thread's first call: a fresh thread here),
+    # half-precision mixture gradients, the reference backend's noise, the dispatcher path's support count
+    errors, devices = [], []
+
+    def run():
+        try:
+            mu, logvar = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+            x, w = torch.rand(4, 6), torch.randn(3, 6, requires_grad=True)
+            params = torch.randn(2, 9, 2, 2, dtype=torch.bfloat16, requires_grad=True)
+            images = (torch.randint(0, 256, (2, 1, 2, 2)) / 127.5 - 1).to(torch.bfloat16)
+            with torch.device("meta"):
+                z, kl = vae_fast.gaussian_sample_kl(mu, logvar)
+                vae_fast.elbo(x, mu, logvar, lambda z: z @ w).loss.backward()
+                log_p = vae_fast.dmol_packed_log_prob(images, params)
+                log_p.sum().backward()
+                with vae_fast.use_backend("reference"):
+                    vae_fast.gaussian_sample_kl(mu, logvar)
+                with OpRecorder():
+                    vae_fast.bernoulli_log_prob(x @ w.t() @ w, x.round())
+            devices.extend(t.device.type for t in (z, kl, log_p, params.grad, mu.grad))
+        except Exception as error:  # noqa: BLE001 (reported below, from the main thread)
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert devices == ["cpu"] * 5
+
+
 def test_gradcheck_and_gradgradcheck_with_default_settings(backend):
     for name, fn, theta, x in _elementwise_cases(backend):
         theta = theta.requires_grad_()

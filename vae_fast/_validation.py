@@ -140,7 +140,7 @@ def _any_nonzero(counts: torch.Tensor) -> bool:
 
 
 def _pinned_copy(count: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
+    host = torch.empty(count.shape, dtype=count.dtype, device="cpu", pin_memory=True)
     host.copy_(count, non_blocking=True)
     return host
 

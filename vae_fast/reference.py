@@ -120,12 +120,12 @@ def philox_randn(seed: int, index: torch.Tensor) -> torch.Tensor:
     def to_uniform(word: torch.Tensor) -> torch.Tensor:
         signed = torch.where(word >= 2**31, word - 2**32, word)
         signed = torch.where(signed < 0, -signed - 1, signed)
-        return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+        return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=word.device)
 
     u0, u1, u2, u3 = (to_uniform(w) for w in words)
     # the first uniform of each pair sets the radius, the second the angle (angle formed in fp32 like Triton)
-    radius_u = torch.where(lane < 2, u0, u2).double().clamp(min=float(torch.tensor(1.0e-7, dtype=torch.float32)))
-    angle = (torch.where(lane < 2, u1, u3) * torch.tensor(6.283185307179586, dtype=torch.float32)).double()
+    radius_u = torch.where(lane < 2, u0, u2).double().clamp(min=float(torch.tensor(1.0e-7, dtype=torch.float32, device="cpu")))
+    angle = (torch.where(lane < 2, u1, u3) * torch.tensor(6.283185307179586, dtype=torch.float32, device=u1.device)).double()
     radius = torch.sqrt(-2.0 * torch.log(radius_u))
     return torch.where(lane % 2 == 0, radius * torch.cos(angle), radius * torch.sin(angle))
 
@@ -133,7 +133,7 @@ def philox_randn(seed: int, index: torch.Tensor) -> torch.Tensor:
 def latent_noise(seed: int, num_samples: int, batch: int, dim: int) -> torch.Tensor:
     """The eps tensor ``(num_samples, batch, dim)`` the fused latent kernels draw for ``seed``
     (element (k, b, j) uses counter k*batch*dim + b*dim + j)."""
-    index = torch.arange(num_samples * batch * dim, dtype=torch.int64)
+    index = torch.arange(num_samples * batch * dim, dtype=torch.int64, device="cpu")
     return philox_randn(seed, index).reshape(num_samples, batch, dim)
 
 

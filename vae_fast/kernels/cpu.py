@@ -306,7 +306,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
     if dtype != out_dtype:  # half precision: fp32 copies in, fp32 gradients copied back
         x, logit_probs, means, log_scales, coeffs = (_cast(t, dtype) for t in (x, logit_probs, means, log_scales, coeffs))
         targets = grads
-        grads = None if grads is None else tuple(None if g is None else torch.empty(g.shape, dtype=dtype) for g in grads)
+        grads = None if grads is None else tuple(None if g is None else torch.empty(g.shape, dtype=dtype, device=g.device) for g in grads)
     rows, channels, mixtures, pixels = means.shape
     log_prob = means.new_empty((rows,))
     grads4 = (None, None, None, None) if grads is None else grads

@@ -97,7 +97,7 @@ def _x_rows(x, rows):
 
 def _num_invalid(x, likelihood):
     if likelihood in (2, 3, 4):
-        return torch.zeros((), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64, device="cpu")  # (the other branch's count is on the CPU too)
     return ((x < 0) | (x > 1)).sum().cpu()
 
 

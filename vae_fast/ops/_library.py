@@ -111,7 +111,7 @@ def _schema_output(first: torch.Tensor, out):
     if out is None:
         return first.new_empty(0)
     if isinstance(out, int):
-        return torch.tensor(out, dtype=torch.int64)
+        return torch.tensor(out, dtype=torch.int64, device=first.device)  # (as the fake kernels: first's device)
     if not out.is_floating_point() and out.dim() > 0:  # support counts per row / block
         return out.sum(dtype=torch.int64)
     return out

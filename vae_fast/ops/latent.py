@@ -246,7 +246,7 @@ class LatentStep(torch.autograd.Function):
             # a normal tensor even when the thread's first call runs under torch.inference_mode() (an evaluation
             # or a Lightning sanity check before training): an inference tensor could not be updated outside it
             with torch.inference_mode(False):
-                seed_buffer = _seed_buffers.buffer = torch.empty((), dtype=torch.int64)
+                seed_buffer = _seed_buffers.buffer = torch.empty((), dtype=torch.int64, device="cpu")  # (CPU generator)
         seed = seed_buffer.random_(0, SEED_BOUND).item()
         z, kl, kl_per_dim = kernels.latent_step_forward(mu, scale, seed, param, num_samples, want_kl_per_dim)
         ctx.set_materialize_grads(False)
