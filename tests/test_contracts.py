@@ -330,6 +330,30 @@ def test_autocast_gives_float32_losses_and_gradients_in_each_inputs_dtype(backen
     assert_matches_reference(got, ref.bernoulli_log_prob(logits.double(), xb.double()), torch.float32, terms=784)
 
 
+def test_torch_export_captures_the_ops_and_reproduces_the_module():
+    # torch.export (deployment, AOTInductor): the ops appear as torch.ops.vae_fast nodes with their seed draw, and the
+    # exported module gives the eager module's values for the same seed
+    class VAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = torch.nn.Linear(6, 8), torch.nn.Linear(4, 6)
+
+        def forward(self, x):
+            z, kl = vae_fast.gaussian_sample_kl(*self.enc(x).chunk(2, -1))
+            return (kl - vae_fast.bernoulli_log_prob(self.dec(z), x)).mean(), z
+
+    model, x = VAE(), torch.rand(5, 6).round()
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"vae_fast.latent_forward.default", "vae_fast.elementwise_log_prob.default"} <= targets
+    torch.manual_seed(0)
+    got = exported.module()(x)
+    torch.manual_seed(0)
+    want = model(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_meta_tensors_and_fake_tensor_mode(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
