@@ -199,17 +199,15 @@ int64_t elementwise_scale_layout(const ElementwiseLikelihoodArgs& a) {
   const LogVarLayout layout = a.logvar.col_stride == 0   ? LogVarLayout::kRowConstant
                               : a.logvar.col_stride == 1 ? LogVarLayout::kContiguous
                                                          : LogVarLayout::kStrided;
-#define VF_LAYOUT(LAYOUT)                                                                          \
-  case LAYOUT:                                                                                     \
+  // (the entry point allows the per-row gradient for a row-constant logvar only)
+  if (lv_grad == LogVarGrad::kPerRow)
+    return elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerRow, LogVarLayout::kRowConstant>(a);
+#define VF_LAYOUT(LAYOUT)                                                                                   \
+  case LAYOUT:                                                                                              \
     return lv_grad == LogVarGrad::kPerElement ? elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerElement, LAYOUT>(a) \
                                               : elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kNone, LAYOUT>(a);
   switch (layout) {
-    case LogVarLayout::kRowConstant:  // (the entry point allows the per-row gradient for this layout only)
-      if (lv_grad == LogVarGrad::kPerRow)
-        return elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerRow, LogVarLayout::kRowConstant>(a);
-      return lv_grad == LogVarGrad::kPerElement
-                 ? elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kPerElement, LogVarLayout::kRowConstant>(a)
-                 : elementwise_impl<T, L, WANT_GRAD, LogVarGrad::kNone, LogVarLayout::kRowConstant>(a);
+    VF_LAYOUT(LogVarLayout::kRowConstant)
     VF_LAYOUT(LogVarLayout::kContiguous)
     VF_LAYOUT(LogVarLayout::kStrided)
   }
