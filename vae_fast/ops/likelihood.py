@@ -17,6 +17,7 @@ them); x gets a gradient where the log-density is differentiable in x (the eleme
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -321,18 +322,13 @@ def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: floa
     """log p(target | logits) of shape logits.shape[:lead_ndim]; raises ValueError for targets outside [0, C)."""
     want_grad = torch.is_grad_enabled() and logits.requires_grad
     log_prob, _, num_invalid = _apply_categorical(logits, target, lead_ndim, want_grad, expected_upstream)
-    if _any_invalid(num_invalid):
-        raise_if_invalid(num_invalid, _categorical_support_message(logits))
+    raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
     return log_prob
 
 
-def _any_invalid(num_invalid) -> bool:
-    # (an int from the C++ kernels, a tensor otherwise: raise_if_invalid reads those)
-    return not isinstance(num_invalid, int) or num_invalid != 0
-
-
-def _categorical_support_message(logits) -> str:
-    return f"x must hold class indices in [0, {logits.shape[-1]})"
+@functools.lru_cache(maxsize=64)  # (made once per class count: an f-string costs a microsecond per call)
+def _categorical_support_message(classes: int) -> str:
+    return f"x must hold class indices in [0, {classes})"
 
 
 class CategoricalStep(torch.autograd.Function):
@@ -346,7 +342,7 @@ class CategoricalStep(torch.autograd.Function):
         kernels, want_grad, expected_upstream = plan
         log_prob, grad, num_invalid = kernels.categorical_step_log_prob(logits, target, want_grad, expected_upstream)
         if num_invalid:
-            raise_if_invalid(num_invalid, _categorical_support_message(logits))
+            raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
         ctx.lead_ndim = 1
         setup_saved_gradient(ctx, "categorical_log_prob", (expected_upstream,), 0, (grad,), (logits, target),
                              eager=True)
