@@ -30,19 +30,21 @@ _KERNEL_ENTRY_POINTS = {"latent_forward", "latent_backward", "elementwise_likeli
 
 
 class _Recorder:
-    """Stands in for vae_fast._C in the CPU backend, recording the names of the latent and elementwise
-    kernels' entry points called (not the helpers: the upstream-gradient check, the buffer pool)."""
+    """Stands in for vae_fast._C in the CPU backend, recording the names (``calls``) and arguments
+    (``arguments``) of the entry points in ``names`` called: by default the kernels' (not the helpers: the
+    upstream-gradient check, the buffer pool)."""
 
-    def __init__(self, real):
-        self.real, self.calls = real, []
+    def __init__(self, real, names=_KERNEL_ENTRY_POINTS):
+        self.real, self.names, self.calls, self.arguments = real, names, [], []
 
     def __getattr__(self, name):
         fn = getattr(self.real, name)
-        if name not in _KERNEL_ENTRY_POINTS:
+        if name not in self.names:
             return fn
 
         def record(*args):
             self.calls.append(name)
+            self.arguments.append(args)
             return fn(*args)
 
         return record
@@ -59,16 +61,10 @@ def recorder(monkeypatch):
 
 
 @pytest.fixture
-def general_paths(monkeypatch):
-    """A context in which every call takes the general path (the step entry points decline)."""
-
-    def use():
-        monkeypatch.setattr(functional_latent, "latent_step", lambda *args: None)
-        monkeypatch.setattr(likelihood_ops, "elementwise_step", lambda *args: None)
-        monkeypatch.setattr(likelihood_ops, "categorical_step", lambda *args: None)
-        monkeypatch.setattr(dmol_ops, "dmol_packed_step", lambda *args: None)
-
-    return use
+def general_paths():
+    """``use()``: from then on until the test ends, every call takes the general path (see :func:`_general_paths_only`)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(_general_paths_only())
 
 
 def _mlp_step(mu, logvar, logits_weight, x, **elbo_kwargs):
@@ -368,21 +364,13 @@ def test_head_step_paths_serve_large_gradients_from_the_buffer_pool(monkeypatch)
     # a 256-way likelihood's gradient is megabytes: the step path takes it from the pool, as the general path does
     from vae_fast.kernels import cpu
 
-    pooled = []
-    real = cpu._C
-
-    class Counting:
-        def __getattr__(self, name):
-            if name == "pooled_tensor":
-                return lambda *args: pooled.append(args) or real.pooled_tensor(*args)
-            return getattr(real, name)
-
-    monkeypatch.setattr(cpu, "_C", Counting())
+    recording = _Recorder(cpu._C, names={"pooled_tensor"})
+    monkeypatch.setattr(cpu, "_C", recording)
     logits = torch.randn(4, 32, 32, 256, requires_grad=True)  # 4 MiB of float32: the pool's smallest buffer
     target = torch.randint(0, 256, (4, 32, 32))
     log_p = vae_fast.categorical_log_prob(logits, target)
     (grad,) = torch.autograd.grad(-log_p.mean(), logits)
-    assert len(pooled) == 1 and tuple(pooled[0][1]) == tuple(logits.shape)
+    assert recording.calls == ["pooled_tensor"] and tuple(recording.arguments[0][1]) == tuple(logits.shape)
     expected = torch.log_softmax(logits.detach().double(), -1)
     torch.testing.assert_close(log_p.double(), expected.gather(-1, target[..., None]).sum((1, 2, 3)), rtol=1e-5,
                                atol=1e-3)
@@ -419,7 +407,7 @@ def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
 
 @contextlib.contextmanager
 def _general_paths_only():
-    """Every call takes the general path (the step entry points decline), for property tests."""
+    """Every call takes the general path (the step entry points decline)."""
     with contextlib.ExitStack() as stack:
         for module, name in ((functional_latent, "latent_step"), (likelihood_ops, "elementwise_step"),
                              (likelihood_ops, "categorical_step"), (dmol_ops, "dmol_packed_step")):
