@@ -84,9 +84,11 @@ constexpr bool kHasScale = L == Likelihood::kGaussian || L == Likelihood::kLapla
 // per-example logvar: col_stride 0), a contiguous row, or any other stride (gathered).
 enum class LogVarLayout { kRowConstant, kContiguous, kStrided };
 
-// What is written of d log p / d logvar: nothing, every element's, or each row's sum (a logvar
-// constant along the row: a learned scalar or per-example one, whose gradient is that sum; the
-// (rows, dim) buffer and its reduction are skipped).
+// What is written of d log p / d logvar: nothing, every element's (times expected_upstream, as the
+// theta gradient), or each row's sum (a logvar constant along the row: a learned scalar or per-example
+// one, whose gradient is that sum; the (rows, dim) buffer and its reduction are skipped). The row sums are
+// written unscaled: backward multiplies them by the upstream gradient it receives (B values: a dot
+// product for a scalar logvar, cheaper than checking whether the upstream is the expected one).
 enum class LogVarGrad { kNone, kPerElement, kPerRow };
 
 template <typename T, Likelihood L, bool WANT_GRAD, LogVarGrad LV_GRAD, LogVarLayout LV>
@@ -185,7 +187,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     }
     if constexpr (L == Likelihood::kMeanSquaredError) row_sum = D > 0 ? row_sum / T(D) : T(0);
     log_prob[r] = row_sum;
-    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad * expected_upstream;
+    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad;  // (unscaled: see LogVarGrad)
     bad += row_bad;
   }
   return bad;

@@ -155,14 +155,14 @@ def test_mse_and_learned_scalar_variances_are_one_kernel_forward(counter):
     # the mean squared error's 1/D is applied inside the kernel: no division launch
     _, forward = _count(counter, lambda: vae_fast.mse_log_prob(mean, x))
     assert forward == ["elementwise_kernel"]
-    # a learned scalar log-variance (LDM's): the kernel writes each row's d log p / d logvar, so backward
-    # reduces B values, not a (B, D) gradient
+    # a learned scalar log-variance (LDM's): the kernel writes each row's d log p / d logvar (unscaled), so
+    # backward takes one dot product of B values with the upstream gradient, not a (B, D) gradient
     logvar = torch.zeros((), requires_grad=True)
     log_prob, forward = _count(counter, lambda: vae_fast.gaussian_log_prob(mean, x, logvar))
     assert forward == ["elementwise_kernel"]
     upstream = torch.full_like(log_prob, 0.5)
     _, backward = _count(counter, lambda: torch.autograd.grad(log_prob, (mean, logvar), upstream, retain_graph=True),
                          backward=True)
-    # the mean's gradient rescaled (one pass), the B per-row scale gradients rescaled and summed (no pass over
-    # a (B, D) buffer: the scale's gradient was per element before, a division, a (B, D) product and its sum)
-    assert backward == ["addcmul", "addcmul", "sum"]
+    # the mean's gradient rescaled (one pass) and the scale's gradient as one dot product (it was a per-element
+    # buffer, then B per-row values rescaled and summed: addcmul and sum)
+    assert backward == ["addcmul", "dot"]

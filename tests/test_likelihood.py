@@ -53,7 +53,7 @@ def test_elementwise_gradcheck(backend, name):
 @pytest.mark.parametrize("kind", ["float", "scalar", "per_pixel", "per_example", "full", "channel"])
 def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind):
     mean, x = make((2, 3, 4, 5), torch.float64, backend)
-    x = x.expand(3, 4, 5).contiguous()[None].expand(2, 3, 4, 5)[0] if False else torch.rand(3, 4, 5, dtype=torch.float64, device=backend)
+    x = torch.rand(3, 4, 5, dtype=torch.float64, device=backend)
     lv = {
         "float": -1.5,
         "scalar": torch.tensor(0.7, dtype=torch.float64, device=backend),
@@ -161,6 +161,36 @@ def test_half_precision(backend, dtype):
     got.sum().backward()
     assert logits.grad.dtype == dtype
     assert_matches_reference(logits.grad, x.double() - torch.sigmoid(f64(logits)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["scalar", "per_example"])
+def test_half_precision_learned_log_variance(backend, dtype, kind):
+    # a half decoder output with a learned float32 log-variance (the SD / LDM autoencoder under autocast): the
+    # log-variance gradient comes from each row's sum, kept in float32 (a row of 4096 errors of size ~10 sums to
+    # ~2e5, beyond float16's range), and matches float64 autograd on the same half values. (The C++ backend
+    # raised a ValueError here: the float32 cast of the broadcast log-variance materialised it.)
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.zeros(2, 4096, dtype=dtype, device=backend, requires_grad=True)
+    x = (torch.randn(2, 4096, generator=gen, dtype=torch.float64) * 10).to(device=backend, dtype=dtype)
+    shape = () if kind == "scalar" else (2, 1)
+    logvar = torch.full(shape, -0.5, device=backend, requires_grad=True)  # (exact in both half dtypes)
+    log_prob = vae_fast.gaussian_log_prob(mean, x, logvar)
+    (-log_prob.mean()).backward()
+    lv64 = logvar.detach().double().cpu().requires_grad_()
+    expected = ref.gaussian_log_prob(f64(mean), f64(x), lv64)
+    (-expected.mean()).backward()
+    assert torch.isfinite(logvar.grad).all()
+    assert_matches_reference(log_prob, expected, torch.float32, terms=4096)
+    assert_matches_reference(logvar.grad, lv64.grad, torch.float32, terms=4096)
+
+
+def test_per_example_log_variance_of_a_single_value_event(backend):
+    # D = 1 with a per-example log-variance: the row-sum gradient path reads it as a row-constant operand
+    mean, x = make((5, 1), torch.float64, backend)
+    logvar = torch.randn(5, 1, dtype=torch.float64, device=backend)
+    assert torch.autograd.gradcheck(lambda m, v: vae_fast.gaussian_log_prob(m, x, v),
+                                    (mean.requires_grad_(), logvar.requires_grad_()))
 
 
 def test_reductions(backend):

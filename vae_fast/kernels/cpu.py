@@ -140,7 +140,11 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     out_dtype = theta.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
-        theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast(logvar, dtype)
+        theta, x = _cast(theta, dtype), _cast(x, dtype)
+        if logvar is not None and logvar.stride()[1] == 0:  # a row-constant logvar stays one (a plain cast copies
+            logvar = logvar[:, :1].to(dtype).expand(logvar.shape)  # it out to (rows, dim) with unit column stride)
+        else:
+            logvar = _cast(logvar, dtype)
     rows, dim = theta.shape
     n = rows * dim
     log_prob = theta.new_empty(rows)
@@ -153,8 +157,11 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
         torch.get_num_threads(),
         [_extent(theta), _extent(x), _extent(logvar), rows, n if want_grad else 0, _extent(grad_lv)],
     )
-    outs = (log_prob, grad, grad_lv, bad)
-    return _to(outs, out_dtype, keep=1) if dtype != out_dtype else outs
+    if dtype != out_dtype:  # half inputs: the gradients back in their dtype (per-row sums stay float32)
+        grad = _cast(grad, out_dtype)
+        if not per_row:
+            grad_lv = _cast(grad_lv, out_dtype)
+    return log_prob, grad, grad_lv, bad
 
 
 def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
@@ -228,7 +235,7 @@ def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale
     log-variance, the Laplace's log-scale, of theta's dtype), theta and x contiguous of one dtype and shape
     (B, ...) with B > 0, read as (B, D) (checked by the caller: the C++ side checks reads against the extents
     passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, grad_scale (B,) | None (each
-    row's d log p / d scale: backward sums them), num_invalid (int)."""
+    row's d log p / d scale, unscaled: see protocol.py), num_invalid (int)."""
     rows = theta.shape[0]
     n = theta.numel()
     log_prob = theta.new_empty(rows)

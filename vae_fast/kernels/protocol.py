@@ -42,7 +42,9 @@ class KernelBackend(Protocol):
         """theta (N, D), x (Bx, D) (row r scored against x row r % Bx) -> log_prob (N,),
         grad_theta (N, D) | None, grad_logvar (N, D) | None, num_invalid; gradients times expected_upstream.
         ``logvar_grad_per_row`` (logvar constant along each row, column stride 0): grad_logvar (N,) holds each
-        row's sum instead."""
+        row's sum instead, unscaled (not times expected_upstream: backward multiplies these N values by the
+        upstream gradient it gets) and in the accumulation dtype (float32 for half inputs: a row's sum may
+        exceed float16's range)."""
 
     def categorical_log_prob(self, logits: Tensor, target: Tensor, want_grad: bool, expected_upstream: float = 1.0):
         """logits (N, P, C), target (Bx, P) int64 -> log_prob (N,), grad_logits | None, num_invalid."""

@@ -108,11 +108,12 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     with _autograd_inside_op():
         log_prob = _ELEMENTWISE[likelihood](theta64, _x_rows(x, theta.shape[0]).double(), lv64 if lv64 is not None else 0.0)
         wanted = [t for t, w in ((theta64, want_grad), (lv64, want_logvar_grad)) if w]
-        grads = list(torch.autograd.grad(log_prob.sum() * expected_upstream, wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
-    grad = grads.pop(0).to(theta.dtype) if want_grad else None
-    grad_lv = grads.pop(0).to(theta.dtype).expand_as(theta) if want_logvar_grad else None
-    if grad_lv is not None:
-        grad_lv = grad_lv.sum(1) if logvar_grad_per_row else grad_lv.contiguous()
+        grads = list(torch.autograd.grad(log_prob.sum(), wanted)) if wanted and log_prob.numel() else [torch.zeros_like(t) for t in wanted]
+    grad = (grads.pop(0) * expected_upstream).to(theta.dtype) if want_grad else None
+    grad_lv = grads.pop(0).expand_as(theta) if want_logvar_grad else None
+    if grad_lv is not None:  # per row: each row's sum, unscaled, in the accumulation dtype (kernels/protocol.py)
+        grad_lv = (grad_lv.sum(1).to(_acc(theta.dtype)) if logvar_grad_per_row
+                   else (grad_lv * expected_upstream).to(theta.dtype).contiguous())
     return log_prob.detach().to(_acc(theta.dtype)), grad, grad_lv, _num_invalid(x, likelihood)
 
 

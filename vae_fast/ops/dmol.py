@@ -24,7 +24,7 @@ import torch
 
 from .._validation import raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, saved_gradients, scale_saved,
-                        setup_saved_gradient)
+                        setup_saved_gradient, setup_step_gradient)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 
 
@@ -199,7 +199,7 @@ class DmolPackedStep(torch.autograd.Function):
                                                                         log_scale_min, want_grad, expected_upstream)
         if num_invalid:
             raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
-        setup_saved_gradient(ctx, "dmol_packed_log_prob", (expected_upstream,), 0, (grad,), eager=True)
+        setup_step_gradient(ctx, "dmol_packed_log_prob", expected_upstream, (grad,))
         return log_prob
 
     backward = staticmethod(DmolPackedLogProb.backward)

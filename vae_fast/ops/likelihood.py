@@ -23,8 +23,8 @@ import math
 import torch
 
 from .._validation import raise_if_invalid
-from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor,
-                        saved_and_inputs, scale_saved, setup_saved_gradient)
+from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
+                        scale_saved, setup_saved_gradient, setup_step_gradient)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_shape
 from .codes import Likelihood
 
@@ -34,6 +34,13 @@ def _logvar_grad_shape(theta_shape, lead_ndim: int, logvar_shape) -> tuple:
     extent (1 where it broadcasts: a learned scalar keeps one value per row, not D)."""
     full = (1,) * (len(theta_shape) - len(logvar_shape)) + tuple(logvar_shape)
     return tuple(theta_shape[:lead_ndim]) + full[lead_ndim:]
+
+
+def _logvar_grad_per_row(theta_shape, lead_ndim: int, logvar_shape) -> bool:
+    """Whether the kernel writes grad_logvar as each row's sum (unscaled, accumulation dtype; see
+    kernels/protocol.py) rather than per element: a logvar without extent over the event dims (a learned scalar,
+    a per-example one), whose gradient is that sum; backward then multiplies the rows by the upstream gradient."""
+    return math.prod(_logvar_grad_shape(theta_shape, lead_ndim, logvar_shape)[lead_ndim:]) == 1
 
 
 def _as_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
@@ -56,26 +63,27 @@ def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want
         x2 = _as_rows(x if x.dtype == theta.dtype else x.to(theta.dtype), x.shape[0], dim)
     lv2 = None if logvar is None else logvar.to(theta.dtype).expand(shape).reshape(rows, dim)
     want_lv = want_logvar_grad and logvar is not None
-    if want_lv:
-        # a logvar without event extent (a learned scalar, a per-example one) gets each row's sum from the kernel
-        # itself, not a (rows, D) gradient to reduce here
-        lv_grad_shape = _logvar_grad_shape(shape, lead_ndim, logvar.shape)
-        lv_per_row = math.prod(lv_grad_shape[lead_ndim:]) == 1 and lv2.stride(1) == 0
-    else:
-        lv_per_row = False
+    lv_per_row = want_lv and _logvar_grad_per_row(shape, lead_ndim, logvar.shape)
+    if lv_per_row and lv2.stride(1) != 0:  # (dim 1: the kernels read a row-constant logvar with column stride 0)
+        lv2 = lv2.as_strided((rows, dim), (lv2.stride(0), 0))
     log_prob, grad, grad_lv, bad = kernels_for(theta2).elementwise_log_prob(
         theta2, x2, lv2, likelihood, want_grad, want_lv, expected_upstream, lv_per_row)
     if grad is not None and theta2 is not theta:
         grad = with_shape(grad, shape)
     if grad_lv is not None:
+        lv_grad_shape = _logvar_grad_shape(shape, lead_ndim, logvar.shape)
         grad_lv = grad_lv.view(lv_grad_shape) if lv_per_row else grad_lv.view(shape).sum_to_size(lv_grad_shape)
     return (log_prob if lead_ndim == 1 else log_prob.view(shape[:lead_ndim])), grad, grad_lv, bad
 
 
 def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
     grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
-    grad_lv = (theta.new_empty(_logvar_grad_shape(theta.shape, lead_ndim, logvar.shape))
-               if want_logvar_grad and logvar is not None else theta.new_empty(0))
+    if want_logvar_grad and logvar is not None:
+        per_row = _logvar_grad_per_row(theta.shape, lead_ndim, logvar.shape)
+        grad_lv = theta.new_empty(_logvar_grad_shape(theta.shape, lead_ndim, logvar.shape),
+                                  dtype=acc_dtype(theta.dtype) if per_row else theta.dtype)
+    else:
+        grad_lv = theta.new_empty(0)
     log_prob = theta.new_empty(theta.shape[:lead_ndim], dtype=acc_dtype(theta.dtype))
     return log_prob, grad, grad_lv, theta.new_empty((), dtype=torch.int64)
 
@@ -113,6 +121,16 @@ def _elementwise_derivatives(likelihood: int, theta, x, logvar, lead_ndim: int):
     return d_theta, theta, None
 
 
+def _per_row_logvar_grad(row_sums: torch.Tensor, grad_out: torch.Tensor, lv_shape) -> torch.Tensor:
+    """d loss / d logvar from each row's unscaled d log p / d logvar (``row_sums``, theta's lead dims then ones)
+    and the upstream gradient per row: one dot product for a 0-d logvar (a learned scalar: about 3 us less than
+    checking the upstream and reducing a scaled copy), else the product summed to logvar's shape."""
+    upstream = grad_out if grad_out.dtype == row_sums.dtype else grad_out.to(row_sums.dtype)
+    if not lv_shape:
+        return torch.dot(row_sums.reshape(-1), upstream.reshape(-1))
+    return (row_sums * row_factor(upstream, row_sums.dim())).sum_to_size(lv_shape)
+
+
 class ElementwiseLogProb(torch.autograd.Function):
     """``torch.ops.vae_fast.elementwise_log_prob`` with its autograd (one implementation for both)."""
 
@@ -128,6 +146,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         mark_non_differentiable(ctx, grad, grad_lv, num_invalid)
         ctx.likelihood, ctx.lead_ndim = likelihood, lead_ndim
         ctx.shapes = (theta.shape, x.shape, None if logvar is None else logvar.shape)
+        ctx.logvar_per_row = logvar is not None and _logvar_grad_per_row(theta.shape, lead_ndim, logvar.shape)
         # d/dx of the Bernoulli family is theta itself: keep it when x needs a gradient
         setup_saved_gradient(ctx, "elementwise_log_prob", inputs, 7,
                              (grad if want_grad else None, grad_lv if want_lv and logvar is not None else None),
@@ -166,7 +185,10 @@ class ElementwiseLogProb(torch.autograd.Function):
             if grad_lv is None:
                 raise RuntimeError(
                     "vae_fast.elementwise_log_prob: call with want_logvar_grad=True to differentiate w.r.t. logvar")
-            grad_logvar = scale_saved(ctx, grad_lv, grad_out).sum_to_size(lv_shape)
+            if ctx.logvar_per_row:
+                grad_logvar = _per_row_logvar_grad(grad_lv, grad_out, lv_shape)
+            else:
+                grad_logvar = scale_saved(ctx, grad_lv, grad_out).sum_to_size(lv_shape)
         return grad_theta, grad_x, grad_logvar, None, None, None, None, None
 
 
@@ -186,8 +208,8 @@ class ElementwiseStep(torch.autograd.Function):
     -> log_prob (B,), raising ValueError itself for x outside the support, with ctx holding what
     ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
     autograd implementation; its gradients beyond (theta, x, scale, plan) are None). ``scale``: None or a 0-d
-    log-variance / log-scale, fixed or learned (the kernel then writes each row's d log p / d scale, which
-    backward sums)."""
+    log-variance / log-scale, fixed or learned (the kernel then writes each row's d log p / d scale, unscaled, which
+    backward multiplies by the upstream gradient: a dot product)."""
 
     @staticmethod
     def forward(ctx, theta, x, scale, plan):
@@ -196,10 +218,10 @@ class ElementwiseStep(torch.autograd.Function):
             theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream)
         if num_invalid and likelihood in _LOGIT_FAMILY:
             raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
-        ctx.likelihood, ctx.lead_ndim = likelihood, 1
+        ctx.likelihood, ctx.lead_ndim, ctx.logvar_per_row = likelihood, 1, True  # (a 0-d scale: per row)
         ctx.shapes = (theta.shape, x.shape, None if scale is None else scale.shape)
-        setup_saved_gradient(ctx, "elementwise_log_prob", (expected_upstream,), 0, (grad, grad_scale),
-                             (theta, x, scale), keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY, eager=True)
+        setup_step_gradient(ctx, "elementwise_log_prob", expected_upstream, (grad, grad_scale), (theta, x, scale),
+                            x.requires_grad and likelihood in _LOGIT_FAMILY)
         return log_prob
 
     backward = staticmethod(ElementwiseLogProb.backward)
@@ -344,8 +366,7 @@ class CategoricalStep(torch.autograd.Function):
         if num_invalid:
             raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
         ctx.lead_ndim = 1
-        setup_saved_gradient(ctx, "categorical_log_prob", (expected_upstream,), 0, (grad,), (logits, target),
-                             eager=True)
+        setup_step_gradient(ctx, "categorical_log_prob", expected_upstream, (grad,), (logits, target))
         return log_prob
 
     backward = staticmethod(CategoricalLogProb.backward)

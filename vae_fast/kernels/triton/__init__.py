@@ -145,7 +145,8 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     rows, dim = theta.shape
     log_prob = theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype))
     grad = torch.empty_like(theta) if want_grad else None
-    grad_lv = (theta.new_empty((rows,)) if logvar_grad_per_row else torch.empty_like(theta)) if want_logvar_grad else None
+    grad_lv = ((theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype)) if logvar_grad_per_row  # (kernels/protocol.py)
+                else torch.empty_like(theta)) if want_logvar_grad else None)
     invalid = torch.empty((rows,), dtype=torch.int32, device=theta.device)  # every row's program writes its count
     if rows > 0:
         _elementwise[(rows,)](

@@ -99,7 +99,7 @@ def elementwise_kernel(
     else:
         tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
     if WANT_LOGVAR_GRAD and LOGVAR_GRAD_PER_ROW:
-        tl.store(grad_logvar_ptr + row, tl.sum(lv_total, axis=0) * upstream)
+        tl.store(grad_logvar_ptr + row, tl.sum(lv_total, axis=0))  # (unscaled, see kernels/protocol.py)
     tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
 
 
