@@ -344,7 +344,8 @@ def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: floa
     """log p(target | logits) of shape logits.shape[:lead_ndim]; raises ValueError for targets outside [0, C)."""
     want_grad = torch.is_grad_enabled() and logits.requires_grad
     log_prob, _, num_invalid = _apply_categorical(logits, target, lead_ndim, want_grad, expected_upstream)
-    raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
+    if not torch.compiler.is_compiling():  # (raise_if_invalid skips the check there; dynamo warns on lru_cache)
+        raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
     return log_prob
 
 
