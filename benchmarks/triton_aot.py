@@ -64,6 +64,9 @@ KERNELS = [
     (categorical_kernel, {"target_ptr": "*i64", "invalid_ptr": "*i32"}, [
         (dict(WANT_GRAD=True, ACC=F32, PIXELS=16, CLASSES=256), 4),  # the launcher's 4096-element tile
     ]),
+    (categorical_kernel, {"target_ptr": "*u8", "invalid_ptr": "*i32"}, [  # 8-bit pixels as targets
+        (dict(WANT_GRAD=True, ACC=F32, PIXELS=16, CLASSES=256), 4),
+    ]),
     (dmol_kernel, {"invalid_ptr": "*i32"}, [
         (dict(CHANNELS=channels, HAS_COEFFS=channels == 3, COEFF_TANH=channels == 3, WANT_GRAD=True,
               HALF_BIN=1.0 / 255, LOG_SCALE_MIN=-7.0, ACC=F32, MIX=mix, PIX=max(1, budget // mix)), warps)

@@ -300,10 +300,12 @@ int64_t elementwise_step(int dtype, int likelihood, int64_t rows, int64_t dim, u
                                  grad_scale ? rows : 0});
 }
 
+// target_code: the class indices' dtype, 0 int64, 1 uint8 (TARGET_DTYPE_CODES in kernels/cpu.py)
 int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,
-                    uintptr_t target, uintptr_t log_prob, uintptr_t grad_logits, double expected_upstream, int num_threads,
-                    const std::vector<int64_t>& extents) {
+                    uintptr_t target, int target_code, uintptr_t log_prob, uintptr_t grad_logits,
+                    double expected_upstream, int num_threads, const std::vector<int64_t>& extents) {
   check_expected_upstream(expected_upstream);
+  VF_REQUIRE(target_code == 0 || target_code == 1, "target_code must be 0 (int64) or 1 (uint8)");
   check_dtype(dtype);
   check_threads(num_threads);
   VF_REQUIRE(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
@@ -318,7 +320,8 @@ int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int
   a.pixels = pixels;
   a.classes = classes;
   a.logits = as_ptr(logits);
-  a.target = static_cast<const int64_t*>(as_ptr(target));
+  a.target = as_ptr(target);
+  a.target_uint8 = target_code == 1;
   a.log_prob = as_mut_ptr(log_prob);
   a.grad_logits = as_mut_ptr(grad_logits);
   a.expected_upstream = expected_upstream;
@@ -409,12 +412,12 @@ int64_t dmol(int dtype, int64_t rows, int64_t x_rows, int64_t channels, int64_t 
 // The per-step calls of the heads: contiguous operands whose extents are their sizes (numel), one sample row
 // per x row. They run the general entry points above, checks included.
 
-// logits (rows, pixels, classes), target (rows, pixels) int64
+// logits (rows, pixels, classes), target (rows, pixels) int64 or uint8 (target_code)
 int64_t categorical_step(int dtype, int64_t rows, int64_t pixels, int64_t classes, uintptr_t logits,
-                         int64_t logits_extent, uintptr_t target, int64_t target_extent, uintptr_t log_prob,
-                         uintptr_t grad_logits, double expected_upstream, int num_threads) {
-  return categorical(dtype, rows, rows, pixels, classes, logits, target, log_prob, grad_logits, expected_upstream,
-                     num_threads, {logits_extent, target_extent, rows, grad_logits ? logits_extent : 0});
+                         int64_t logits_extent, uintptr_t target, int target_code, int64_t target_extent,
+                         uintptr_t log_prob, uintptr_t grad_logits, double expected_upstream, int num_threads) {
+  return categorical(dtype, rows, rows, pixels, classes, logits, target, target_code, log_prob, grad_logits,
+                     expected_upstream, num_threads, {logits_extent, target_extent, rows, grad_logits ? logits_extent : 0});
 }
 
 // The packed PixelCNN++ / NVAE layout (ops/dmol.py packed_views): params (rows, M + C * per_channel, pixels)

@@ -72,7 +72,8 @@ struct ElementwiseLikelihoodArgs {
 struct CategoricalArgs {
   int64_t rows = 0, x_rows = 0, pixels = 0, classes = 0;
   const void* logits = nullptr;
-  const int64_t* target = nullptr;
+  const void* target = nullptr;    // (x_rows, pixels) class indices: int64, or uint8 when target_uint8 (8-bit pixels)
+  bool target_uint8 = false;
   void* log_prob = nullptr;        // (rows,)
   void* grad_logits = nullptr;     // (rows, pixels, classes) or null
   double expected_upstream = 1.0;

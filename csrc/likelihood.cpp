@@ -242,7 +242,9 @@ int64_t elementwise_dispatch(const ElementwiseLikelihoodArgs& a) {
   return 0;
 }
 
-template <typename T>
+// TargetT: the class indices' type, int64 or uint8 (8-bit images scored against 256 classes, read as they are
+// rather than widened to an int64 copy).
+template <typename T, typename TargetT>
 int64_t categorical_impl(const CategoricalArgs& a) {
   const T* __restrict logits = static_cast<const T*>(a.logits);
   T* __restrict log_prob = static_cast<T*>(a.log_prob);
@@ -253,11 +255,11 @@ int64_t categorical_impl(const CategoricalArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * P * C > kParallelGrain)
   for (int64_t r = 0; r < a.rows; ++r) {
-    const int64_t* __restrict target = a.target + (r % a.x_rows) * P;
+    const TargetT* __restrict target = static_cast<const TargetT*>(a.target) + (r % a.x_rows) * P;
     T row_sum = T(0);
     for (int64_t p = 0; p < P; ++p) {
       const T* __restrict l = logits + (r * P + p) * C;
-      const int64_t raw_target = target[p];
+      const int64_t raw_target = int64_t(target[p]);
       const bool valid = raw_target >= 0 && raw_target < C;
       bad += valid ? 0 : 1;
       const int64_t tgt = valid ? raw_target : 0;  // never index out of bounds
@@ -293,8 +295,12 @@ int64_t categorical_impl(const CategoricalArgs& a) {
 
 int64_t elementwise_likelihood_f32(const ElementwiseLikelihoodArgs& a) { return elementwise_dispatch<float>(a); }
 int64_t elementwise_likelihood_f64(const ElementwiseLikelihoodArgs& a) { return elementwise_dispatch<double>(a); }
-int64_t categorical_f32(const CategoricalArgs& a) { return categorical_impl<float>(a); }
-int64_t categorical_f64(const CategoricalArgs& a) { return categorical_impl<double>(a); }
+int64_t categorical_f32(const CategoricalArgs& a) {
+  return a.target_uint8 ? categorical_impl<float, uint8_t>(a) : categorical_impl<float, int64_t>(a);
+}
+int64_t categorical_f64(const CategoricalArgs& a) {
+  return a.target_uint8 ? categorical_impl<double, uint8_t>(a) : categorical_impl<double, int64_t>(a);
+}
 
 }  // namespace VF_ISA
 }  // namespace vae_fast

@@ -85,6 +85,27 @@ def test_categorical_matches_reference_and_gradcheck(backend, dtype, samples):
         assert torch.autograd.gradcheck(lambda l: vae_fast.categorical_log_prob(l, x[:, :1, :2] % 7), (small,))
 
 
+@pytest.mark.parametrize("samples", [None, 2])
+def test_categorical_uint8_targets_match_int64_targets(backend, samples):
+    # 8-bit pixels are read as uint8 (no int64 copy): the same values and gradients as their int64 indices;
+    # a uint8 index beyond C (never negative) is out of support
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 4, 5, 256) if samples is None else (samples, 3, 4, 5, 256)
+    logits = torch.randn(shape, generator=gen, dtype=torch.float64).to(backend)
+    target = torch.randint(0, 256, (3, 4, 5), generator=gen, dtype=torch.uint8).to(backend)
+    by_uint8, by_int64 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = vae_fast.categorical_log_prob(by_uint8, target)
+    want = vae_fast.categorical_log_prob(by_int64, target.long())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    expected = ref.categorical_log_prob(f64(logits), target.long().cpu(), batch_dims=logits.dim() - 3)
+    assert_matches_reference(got, expected, torch.float64, terms=20)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(by_uint8.grad, by_int64.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 200\)"):
+        vae_fast.categorical_log_prob(logits[..., :200], target.clamp(min=200))
+
+
 def test_equal_to_torch_where_torch_is_exact(backend):
     logits, x = make((6, 50), torch.float64, backend, seed=7)
     torch.testing.assert_close(vae_fast.bernoulli_log_prob(logits, x),

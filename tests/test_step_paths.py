@@ -289,11 +289,12 @@ def test_head_training_calls_take_the_step_entry_points(recorder):
     logits = torch.randn(4, 3, 5, 7, requires_grad=True)  # (B, *pixels, C)
     target = torch.randint(0, 7, (4, 3, 5))
     vae_fast.categorical_log_prob(logits, target).mean().backward()
+    vae_fast.categorical_log_prob(logits, target.to(torch.uint8)).mean().backward()  # 8-bit pixels as they come
     x, params = _packed_dmol(4, 3, 2)
     vae_fast.dmol_packed_log_prob(x, params, reduction="mean").backward()
     x1, params1 = _packed_dmol(4, 1, 3)
     vae_fast.dmol_packed_log_prob(x1, params1, 3, log_scale_min=-5.0).sum().backward()
-    assert recorder.calls == ["categorical_step", "dmol_packed_step", "dmol_packed_step"]
+    assert recorder.calls == ["categorical_step", "categorical_step", "dmol_packed_step", "dmol_packed_step"]
     recorder.calls.clear()
     # int32 targets, K decoder samples, transposed logits, an int log_scale_min, x of another dtype, split
     # parameters: the general entry points
@@ -314,8 +315,9 @@ def test_head_step_paths_give_exactly_the_general_paths_results(general_paths, d
         x, params = _packed_dmol(6, 3, 4, dtype=dtype)
         x1, params1 = _packed_dmol(6, 1, 2, dtype=dtype, seed=3)
         values = (vae_fast.categorical_log_prob(logits, target), vae_fast.dmol_packed_log_prob(x, params),
-                  vae_fast.dmol_packed_log_prob(x1, params1, log_scale_min=float("-inf"), num_bits=5))
-        loss = (-values[0].mean() - values[1].sum() + 0.5 * values[2].mean()
+                  vae_fast.dmol_packed_log_prob(x1, params1, log_scale_min=float("-inf"), num_bits=5),
+                  vae_fast.categorical_log_prob(logits, target.to(torch.uint8)))
+        loss = (-values[0].mean() - values[1].sum() + 0.5 * values[2].mean() - 2 * values[3].mean()
                 - vae_fast.categorical_log_prob(logits, target, reduction="sum")
                 - vae_fast.dmol_packed_log_prob(x, params, reduction="mean"))
         return (*values, *torch.autograd.grad(loss, (logits, params, params1)))
@@ -349,6 +351,8 @@ def test_head_step_paths_reject_what_the_general_paths_reject():
         vae_fast.categorical_log_prob(logits, torch.tensor([[0, 1, 4], [0, 0, 0]]))
     with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
         vae_fast.categorical_log_prob(logits, torch.tensor([[0, 1, 2], [-1, 0, 0]]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+        vae_fast.categorical_log_prob(logits, torch.tensor([[0, 1, 2], [255, 0, 0]], dtype=torch.uint8))
     x, params = _packed_dmol(2, 3, 2)
     with pytest.raises(ValueError, match=r"x must lie in \[-1, 1\]"):
         vae_fast.dmol_packed_log_prob(x * 1.5, params)

@@ -154,8 +154,8 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: st
 
 
 def _categorical(logits, x, reduction="none", expected_upstream=None):
-    if (type(logits) is torch.Tensor and type(x) is torch.Tensor and x.dtype == torch.int64 and logits.is_cpu
-            and x.is_cpu and logits.is_floating_point() and x.dim() > 0 and logits.shape[:-1] == x.shape
+    if (type(logits) is torch.Tensor and type(x) is torch.Tensor and (x.dtype == torch.int64 or x.dtype == torch.uint8)
+            and logits.is_cpu and x.is_cpu and logits.is_floating_point() and x.dim() > 0 and logits.shape[:-1] == x.shape
             and logits.dim() == x.dim() + 1):  # the per-step call, tested in one expression: it passes every check below
         if expected_upstream is None:
             expected_upstream = default_expected_upstream(reduction, logits.shape[0])

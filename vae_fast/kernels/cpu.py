@@ -15,6 +15,8 @@ from .._backend import cpu_extension
 
 _C = cpu_extension()
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+# the class indices the categorical kernels read as they are (csrc/bindings.cpp: categorical's target_code)
+TARGET_DTYPE_CODES = {torch.int64: 0, torch.uint8: 1}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,7 +175,8 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical(
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
-        log_prob.data_ptr(), _ptr(grad), float(expected_upstream), torch.get_num_threads(),
+        TARGET_DTYPE_CODES[target.dtype], log_prob.data_ptr(), _ptr(grad), float(expected_upstream),
+        torch.get_num_threads(),
         [_extent(t) for t in (logits, target, log_prob, grad)],
     )
     outs = (log_prob, grad, bad)
@@ -250,14 +253,14 @@ def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale
 
 def categorical_step_log_prob(logits, target, want_grad, expected_upstream):
     """:func:`categorical_log_prob` of contiguous logits (B, *pixels, C) of a step dtype with C > 0 and a
-    contiguous int64 target (B, *pixels) (checked by the caller) -> log_prob (B,), grad_logits (logits' shape,
+    contiguous int64 or uint8 target (B, *pixels) (checked by the caller) -> log_prob (B,), grad_logits (logits' shape,
     from the buffer pool when large) | None, num_invalid (int)."""
     rows, classes = logits.shape[0], logits.shape[-1]
     n = logits.numel()
     log_prob = logits.new_empty(rows)
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical_step(_DTYPE_CODE[logits.dtype], rows, n // (rows * classes), classes, logits.data_ptr(), n,
-                              target.data_ptr(), target.numel(), log_prob.data_ptr(),
+                              target.data_ptr(), TARGET_DTYPE_CODES[target.dtype], target.numel(), log_prob.data_ptr(),
                               0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())
     return log_prob, grad, bad
 

@@ -47,7 +47,8 @@ class KernelBackend(Protocol):
         exceed float16's range)."""
 
     def categorical_log_prob(self, logits: Tensor, target: Tensor, want_grad: bool, expected_upstream: float = 1.0):
-        """logits (N, P, C), target (Bx, P) int64 -> log_prob (N,), grad_logits | None, num_invalid."""
+        """logits (N, P, C), target (Bx, P) int64 or uint8 (8-bit pixels, read as they are) -> log_prob (N,),
+        grad_logits | None, num_invalid."""
 
     def dmol_log_prob(self, x: Tensor, logit_probs: Tensor, means: Tensor, log_scales: Tensor, coeffs: Tensor | None,
                       num_bits: int, log_scale_min: float, coeffs_tanh: bool, grads, expected_upstream: float = 1.0):

@@ -119,6 +119,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
 
 def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     classes = logits.shape[-1]
+    target = target.long()  # (a uint8 tensor would index as a mask)
     valid = (target >= 0) & (target < classes)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logits64 = _f64(logits).requires_grad_(want_grad)

@@ -288,8 +288,10 @@ def _categorical_kernel(logits, target, lead_ndim, want_grad, expected_upstream=
     rows = math.prod(lead_shape)
     pixels = math.prod(target.shape[1:])
     logits3 = logits.reshape(rows, pixels, logits.shape[-1]).contiguous()
+    if target.dtype != torch.uint8:  # (uint8, 8-bit pixels, is read as it is: no int64 copy)
+        target = target.to(torch.int64)
     log_prob, grad, bad = kernels_for(logits3).categorical_log_prob(
-        logits3, target.to(torch.int64).reshape(target.shape[0], pixels).contiguous(), want_grad, expected_upstream)
+        logits3, target.reshape(target.shape[0], pixels).contiguous(), want_grad, expected_upstream)
     return log_prob.view(lead_shape), None if grad is None else with_shape(grad, logits.shape), bad
 
 
@@ -381,7 +383,7 @@ def categorical_step(logits, target, expected_upstream: float) -> torch.Tensor |
     """:func:`categorical_log_prob` (logits, target, 1, expected_upstream) of the per-step call through the
     backend's step kernel; None when the call does not qualify (the caller then uses :func:`categorical_log_prob`).
 
-    The caller passes plain CPU tensors: floating logits (B, *pixels, C) and an int64 target (B, *pixels). The
+    The caller passes plain CPU tensors: floating logits (B, *pixels, C) and an int64 or uint8 target (B, *pixels). The
     call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous, B > 0, C > 0 and
     the backend has a step kernel for logits' dtype; the gradient buffer comes from the backend's buffer pool
     when it is large (a 256-way image likelihood's is)."""

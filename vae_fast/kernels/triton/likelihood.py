@@ -207,7 +207,8 @@ def categorical_kernel(
     pix_mask = pix < pixels
     tile_mask = pix_mask[:, None] & (cls[None, :] < classes)
     # 1. load the targets; out-of-range ones are counted, then clamped so nothing reads out of bounds
-    target = tl.load(target_ptr + (row % x_rows) * pixels + pix, mask=pix_mask, other=0)
+    # (int64, or uint8 8-bit pixels: widened here, in registers)
+    target = tl.load(target_ptr + (row % x_rows) * pixels + pix, mask=pix_mask, other=0).to(tl.int64)
     bad = pix_mask & ((target < 0) | (target >= classes))
     target = tl.where(bad, 0, target)
     # 2. one tile of logits -> max-shifted log-sum-exp per pixel
