@@ -165,7 +165,7 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
     cases[f"categorical {rows}x{positions}x{classes}"] = _likelihood_case(
         vae_fast.categorical_log_prob, (logits, target), logits,
         lambda log_prob, grad: _C.categorical_step(0, rows, positions, classes, logits_d.data_ptr(), logits_d.numel(),
-                                                   target.data_ptr(), target.numel(), log_prob.data_ptr(),
+                                                   target.data_ptr(), 0, target.numel(), log_prob.data_ptr(),
                                                    grad.data_ptr(), -1.0 / rows, threads),
         [(rows,), (rows, positions, classes)], [(rows, positions, classes), None])
     mixtures, side = 5, 8

@@ -385,10 +385,12 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     with pytest.raises(ValueError, match="param code"):
         C.latent_forward(0, 9, *args[2:], [6, 6, 0, 0, 0, 6, 2, 0, 2])
     logits, target = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64)
-    cat = (0, 2, 2, 3, 5, logits.data_ptr(), target.data_ptr(), kl.data_ptr(), 0, 1.0, 1)
+    cat = (0, 2, 2, 3, 5, logits.data_ptr(), target.data_ptr(), 0, kl.data_ptr(), 0, 1.0, 1)
     C.categorical(*cat, [30, 6, 2, 0])
     with pytest.raises(ValueError, match="target holds 5 elements"):
         C.categorical(*cat, [30, 5, 2, 0])
+    with pytest.raises(ValueError, match="target_code must be 0"):
+        C.categorical(*cat[:7], 2, *cat[8:], [30, 6, 2, 0])
     # discretised logistic mixture: operands are (pointer, row, channel, mixture strides)
     xs, lp, dm = torch.zeros(2, 3, 4), torch.zeros(2, 2, 4), torch.zeros(2, 3, 2, 4)
     view = (dm.data_ptr(), 24, 8, 4)
