@@ -185,16 +185,17 @@ def _step_mixtures(x, params, num_mixtures, num_bits, log_scale_min) -> int:
     """M for the per-step call of :func:`_dmol_packed` — plain CPU tensors of one floating dtype, x (B, C, *pixels)
     without grad, params (B, M * per-mixture channels, *pixels), valid num_bits and log_scale_min: every check
     of the general path passes — tested in one expression; else 0."""
+    # (each shape read once: a .shape costs 0.1 us)
     if not (type(params) is torch.Tensor and type(x) is torch.Tensor and params.dtype == x.dtype and params.is_cpu
-            and x.is_cpu and params.is_floating_point() and x.dim() >= 2 and params.dim() == x.dim()
-            and params.shape[0] == x.shape[0] and params.shape[2:] == x.shape[2:] and not x.requires_grad
-            and type(num_bits) is int and 1 <= num_bits <= 30 and type(log_scale_min) is float
-            and -math.inf <= log_scale_min < math.inf):
+            and x.is_cpu and params.is_floating_point() and (ndim := x.dim()) >= 2 and params.dim() == ndim
+            and (shape := x.shape)[0] == (packed := params.shape)[0] and packed[2:] == shape[2:]
+            and not x.requires_grad and type(num_bits) is int and 1 <= num_bits <= 30
+            and type(log_scale_min) is float and -math.inf <= log_scale_min < math.inf):
         return 0
-    per_mixture = _dmol_packed_channels(1, x.shape[1])
+    per_mixture = _dmol_packed_channels(1, shape[1])
     if num_mixtures is None:
-        return params.shape[1] // per_mixture if params.shape[1] % per_mixture == 0 else 0
-    if type(num_mixtures) is int and num_mixtures > 0 and params.shape[1] == num_mixtures * per_mixture:
+        return packed[1] // per_mixture if packed[1] % per_mixture == 0 else 0
+    if type(num_mixtures) is int and num_mixtures > 0 and packed[1] == num_mixtures * per_mixture:
         return num_mixtures
     return 0
 
