@@ -354,8 +354,9 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         from benchmarks import bench_overhead
 
-        lines += ["", "Per-call overhead (benchmarks/bench_overhead.py: public call minus the raw C++ kernel; backward: "
-                  "the op's autograd node minus the engine's own cost and the kernel):", "",
+        lines += ["", "Per-call overhead (benchmarks/bench_overhead.py: public call minus the raw C++ kernel's own time "
+                  "writing into new outputs, in brackets minus the kernel on reused outputs; backward: the op's "
+                  "autograd node minus the engine's own cost and the kernel):", "",
                   bench_overhead.markdown(bench_overhead.measure(rounds))]
     text = "\n".join(lines)
     print(text)
