@@ -296,9 +296,15 @@ def test_opcheck_likelihood_ops(kernel_backend):
     for code in (0, 1):
         torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default, (theta, x, None, code, 1, True, False))
     torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default, (theta, x, lv, 2, 1, True, True))
+    # a learned scalar log-variance of a bfloat16 output: per-row sums in float32, as the fake kernel says
+    half = theta.detach().to(torch.bfloat16).requires_grad_()
+    scalar = torch.zeros((), device=dev, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default,
+                          (half, x.to(torch.bfloat16), scalar, 4, 1, True, True, -0.25))
     logits = torch.randn(4, 3, 5, device=dev, requires_grad=True)
     target = torch.randint(0, 5, (2, 3), device=dev)
-    torch.library.opcheck(torch.ops.vae_fast.categorical_log_prob.default, (logits, target, 1, True))
+    for indices in (target, target.to(torch.uint8)):
+        torch.library.opcheck(torch.ops.vae_fast.categorical_log_prob.default, (logits, indices, 1, True))
 
 
 def test_torch_compile_fullgraph(kernel_backend):
