@@ -151,20 +151,20 @@ def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int, saved, 
 def setup_step_gradient(ctx, op_name: str, expected_upstream: float, saved: tuple, inputs: tuple | None = None,
                         keep_inputs: bool = False) -> None:
     """:func:`setup_saved_gradient` of a per-step Function (plain eager, one tensor output, so no gradient to
-    materialise): the same ctx state, set with as few Python operations as possible (about 1 us less per call:
+    materialise): the same ctx state, set with as few Python operations as possible (0.4 us less per call here:
     it runs on every call of a training step). ``saved`` and ``inputs`` are tuples."""
     ctx.op_name = op_name
     ctx.expected_upstream = expected_upstream
     ctx.num_saved = len(saved)
     ctx.inplace_backward = config.INPLACE_BACKWARD.get_eager()
     if inputs is None:
-        ctx.to_save = saved  # (ctx.save_for_backward's body, without its call)
+        ctx.save_for_backward(*saved)
         return
     ctx.strong_inputs = strong = keep_inputs or config.SAVE_INPUTS.get_eager()
     if strong:
-        ctx.to_save = saved + inputs
+        ctx.save_for_backward(*saved, *inputs)
     else:
-        ctx.to_save = saved
+        ctx.save_for_backward(*saved)
         ctx.inputs = InputRefs(inputs, traced=False)
 
 
