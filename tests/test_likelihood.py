@@ -51,7 +51,7 @@ def test_elementwise_gradcheck(backend, name):
     assert torch.autograd.gradcheck(lambda t: fused(t, x), (theta.requires_grad_(),))
 
 
-@pytest.mark.parametrize("kind", ["float", "scalar", "per_pixel", "per_example", "full", "channel"])
+@pytest.mark.parametrize("kind", ["float", "scalar", "per_pixel", "per_example", "per_x_example", "full", "channel"])
 def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind):
     mean, x = make((2, 3, 4, 5), torch.float64, backend)
     x = torch.rand(3, 4, 5, dtype=torch.float64, device=backend)
@@ -60,6 +60,8 @@ def test_gaussian_logvar_broadcasts_and_gets_gradients(backend, kind):
         "scalar": torch.tensor(0.7, dtype=torch.float64, device=backend),
         "per_pixel": torch.randn(4, 5, dtype=torch.float64, device=backend),
         "per_example": torch.randn(2, 3, 1, 1, dtype=torch.float64, device=backend),
+        # one value per x row, shared by the K = 2 decoder samples (its (K*B, D) view is a copy: read per row)
+        "per_x_example": torch.randn(3, 1, 1, dtype=torch.float64, device=backend),
         "full": torch.randn(2, 3, 4, 5, dtype=torch.float64, device=backend),
         "channel": torch.randn(1, 4, 1, dtype=torch.float64, device=backend),
     }[kind]
