@@ -101,7 +101,7 @@ def main(argv=None):
     # 8-bit pixels p -> p / 127.5 - 1, the discretised likelihood's grid
     to_x = lambda pixels: (pixels.float() / 127.5 - 1).reshape(-1, 1, 28, 28)  # noqa: E731
     model = ConvVAE(args.latent_dim, args.mixtures)
-    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # (one pass over the parameters)
     history = []
     print(f"{'epoch':>5} {'train bits/dim':>14} {'test bits/dim':>13} {'fused ms/step':>13} {'NVAE eager ms/step':>18}")
     for epoch in range(1, args.epochs + 1):
