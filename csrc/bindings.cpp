@@ -300,12 +300,13 @@ int64_t elementwise_step(int dtype, int likelihood, int64_t rows, int64_t dim, u
                                  grad_scale ? rows : 0});
 }
 
-// target_code: the class indices' dtype, 0 int64, 1 uint8 (TARGET_DTYPE_CODES in kernels/cpu.py)
+// target_code: the class indices' dtype, a TargetDtype (vae_fast/ops/codes.py)
 int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int64_t classes, uintptr_t logits,
                     uintptr_t target, int target_code, uintptr_t log_prob, uintptr_t grad_logits,
                     double expected_upstream, int num_threads, const std::vector<int64_t>& extents) {
   check_expected_upstream(expected_upstream);
-  VF_REQUIRE(target_code == 0 || target_code == 1, "target_code must be 0 (int64) or 1 (uint8)");
+  VF_REQUIRE(target_code == static_cast<int>(TargetDtype::kInt64) || target_code == static_cast<int>(TargetDtype::kUint8),
+             "target_code must be 0 (int64) or 1 (uint8)");
   check_dtype(dtype);
   check_threads(num_threads);
   VF_REQUIRE(rows >= 0 && x_rows >= 0 && pixels >= 0 && classes >= 1, "need non-negative sizes and classes >= 1");
@@ -321,7 +322,7 @@ int64_t categorical(int dtype, int64_t rows, int64_t x_rows, int64_t pixels, int
   a.classes = classes;
   a.logits = as_ptr(logits);
   a.target = as_ptr(target);
-  a.target_uint8 = target_code == 1;
+  a.target_dtype = static_cast<TargetDtype>(target_code);
   a.log_prob = as_mut_ptr(log_prob);
   a.grad_logits = as_mut_ptr(grad_logits);
   a.expected_upstream = expected_upstream;

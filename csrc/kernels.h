@@ -10,6 +10,7 @@
 namespace vae_fast {
 
 enum class ScaleParam : int { kLogVar = 0, kLogStd = 1, kSoftplus = 2 };
+enum class TargetDtype : int { kInt64 = 0, kUint8 = 1 };
 enum class Likelihood : int { kBernoulli = 0, kContinuousBernoulli = 1, kGaussian = 2, kMeanSquaredError = 3, kLaplace = 4 };
 
 // A read-only (rows, cols) operand addressed as ptr[r * row_stride + c * col_stride];
@@ -72,8 +73,8 @@ struct ElementwiseLikelihoodArgs {
 struct CategoricalArgs {
   int64_t rows = 0, x_rows = 0, pixels = 0, classes = 0;
   const void* logits = nullptr;
-  const void* target = nullptr;    // (x_rows, pixels) class indices: int64, or uint8 when target_uint8 (8-bit pixels)
-  bool target_uint8 = false;
+  const void* target = nullptr;    // (x_rows, pixels) class indices of target_dtype (uint8: 8-bit pixels)
+  TargetDtype target_dtype = TargetDtype::kInt64;
   void* log_prob = nullptr;        // (rows,)
   void* grad_logits = nullptr;     // (rows, pixels, classes) or null
   double expected_upstream = 1.0;

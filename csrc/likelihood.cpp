@@ -296,10 +296,11 @@ int64_t categorical_impl(const CategoricalArgs& a) {
 int64_t elementwise_likelihood_f32(const ElementwiseLikelihoodArgs& a) { return elementwise_dispatch<float>(a); }
 int64_t elementwise_likelihood_f64(const ElementwiseLikelihoodArgs& a) { return elementwise_dispatch<double>(a); }
 int64_t categorical_f32(const CategoricalArgs& a) {
-  return a.target_uint8 ? categorical_impl<float, uint8_t>(a) : categorical_impl<float, int64_t>(a);
+  return a.target_dtype == TargetDtype::kUint8 ? categorical_impl<float, uint8_t>(a) : categorical_impl<float, int64_t>(a);
 }
 int64_t categorical_f64(const CategoricalArgs& a) {
-  return a.target_uint8 ? categorical_impl<double, uint8_t>(a) : categorical_impl<double, int64_t>(a);
+  return a.target_dtype == TargetDtype::kUint8 ? categorical_impl<double, uint8_t>(a)
+                                               : categorical_impl<double, int64_t>(a);
 }
 
 }  // namespace VF_ISA

@@ -567,9 +567,9 @@ def test_support_counts_of_any_form_raise_and_become_the_schema_count(counts):
 
 def test_codes_match_the_cpp_enums():
     header = (Path(__file__).resolve().parents[1] / "csrc" / "kernels.h").read_text()
-    from vae_fast.ops.codes import Likelihood, ScaleParam
+    from vae_fast.ops.codes import Likelihood, ScaleParam, TargetDtype
 
-    for enum_type, cpp_name in ((ScaleParam, "ScaleParam"), (Likelihood, "Likelihood")):
+    for enum_type, cpp_name in ((ScaleParam, "ScaleParam"), (Likelihood, "Likelihood"), (TargetDtype, "TargetDtype")):
         body = re.search(rf"enum class {cpp_name} : int \{{([^}}]*)\}}", header).group(1)
         # kLogVar <-> LOGVAR, kContinuousBernoulli <-> CONTINUOUS_BERNOULLI
         cpp = {k.strip()[1:].lower(): int(v) for k, v in (item.split("=") for item in body.split(","))}

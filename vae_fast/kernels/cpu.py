@@ -12,11 +12,12 @@ import math
 import torch
 
 from .._backend import cpu_extension
+from ..ops.codes import TargetDtype
 
 _C = cpu_extension()
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-# the class indices the categorical kernels read as they are (csrc/bindings.cpp: categorical's target_code)
-TARGET_DTYPE_CODES = {torch.int64: 0, torch.uint8: 1}
+# the class indices' dtypes the categorical kernels read as they are (csrc/bindings.cpp: categorical's target_code)
+_TARGET_DTYPE_CODE = {torch.int64: int(TargetDtype.INT64), torch.uint8: int(TargetDtype.UINT8)}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,7 +178,7 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical(
         _DTYPE_CODE[dtype], rows, target.shape[0], pixels, classes, logits.data_ptr(), target.data_ptr(),
-        TARGET_DTYPE_CODES[target.dtype], log_prob.data_ptr(), _ptr(grad), float(expected_upstream),
+        _TARGET_DTYPE_CODE[target.dtype], log_prob.data_ptr(), _ptr(grad), float(expected_upstream),
         torch.get_num_threads(),
         [_extent(t) for t in (logits, target, log_prob, grad)],
     )
@@ -262,7 +263,7 @@ def categorical_step_log_prob(logits, target, want_grad, expected_upstream):
     log_prob = logits.new_empty(rows)
     grad = _new_output(logits) if want_grad else None
     bad = _C.categorical_step(_DTYPE_CODE[logits.dtype], rows, n // (rows * classes), classes, logits.data_ptr(), n,
-                              target.data_ptr(), TARGET_DTYPE_CODES[target.dtype], target.numel(), log_prob.data_ptr(),
+                              target.data_ptr(), _TARGET_DTYPE_CODE[target.dtype], target.numel(), log_prob.data_ptr(),
                               0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())
     return log_prob, grad, bad
 

@@ -24,6 +24,13 @@ class Likelihood(enum.IntEnum):
     LAPLACE = 4
 
 
+class TargetDtype(enum.IntEnum):
+    """The dtype of the class indices the categorical kernels read as they are (8-bit pixels stay uint8)."""
+
+    INT64 = 0
+    UINT8 = 1
+
+
 SCALE_PARAMS = {p.name.lower(): p for p in ScaleParam}
 ELEMENTWISE_LIKELIHOODS = {lk.name.lower(): lk for lk in Likelihood}
 
