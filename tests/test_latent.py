@@ -208,6 +208,26 @@ def test_half_precision_inputs_compute_in_fp32(backend, dtype):
     assert_matches_reference(kl, ref.gaussian_kl(f64(mu), f64(s)), torch.float32, terms=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_with_a_broadcast_learned_prior(backend, dtype):
+    # a prior mean shared by the batch (Z,) and a prior log-variance per example (B, 1), both of the half dtype and
+    # learned: the KL and every gradient match float64 autograd on the same half values (the C++ backend casts the
+    # broadcast priors to float32 without copying them out to (B, Z))
+    mu, s, pm, plv = make_inputs(4, 16, dtype, backend, prior=True)
+    leaves = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
+    kl = vae_fast.gaussian_kl(*leaves)
+    assert kl.dtype == torch.float32
+    ref_leaves = [f64(t).requires_grad_() for t in (mu, s, pm, plv)]
+    kl_ref = ref.gaussian_kl(*ref_leaves)
+    assert_matches_reference(kl, kl_ref, torch.float32, terms=16)
+    weights = torch.arange(1.0, 5.0, dtype=torch.float64)
+    (kl * weights.to(backend)).sum().backward()
+    (kl_ref * weights).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        assert_matches_reference(got.grad, want.grad, dtype, terms=4)
+
+
 def test_only_inputs_and_seed_are_saved_for_backward(kernel_backend):
     mu = torch.randn(64, 32, device=kernel_backend, requires_grad=True)
     lv = torch.randn(64, 32, device=kernel_backend, requires_grad=True)

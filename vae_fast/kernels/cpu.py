@@ -52,6 +52,16 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _cast_strided(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`_cast` of a 2-D operand the kernels read through its strides (a log-variance, a prior): a dim it
+    is broadcast along (stride 0) stays broadcast, where a plain cast would copy it out (the per-row log-variance
+    gradient needs the row-constant layout, column stride 0)."""
+    if t is None or t.dtype == dtype:
+        return t
+    row_stride, col_stride = t.stride()
+    return t[:1 if row_stride == 0 else None, :1 if col_stride == 0 else None].to(dtype).expand(t.shape)
+
+
 _POOL_MIN_BYTES = 4 << 20
 
 
@@ -97,7 +107,8 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     out_dtype = mu.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
-        mu, scale, eps, prior_mu, prior_logvar = (_cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar))
+        mu, scale, eps = (_cast(t, dtype) for t in (mu, scale, eps))
+        prior_mu, prior_logvar = _cast_strided(prior_mu, dtype), _cast_strided(prior_logvar, dtype)
     batch, dim = mu.shape
     n = batch * dim  # mu, scale: unit column stride, any row stride; eps contiguous; outputs made here
     z = _new_output(mu, batch, dim) if num_samples == 1 else _new_output(mu, num_samples, batch, dim)
@@ -120,8 +131,9 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     out_dtype = mu.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
-        mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim = (
-            _cast(t, dtype) for t in (mu, scale, eps, prior_mu, prior_logvar, grad_z, grad_kl, grad_kl_per_dim))
+        mu, scale, eps, grad_z, grad_kl, grad_kl_per_dim = (
+            _cast(t, dtype) for t in (mu, scale, eps, grad_z, grad_kl, grad_kl_per_dim))
+        prior_mu, prior_logvar = _cast_strided(prior_mu, dtype), _cast_strided(prior_logvar, dtype)
     batch, dim = mu.shape
     n = batch * dim
     grad_mu = _new_output(mu, batch, dim)
@@ -145,11 +157,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     out_dtype = theta.dtype
     dtype = _compute_dtype(out_dtype)
     if dtype != out_dtype:
-        theta, x = _cast(theta, dtype), _cast(x, dtype)
-        if logvar is not None and logvar.stride()[1] == 0:  # a row-constant logvar stays one (a plain cast copies
-            logvar = logvar[:, :1].to(dtype).expand(logvar.shape)  # it out to (rows, dim) with unit column stride)
-        else:
-            logvar = _cast(logvar, dtype)
+        theta, x, logvar = _cast(theta, dtype), _cast(x, dtype), _cast_strided(logvar, dtype)
     rows, dim = theta.shape
     n = rows * dim
     log_prob = theta.new_empty(rows)
