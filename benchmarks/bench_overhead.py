@@ -6,8 +6,8 @@ backward separately, in the terms of issue #18: wrapper time minus raw-kernel ti
   called on outputs allocated in the same call, minus those allocations alone: allocating is the
   wrapper's work, so it counts as overhead). Next to it the older measure, the public function minus the
   kernel on outputs reused call after call: at 128 x 784 those stay in cache, which no training step's
-  outputs do (writing a new 400 KB gradient costs the kernel 3-15 us more here), so that difference also
-  holds memory traffic that is not Python or dispatch;
+  outputs do (writing a new 400 KB gradient costs the kernel 1-5 us more here, 13-17 with one thread), so
+  that difference also holds memory traffic that is not Python or dispatch;
 * backward overhead = ``torch.autograd.grad`` through the op's node minus the same call through a
   Python node that returns precomputed gradients (the engine's own cost) minus the C++ backward
   kernel.
@@ -32,6 +32,7 @@ import torch
 import vae_fast
 from benchmarks.timing import alternated_rounds
 from vae_fast.kernels import cpu as kernels
+from vae_fast.ops.codes import TargetDtype
 
 _C = kernels._C
 
@@ -165,7 +166,8 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
     cases[f"categorical {rows}x{positions}x{classes}"] = _likelihood_case(
         vae_fast.categorical_log_prob, (logits, target), logits,
         lambda log_prob, grad: _C.categorical_step(0, rows, positions, classes, logits_d.data_ptr(), logits_d.numel(),
-                                                   target.data_ptr(), 0, target.numel(), log_prob.data_ptr(),
+                                                   target.data_ptr(), int(TargetDtype.INT64), target.numel(),
+                                                   log_prob.data_ptr(),
                                                    grad.data_ptr(), -1.0 / rows, threads),
         [(rows,), (rows, positions, classes)], [(rows, positions, classes), None])
     mixtures, side = 5, 8
