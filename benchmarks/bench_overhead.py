@@ -140,7 +140,7 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
         """(kernel(log_prob, grad[, grad_scale]), the outputs' shapes)"""
         def kernel(log_prob, grad, grad_scale=None):
             return _C.elementwise_step(0, code, batch, pixels, theta_d.data_ptr(), n, x.data_ptr(), n,
-                                       0 if scale is None else scale.data_ptr(), log_prob.data_ptr(), grad.data_ptr(),
+                                       0 if scale is None else scale.data_ptr(), 0.0, log_prob.data_ptr(), grad.data_ptr(),
                                        0 if grad_scale is None else grad_scale.data_ptr(), -1.0 / batch, threads)
         return kernel, [(batch,), shape] + ([(batch,)] if scale_grad else [])
 
@@ -150,7 +150,7 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
         f"continuous bernoulli {batch}x{pixels}": _likelihood_case(
             vae_fast.continuous_bernoulli_log_prob, (theta, grey), theta, *raw(1, grey), [shape, None]),
         f"gaussian (fixed scalar variance) {batch}x{pixels}": _likelihood_case(
-            vae_fast.gaussian_log_prob, (theta, grey), theta, *raw(2, grey, zero), [shape, None]),
+            vae_fast.gaussian_log_prob, (theta, grey), theta, *raw(2, grey), [shape, None]),
         f"gaussian (learned scalar variance) {batch}x{pixels}": _likelihood_case(
             vae_fast.gaussian_log_prob, (theta, grey, learned), (theta, learned), *raw(2, grey, zero, True),
             [shape, None, ()]),

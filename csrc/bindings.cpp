@@ -290,10 +290,19 @@ void latent_step_backward(int dtype, int param, int64_t batch, int64_t dim, int6
 }
 
 // scale: 0, or the address of one value (a scalar log-variance / log-scale, read with strides 0);
+// fixed_scale: the Gaussian's / Laplace's log-variance / log-scale when scale is 0 (a fixed one given as a number:
+// no tensor to make for it), rounded to the kernel's dtype as a tensor of it would be; ignored otherwise;
 // grad_scale: 0, or (rows,) for each row's d log p / d scale (a learned scalar: backward sums them)
 int64_t elementwise_step(int dtype, int likelihood, int64_t rows, int64_t dim, uintptr_t theta, int64_t theta_extent,
-                         uintptr_t x, int64_t x_extent, uintptr_t scale, uintptr_t log_prob, uintptr_t grad_theta,
-                         uintptr_t grad_scale, double expected_upstream, int num_threads) {
+                         uintptr_t x, int64_t x_extent, uintptr_t scale, double fixed_scale, uintptr_t log_prob,
+                         uintptr_t grad_theta, uintptr_t grad_scale, double expected_upstream, int num_threads) {
+  const float fixed_scale_f32 = static_cast<float>(fixed_scale);
+  const bool has_scale = likelihood == static_cast<int>(Likelihood::kGaussian) ||
+                         likelihood == static_cast<int>(Likelihood::kLaplace);
+  if (scale == 0 && has_scale) {
+    VF_REQUIRE(grad_scale == 0, "grad_scale needs a scale operand (a fixed scale has no gradient)");
+    scale = dtype == 0 ? reinterpret_cast<uintptr_t>(&fixed_scale_f32) : reinterpret_cast<uintptr_t>(&fixed_scale);
+  }
   return elementwise_likelihood(dtype, likelihood, rows, rows, dim, theta, x, scale, 0, 0, log_prob, grad_theta,
                                 grad_scale, grad_scale != 0, expected_upstream, num_threads,
                                 {theta_extent, x_extent, scale ? 1 : 0, rows, grad_theta ? rows * dim : 0,

@@ -367,6 +367,20 @@ def test_cpp_entry_points_reject_bad_sizes_and_short_buffers():
     for bad_scale in (0.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="expected_upstream must be finite and non-zero"):
             C.elementwise_likelihood(*ok[:14], bad_scale, 1, [32, 32, 0, 4, 32, 0])
+    # the step entry: a fixed Gaussian / Laplace scale given as a number has no gradient, and is read in the
+    # kernel's dtype exactly as a 0-d tensor of it would be
+    mean, data = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    for dtype, code in ((torch.float32, 0), (torch.float64, 1)):
+        m, d = mean.to(dtype), data.to(dtype)
+        for likelihood in (2, 4):
+            by_number, by_tensor = torch.empty(4, dtype=dtype), torch.empty(4, dtype=dtype)
+            scale = torch.tensor(0.1, dtype=dtype)
+            step = (code, likelihood, 4, 8, m.data_ptr(), 32, d.data_ptr(), 32)
+            C.elementwise_step(*step, 0, 0.1, by_number.data_ptr(), 0, 0, 1.0, 1)
+            C.elementwise_step(*step, scale.data_ptr(), 123.0, by_tensor.data_ptr(), 0, 0, 1.0, 1)
+            torch.testing.assert_close(by_number, by_tensor, rtol=0, atol=0)
+            with pytest.raises(ValueError, match="a fixed scale has no gradient"):
+                C.elementwise_step(*step, 0, 0.1, by_number.data_ptr(), 0, out.data_ptr(), 1.0, 1)
     mu, z, kl = torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.zeros(2)
     ratio = torch.zeros(1, 2)
     # (dtype, param, batch, dim, samples, mu, mu row stride, scale, scale row stride, ...)

@@ -181,6 +181,8 @@ def test_step_nodes_keep_the_op_contracts():
     assert torch.autograd.gradgradcheck(lambda t: vae_fast.bernoulli_log_prob(t, x), (theta,))
     data = torch.rand(3, 5, dtype=F64, requires_grad=True)  # the Gaussian's gradient reaches x too
     assert torch.autograd.gradcheck(lambda t, d: vae_fast.gaussian_log_prob(t, d, 0.4), (theta, data))
+    for log_prob in (vae_fast.gaussian_log_prob, vae_fast.laplace_log_prob):  # a fixed scale given as a float
+        assert torch.autograd.gradgradcheck(lambda t, d: log_prob(t, d, 0.4), (theta, data))
     assert torch.autograd.gradgradcheck(lambda t, d: vae_fast.gaussian_log_prob(t, d), (theta, data))
     learned = torch.tensor(0.3, dtype=F64, requires_grad=True)  # a learned scalar: its per-row gradients, summed
     for log_prob in (vae_fast.gaussian_log_prob, vae_fast.laplace_log_prob):
@@ -382,7 +384,7 @@ def test_head_step_paths_serve_large_gradients_from_the_buffer_pool(monkeypatch)
     torch.testing.assert_close(grad.double(), (expected.exp() - onehot) / 4, rtol=1e-4, atol=1e-7)
 
 
-def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
+def test_fixed_float_variances_equal_0d_tensors_and_the_scalar_cache_stays_bounded(recorder):
     from vae_fast.ops import _autograd
 
     gen = torch.Generator().manual_seed(3)
@@ -391,8 +393,12 @@ def test_fixed_float_variances_are_cached_scalars_with_a_bounded_cache():
         want = vae_fast.laplace_log_prob(mean, x, torch.tensor(float(log_scale)))
         for _ in range(2):
             torch.testing.assert_close(vae_fast.laplace_log_prob(mean, x, log_scale), want, rtol=0, atol=0)
-    for step in range(2 * _autograd._MAX_CACHED_SCALARS):  # a schedule passing a new float every step
-        vae_fast.gaussian_log_prob(mean, x, -1.0 - step / 1000)
+    # the step kernel takes a float as a number (no tensor made per call); the general path (here a transposed
+    # mean) caches a 0-d tensor per value, and a schedule passing a new float every step must not grow that cache
+    assert recorder.calls == ["elementwise_step"] * 9
+    for step in range(2 * _autograd._MAX_CACHED_SCALARS):
+        vae_fast.gaussian_log_prob(mean.t(), x.t(), -1.0 - step / 1000)
+    assert recorder.calls.count("elementwise_likelihood") == 2 * _autograd._MAX_CACHED_SCALARS
     assert len(_autograd._scalars) <= _autograd._MAX_CACHED_SCALARS
     with pytest.raises(TypeError, match="logvar must be a torch.Tensor"):
         vae_fast.gaussian_log_prob(mean, x, True)

@@ -26,8 +26,11 @@ def _is_common_call(theta, x) -> bool:
 
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
                  expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
+    # logvar: None (no scale operand), or the Gaussian's / Laplace's as the caller gave it (a number or a tensor)
     if _is_common_call(theta, x):
-        if logvar is None or logvar.dim() == 0:  # the per-step call (a scalar log-variance at most, fixed or learned)
+        # the per-step call: a fixed log-variance given as a float (the kernel takes it as a number) or a 0-d tensor,
+        # fixed or learned
+        if logvar is None or type(logvar) is float or (isinstance(logvar, torch.Tensor) and logvar.dim() == 0):
             if expected_upstream is None:
                 expected_upstream = default_expected_upstream(reduction, theta.shape[0])
             log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, expected_upstream)
@@ -41,6 +44,7 @@ def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, redu
             raise TypeError(f"x must be a floating-point tensor to differentiate w.r.t. it, got dtype {x.dtype}")
         lead = lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
     if logvar is not None:
+        logvar = _scale_operand(scale_name, theta, logvar)
         check_broadcastable(scale_name, logvar, theta.shape, theta_name)
     if expected_upstream is None:
         expected_upstream = default_expected_upstream(reduction, math.prod(theta.shape[:lead]))
@@ -89,10 +93,8 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduct
 
 
 def _scale_operand(name: str, mean, value) -> torch.Tensor:
-    # a float (fixed) becomes a cached 0-d tensor of mean's dtype; tensors are checked, not converted
-    if (type(value) is float or type(value) is int) and type(mean) is torch.Tensor and mean.is_cpu \
-            and mean.is_floating_point():  # the per-step call: a fixed variance on the CPU, checked in one expression
-        return cached_scalar(float(value), mean.dtype, "cpu")
+    """The Gaussian's / Laplace's scale operand as a tensor: a number (fixed) becomes a cached 0-d tensor of mean's
+    dtype (the general path's kernels read tensors); a tensor is checked, not converted."""
     check_tensor("mean", mean)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = cached_scalar(float(value), mean.dtype, mean.device)
@@ -102,8 +104,8 @@ def _scale_operand(name: str, mean, value) -> torch.Tensor:
 
 
 def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
-    logvar = _scale_operand("logvar", mean, logvar)
-    return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, logvar, reduction, expected_upstream)
+    return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, float(logvar) if type(logvar) is int else logvar,
+                        reduction, expected_upstream)
 
 
 def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, *, reduction: str = "none") -> torch.Tensor:
@@ -122,8 +124,8 @@ def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, *, redu
 
 
 def _laplace(mean, x, log_scale=0.0, reduction="none", expected_upstream=None):
-    log_scale = _scale_operand("log_scale", mean, log_scale)
-    return _elementwise(Likelihood.LAPLACE, "mean", mean, x, log_scale, reduction, expected_upstream, "log_scale")
+    return _elementwise(Likelihood.LAPLACE, "mean", mean, x, float(log_scale) if type(log_scale) is int else log_scale,
+                        reduction, expected_upstream, "log_scale")
 
 
 def mse_log_prob(mean: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:

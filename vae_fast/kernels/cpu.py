@@ -244,18 +244,23 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
 
 
 def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream):
-    """:func:`elementwise_log_prob` with no log-variance operand or a 0-d one (``scale``: the Gaussian's
-    log-variance, the Laplace's log-scale, of theta's dtype), theta and x contiguous of one dtype and shape
-    (B, ...) with B > 0, read as (B, D) (checked by the caller: the C++ side checks reads against the extents
-    passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape) | None, grad_scale (B,) | None (each
-    row's d log p / d scale, unscaled: see protocol.py), num_invalid (int)."""
+    """:func:`elementwise_log_prob` with no log-variance operand, a fixed one given as a float, or a 0-d tensor
+    (``scale``: the Gaussian's log-variance, the Laplace's log-scale, of theta's dtype; a float is rounded to it
+    as a tensor of it would be), theta and x contiguous of one dtype and shape (B, ...) with B > 0, read as (B, D)
+    (checked by the caller: the C++ side checks reads against the extents passed, here their sizes) -> log_prob
+    (B,), grad_theta (theta's shape) | None, grad_scale (B,) | None (each row's d log p / d scale, unscaled: see
+    protocol.py; a tensor scale's only), num_invalid (int)."""
     rows = theta.shape[0]
     n = theta.numel()
     log_prob = theta.new_empty(rows)
     grad = torch.empty_like(theta) if want_grad else None  # (contiguous, as theta is)
     grad_scale = theta.new_empty(rows) if want_scale_grad else None
+    if scale is None or type(scale) is float:
+        scale_address, fixed_scale = 0, scale or 0.0
+    else:
+        scale_address, fixed_scale = scale.data_ptr(), 0.0
     bad = _C.elementwise_step(_DTYPE_CODE[theta.dtype], likelihood, rows, n // rows, theta.data_ptr(), n,
-                              x.data_ptr(), n, 0 if scale is None else scale.data_ptr(), log_prob.data_ptr(),
+                              x.data_ptr(), n, scale_address, fixed_scale, log_prob.data_ptr(),
                               0 if grad is None else grad.data_ptr(), 0 if grad_scale is None else grad_scale.data_ptr(),
                               expected_upstream, torch.get_num_threads())
     return log_prob, grad, grad_scale, bad

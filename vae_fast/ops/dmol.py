@@ -24,7 +24,8 @@ import torch
 
 from .._validation import raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, saved_gradients, scale_saved,
-                        setup_saved_gradient, setup_step_gradient)
+                        setup_saved_gradient, setup_step_gradient,
+                        step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 
 
@@ -199,10 +200,13 @@ class DmolPackedStep(torch.autograd.Function):
                                                                         log_scale_min, want_grad, expected_upstream)
         if num_invalid:
             raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
-        setup_step_gradient(ctx, "dmol_packed_log_prob", expected_upstream, (grad,))
+        setup_step_gradient(ctx, expected_upstream, (grad,))
         return log_prob
 
     backward = staticmethod(DmolPackedLogProb.backward)
+
+
+step_ctx_constants(DmolPackedStep, op_name="dmol_packed_log_prob", num_saved=1)
 
 
 _apply_packed_step = eager_function_apply(DmolPackedStep)

@@ -24,7 +24,8 @@ import torch
 
 from .._validation import raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
-                        scale_saved, setup_saved_gradient, setup_step_gradient)
+                        scale_saved, setup_saved_gradient, setup_step_gradient,
+                        step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_shape
 from .codes import Likelihood
 
@@ -90,6 +91,7 @@ def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_l
 
 # logits whose x must lie in [0, 1] and whose d/dx is theta itself
 _LOGIT_FAMILY = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
+_SCALE_FAMILY = (Likelihood.GAUSSIAN, Likelihood.LAPLACE)  # (their scale operand: log-variance, log-scale)
 
 
 def _continuous_bernoulli_dlog_norm(logits):
@@ -164,6 +166,8 @@ class ElementwiseLogProb(torch.autograd.Function):
         (grad, grad_lv), inputs = saved_and_inputs(ctx, "the decoder output (theta)", double or want_theta)
         if double:
             theta, x, logvar = inputs
+            if logvar is None and ctx.likelihood in _SCALE_FAMILY:  # a fixed scale given as a float (the step path)
+                logvar = theta.new_full((), ctx.fixed_scale)
             d_theta, d_x, d_lv = _elementwise_derivatives(ctx.likelihood, theta, x, logvar, ctx.lead_ndim)
             upstream = row_factor(grad_out, theta.dim()).to(theta.dtype)
             grad_theta = (d_theta * upstream).sum_to_size(theta_shape) if needs[0] else None
@@ -208,9 +212,10 @@ class ElementwiseStep(torch.autograd.Function):
     step kernel: forward(theta, x, scale, (kernels, likelihood, want_grad, want_scale_grad, expected_upstream))
     -> log_prob (B,), raising ValueError itself for x outside the support, with ctx holding what
     ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
-    autograd implementation; its gradients beyond (theta, x, scale, plan) are None). ``scale``: None or a 0-d
-    log-variance / log-scale, fixed or learned (the kernel then writes each row's d log p / d scale, unscaled, which
-    backward multiplies by the upstream gradient: a dot product)."""
+    autograd implementation; its gradients beyond (theta, x, scale, plan) are None). ``scale``: None, a fixed
+    log-variance / log-scale given as a float (kept in ctx as ``fixed_scale`` for double backward), or a 0-d tensor,
+    fixed or learned (the kernel then writes each row's d log p / d scale, unscaled, which backward multiplies by the
+    upstream gradient: a dot product)."""
 
     @staticmethod
     def forward(ctx, theta, x, scale, plan):
@@ -219,13 +224,25 @@ class ElementwiseStep(torch.autograd.Function):
             theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream)
         if num_invalid and likelihood in _LOGIT_FAMILY:
             raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
-        ctx.likelihood, ctx.lead_ndim, ctx.logvar_per_row = likelihood, 1, True  # (a 0-d scale: per row)
-        ctx.shapes = (theta.shape, x.shape, None if scale is None else scale.shape)
-        setup_step_gradient(ctx, "elementwise_log_prob", expected_upstream, (grad, grad_scale), (theta, x, scale),
+        ctx.likelihood = likelihood
+        shape = theta.shape  # (x has theta's shape)
+        if scale is None or type(scale) is float:
+            ctx.shapes = (shape, shape, None)
+            if scale is not None:
+                ctx.fixed_scale = scale
+                scale = None
+        else:
+            ctx.shapes = (shape, shape, _SCALAR_SHAPE)
+        setup_step_gradient(ctx, expected_upstream, (grad, grad_scale), (theta, x, scale),
                             x.requires_grad and likelihood in _LOGIT_FAMILY)
         return log_prob
 
     backward = staticmethod(ElementwiseLogProb.backward)
+
+
+_SCALAR_SHAPE = torch.Size(())
+# (a 0-d scale's gradient is per row)
+step_ctx_constants(ElementwiseStep, op_name="elementwise_log_prob", num_saved=2, lead_ndim=1, logvar_per_row=True)
 
 
 _apply_elementwise_step = eager_function_apply(ElementwiseStep)
@@ -239,22 +256,24 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
     :func:`elementwise_log_prob`).
 
     The caller passes plain CPU tensors of one floating dtype and one shape (the functional layer's
-    per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, mean squared error) or a tensor (the
-    Gaussian's log-variance, the Laplace's log-scale). The call qualifies when it is plain eager (see
+    per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, mean squared error), a float or a tensor
+    (the Gaussian's log-variance, the Laplace's log-scale). The call qualifies when it is plain eager (see
     :func:`step_kernels_for`), theta and x are contiguous (B, ...) with B > 0 (an MLP's (B, D) logits, a
-    conv decoder's (B, C, H, W)), ``scale`` is None or a scalar (a plain 0-d CPU tensor of theta's dtype:
-    fixed, or learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel for them."""
+    conv decoder's (B, C, H, W)), ``scale`` is None, a float (fixed) or a scalar tensor (a plain 0-d CPU tensor of
+    theta's dtype: fixed, or learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel
+    for them."""
     if not (theta.is_contiguous() and x.is_contiguous() and theta.shape[0] > 0):
         return None
-    if scale is not None and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
-                                  and scale.is_cpu):
+    tensor_scale = scale is not None and type(scale) is not float
+    if tensor_scale and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
+                             and scale.is_cpu):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
     if kernels is None:
         return None
     if torch.is_grad_enabled():
         want_grad = theta.requires_grad or (likelihood not in _LOGIT_FAMILY and x.requires_grad)
-        want_scale_grad = scale is not None and scale.requires_grad
+        want_scale_grad = tensor_scale and scale.requires_grad
     else:
         want_grad = want_scale_grad = False
     return _apply_elementwise_step(theta, x, scale, (kernels, likelihood, want_grad, want_scale_grad,
@@ -369,11 +388,13 @@ class CategoricalStep(torch.autograd.Function):
         log_prob, grad, num_invalid = kernels.categorical_step_log_prob(logits, target, want_grad, expected_upstream)
         if num_invalid:
             raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
-        ctx.lead_ndim = 1
-        setup_step_gradient(ctx, "categorical_log_prob", expected_upstream, (grad,), (logits, target))
+        setup_step_gradient(ctx, expected_upstream, (grad,), (logits, target))
         return log_prob
 
     backward = staticmethod(CategoricalLogProb.backward)
+
+
+step_ctx_constants(CategoricalStep, op_name="categorical_log_prob", num_saved=1, lead_ndim=1)
 
 
 _apply_categorical_step = eager_function_apply(CategoricalStep)
