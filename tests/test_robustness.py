@@ -70,6 +70,71 @@ def test_likelihood_argument_errors_name_the_argument():
         vae_fast.bernoulli_log_prob(torch.zeros(()), torch.zeros(()))
 
 
+def _layout_cases():
+    """(op name, function, its tensor arguments, their names): every public op on the shapes a training step sends,
+    which take the per-step paths, and on a per-pixel scale and K samples, which take the general paths."""
+    gen = torch.Generator().manual_seed(0)
+    batch = 4
+    theta, grey, binary = torch.randn(batch, 6, generator=gen), torch.rand(batch, 6, generator=gen), \
+        torch.rand(batch, 6, generator=gen).round()
+    weight, bias, h = torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen), torch.randn(batch, 5, generator=gen)
+    image = torch.rand(batch, 3, 2, 2, generator=gen) * 2 - 1
+    mixture = [torch.randn(batch, *shape, 2, 2, generator=gen) for shape in ((2,), (3, 2), (3, 2), (3, 2))]
+    decoder = torch.randn(6, 6, generator=gen)
+    return [
+        ("bernoulli", vae_fast.bernoulli_log_prob, (theta, binary), ("logits", "x")),
+        ("bernoulli K samples", vae_fast.bernoulli_log_prob, (theta.expand(2, batch, 6), binary), ("logits", "x")),
+        ("continuous bernoulli", vae_fast.continuous_bernoulli_log_prob, (theta, grey), ("logits", "x")),
+        ("mse", vae_fast.mse_log_prob, (theta, grey), ("mean", "x")),
+        ("gaussian scalar", vae_fast.gaussian_log_prob, (theta, grey, torch.tensor(0.3)), ("mean", "x", "logvar")),
+        ("gaussian per pixel", vae_fast.gaussian_log_prob, (theta, grey, torch.zeros(6)), ("mean", "x", "logvar")),
+        ("laplace scalar", vae_fast.laplace_log_prob, (theta, grey, torch.tensor(0.3)), ("mean", "x", "log_scale")),
+        ("categorical", vae_fast.categorical_log_prob, (theta.view(batch, 3, 2), binary[:, :3].long()),
+         ("logits", "x")),
+        ("packed mixture", vae_fast.dmol_packed_log_prob, (image, torch.randn(batch, 20, 2, 2, generator=gen)),
+         ("x", "params")),
+        ("mixture", vae_fast.discretized_logistic_mixture_log_prob, (image, *mixture),
+         ("x", "logit_probs", "means", "log_scales", "coeffs")),
+        ("latent", vae_fast.gaussian_sample_kl, (theta, grey), ("mu", "logvar")),
+        ("kl", vae_fast.gaussian_kl, (theta, grey), ("mu", "logvar")),
+        ("elbo", lambda x, mu, lv: vae_fast.elbo(x, mu, lv, lambda z: z @ decoder), (binary, theta, grey),
+         ("x", "mu", "logvar")),
+        ("head", lambda *args: vae_fast.linear_log_prob(*args, likelihood="bernoulli"), (h, weight, bias, binary),
+         ("h", "weight", "bias", "x")),
+        ("head categorical", lambda *args: vae_fast.linear_log_prob(*args, likelihood="categorical"),
+         (h, weight, bias, binary[:, 0].long()), ("h", "weight", "bias", "x")),
+    ]
+
+
+def _non_strided(t: torch.Tensor, layout: str) -> torch.Tensor | None:
+    if layout == "sparse_coo":
+        return t.to_sparse()
+    if layout == "sparse_csr":
+        return t.to_sparse_csr() if t.dim() == 2 else None
+    return t.to_mkldnn() if t.dtype == torch.float32 and t.dim() > 0 else None
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn"])
+def test_non_strided_tensors_are_rejected_by_name(layout):
+    # (they are torch.Tensor too: the per-step paths' one-expression checks test the layout, or the kernels would be
+    # handed tensors without strides or storage)
+    tried = 0
+    for op, fn, args, names in _layout_cases():
+        for index, name in enumerate(names):
+            bad = _non_strided(args[index], layout)
+            if bad is None:
+                continue
+            tried += 1
+            learned = 1 if names[0] == "x" else 0  # the first parameter (x is data)
+            for requires_grad in (False, True):
+                call_args = [a.detach().requires_grad_(requires_grad and i == learned and a.is_floating_point())
+                             if i != index else bad for i, a in enumerate(args)]
+                with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor"):
+                    fn(*call_args)
+    assert tried >= 20, (layout, tried)
+
+
 def test_nan_and_inf_propagate_like_torch():
     mu = torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [0.0, 0.0]])
     lv = torch.tensor([[0.0, 0.0], [0.0, 0.0], [float("inf"), 0.0]])

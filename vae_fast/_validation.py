@@ -15,6 +15,10 @@ import torch
 
 from . import config
 
+# The per-step paths test their tensors' layout against this in their one-expression checks (a module global:
+# torch.strided is a further attribute read); sparse and mkldnn tensors are torch.Tensor too, and have no strides.
+STRIDED = torch.strided
+
 
 def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):

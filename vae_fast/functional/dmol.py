@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._validation import check_positive_int, check_same_device, check_same_dtype, check_tensor
+from .._validation import STRIDED, check_positive_int, check_same_device, check_same_dtype, check_tensor
 from ..ops import dmol as dmol_ops
 from ..ops.dmol import packed_views
 from ._common import check_x, default_expected_upstream, reduce
@@ -187,7 +187,7 @@ def _step_mixtures(x, params, num_mixtures, num_bits, log_scale_min) -> int:
     of the general path passes — tested in one expression; else 0."""
     # (each shape read once: a .shape costs 0.1 us)
     if not (type(params) is torch.Tensor and type(x) is torch.Tensor and params.dtype == x.dtype and params.is_cpu
-            and x.is_cpu and params.is_floating_point() and (ndim := x.dim()) >= 2 and params.dim() == ndim
+            and x.is_cpu and params.layout is STRIDED and x.layout is STRIDED and params.is_floating_point() and (ndim := x.dim()) >= 2 and params.dim() == ndim
             and (shape := x.shape)[0] == (packed := params.shape)[0] and packed[2:] == shape[2:]
             and not x.requires_grad and type(num_bits) is int and 1 <= num_bits <= 30
             and type(log_scale_min) is float and -math.inf <= log_scale_min < math.inf):

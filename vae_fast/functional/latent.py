@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from .._validation import (check_broadcastable, check_choice, check_no_grad, check_positive_int, check_same_device,
-                           check_same_dtype, check_tensor)
+from .._validation import (STRIDED, check_broadcastable, check_choice, check_no_grad, check_positive_int,
+                           check_same_device, check_same_dtype, check_tensor)
 from ..ops.codes import SCALE_PARAMS
 from ..ops._autograd import cached_zero
 from ..ops.latent import SEED_BOUND, apply_latent, latent_step
@@ -46,6 +46,7 @@ def _common_call_code(mu, logvar, prior_mu, prior_logvar, eps, param) -> int | N
     every check of :func:`_latent` passes for it."""
     if (prior_mu is None and prior_logvar is None and eps is None and type(mu) is torch.Tensor
             and type(logvar) is torch.Tensor and mu.dim() == 2 and mu.is_cpu and logvar.is_cpu
+            and mu.layout is STRIDED and logvar.layout is STRIDED
             and mu.dtype == logvar.dtype and mu.is_floating_point() and logvar.shape == mu.shape
             and type(param) is str):
         return _PARAM_CODES.get(param)

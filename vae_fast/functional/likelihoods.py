@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .._validation import check_broadcastable, check_same_device, check_tensor
+from .._validation import STRIDED, check_broadcastable, check_same_device, check_tensor
 from ..ops import likelihood as likelihood_ops
 from ..ops._autograd import cached_scalar
 from ..ops.codes import Likelihood
@@ -19,9 +19,10 @@ from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 
 def _is_common_call(theta, x) -> bool:
     """The per-step call every check below passes, tested in one expression (about 1 us instead of
-    several checks' calls): plain tensors of one floating dtype, same shape with a batch dim, on the CPU."""
+    several checks' calls): plain dense tensors of one floating dtype, same shape with a batch dim, on the CPU."""
     return (type(theta) is torch.Tensor and type(x) is torch.Tensor and theta.dtype == x.dtype
-            and theta.is_floating_point() and theta.is_cpu and x.is_cpu and theta.dim() > 0 and theta.shape == x.shape)
+            and theta.is_floating_point() and theta.is_cpu and x.is_cpu and theta.layout is STRIDED
+            and x.layout is STRIDED and theta.dim() > 0 and theta.shape == x.shape)
 
 
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
@@ -157,7 +158,8 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: st
 
 def _categorical(logits, x, reduction="none", expected_upstream=None):
     if (type(logits) is torch.Tensor and type(x) is torch.Tensor and (x.dtype == torch.int64 or x.dtype == torch.uint8)
-            and logits.is_cpu and x.is_cpu and logits.is_floating_point() and x.dim() > 0 and logits.shape[:-1] == x.shape
+            and logits.is_cpu and x.is_cpu and logits.layout is STRIDED and x.layout is STRIDED
+            and logits.is_floating_point() and x.dim() > 0 and logits.shape[:-1] == x.shape
             and logits.dim() == x.dim() + 1):  # the per-step call, tested in one expression: it passes every check below
         if expected_upstream is None:
             expected_upstream = default_expected_upstream(reduction, logits.shape[0])

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .._validation import raise_if_invalid
+from .._validation import STRIDED, raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
                         scale_saved, setup_saved_gradient, setup_step_gradient,
                         step_ctx_constants)
@@ -266,7 +266,7 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
         return None
     tensor_scale = scale is not None and type(scale) is not float
     if tensor_scale and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
-                             and scale.is_cpu):
+                             and scale.is_cpu and scale.layout is STRIDED):
         return None
     kernels = step_kernels_for(theta, theta.numel() + theta.shape[0])
     if kernels is None:
