@@ -111,14 +111,17 @@ def _non_strided(t: torch.Tensor, layout: str) -> torch.Tensor | None:
         return t.to_sparse()
     if layout == "sparse_csr":
         return t.to_sparse_csr() if t.dim() == 2 else None
+    if layout == "nested":  # (layout torch.strided, but no shape)
+        return torch.nested.nested_tensor([t[0], t[0]]) if t.dim() > 0 else None
     return t.to_mkldnn() if t.dtype == torch.float32 and t.dim() > 0 else None
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
-@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn"])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn", "nested"])
 def test_non_strided_tensors_are_rejected_by_name(layout):
-    # (they are torch.Tensor too: the per-step paths' one-expression checks test the layout, or the kernels would be
-    # handed tensors without strides or storage)
+    # (they are torch.Tensor too: the per-step paths' one-expression checks test the layout and catch the nested
+    # tensor's shape error, or the kernels would be handed tensors without strides or storage)
     tried = 0
     for op, fn, args, names in _layout_cases():
         for index, name in enumerate(names):
@@ -133,6 +136,19 @@ def test_non_strided_tensors_are_rejected_by_name(layout):
                 with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor"):
                     fn(*call_args)
     assert tried >= 20, (layout, tried)
+
+
+@pytest.mark.parametrize("kind", ["None", "list", "numpy array", "str"])
+def test_non_tensor_arguments_are_rejected_by_name(kind):
+    optional = {"coeffs", "bias"}  # (None is their default; a 0-d scale's tolist() is a float, which is allowed)
+    for op, fn, args, names in _layout_cases():
+        for index, name in enumerate(names):
+            if (kind == "None" and name in optional) or (kind == "list" and args[index].dim() == 0):
+                continue
+            bad = {"None": None, "list": args[index].tolist(), "numpy array": args[index].numpy(), "str": "x"}[kind]
+            call_args = [bad if i == index else a for i, a in enumerate(args)]
+            with pytest.raises(TypeError, match=f"{name} must be"):
+                fn(*call_args)
 
 
 def test_nan_and_inf_propagate_like_torch():

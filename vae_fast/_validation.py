@@ -17,6 +17,8 @@ from . import config
 
 # The per-step paths test their tensors' layout against this in their one-expression checks (a module global:
 # torch.strided is a further attribute read); sparse and mkldnn tensors are torch.Tensor too, and have no strides.
+# (A nested tensor's layout is torch.strided, but reading its shape raises RuntimeError: the checks catch that,
+# at no cost when nothing is raised, and leave the call to the general path, whose check_tensor names it.)
 STRIDED = torch.strided
 
 
@@ -25,6 +27,8 @@ def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.layout is not torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if value.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     return value

@@ -186,11 +186,15 @@ def _step_mixtures(x, params, num_mixtures, num_bits, log_scale_min) -> int:
     without grad, params (B, M * per-mixture channels, *pixels), valid num_bits and log_scale_min: every check
     of the general path passes — tested in one expression; else 0."""
     # (each shape read once: a .shape costs 0.1 us)
-    if not (type(params) is torch.Tensor and type(x) is torch.Tensor and params.dtype == x.dtype and params.is_cpu
-            and x.is_cpu and params.layout is STRIDED and x.layout is STRIDED and params.is_floating_point() and (ndim := x.dim()) >= 2 and params.dim() == ndim
-            and (shape := x.shape)[0] == (packed := params.shape)[0] and packed[2:] == shape[2:]
-            and not x.requires_grad and type(num_bits) is int and 1 <= num_bits <= 30
-            and type(log_scale_min) is float and -math.inf <= log_scale_min < math.inf):
+    try:
+        if not (type(params) is torch.Tensor and type(x) is torch.Tensor and params.dtype == x.dtype and params.is_cpu
+                and x.is_cpu and params.layout is STRIDED and x.layout is STRIDED and params.is_floating_point()
+                and (ndim := x.dim()) >= 2 and params.dim() == ndim
+                and (shape := x.shape)[0] == (packed := params.shape)[0] and packed[2:] == shape[2:]
+                and not x.requires_grad and type(num_bits) is int and 1 <= num_bits <= 30
+                and type(log_scale_min) is float and -math.inf <= log_scale_min < math.inf):
+            return 0
+    except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
         return 0
     per_mixture = _dmol_packed_channels(1, shape[1])
     if num_mixtures is None:

@@ -44,12 +44,15 @@ def _common_call_code(mu, logvar, prior_mu, prior_logvar, eps, param) -> int | N
     """The parameterisation's code if this is the per-step call (two plain (B, Z) CPU tensors of one floating
     dtype, no prior, no explicit noise, a named parameterisation), else None; recognised in one expression:
     every check of :func:`_latent` passes for it."""
-    if (prior_mu is None and prior_logvar is None and eps is None and type(mu) is torch.Tensor
-            and type(logvar) is torch.Tensor and mu.dim() == 2 and mu.is_cpu and logvar.is_cpu
-            and mu.layout is STRIDED and logvar.layout is STRIDED
-            and mu.dtype == logvar.dtype and mu.is_floating_point() and logvar.shape == mu.shape
-            and type(param) is str):
-        return _PARAM_CODES.get(param)
+    try:
+        if (prior_mu is None and prior_logvar is None and eps is None and type(mu) is torch.Tensor
+                and type(logvar) is torch.Tensor and mu.dim() == 2 and mu.is_cpu and logvar.is_cpu
+                and mu.layout is STRIDED and logvar.layout is STRIDED
+                and mu.dtype == logvar.dtype and mu.is_floating_point() and logvar.shape == mu.shape
+                and type(param) is str):
+            return _PARAM_CODES.get(param)
+    except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
+        pass
     return None
 
 

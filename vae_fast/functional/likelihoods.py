@@ -20,9 +20,12 @@ from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 def _is_common_call(theta, x) -> bool:
     """The per-step call every check below passes, tested in one expression (about 1 us instead of
     several checks' calls): plain dense tensors of one floating dtype, same shape with a batch dim, on the CPU."""
-    return (type(theta) is torch.Tensor and type(x) is torch.Tensor and theta.dtype == x.dtype
-            and theta.is_floating_point() and theta.is_cpu and x.is_cpu and theta.layout is STRIDED
-            and x.layout is STRIDED and theta.dim() > 0 and theta.shape == x.shape)
+    try:
+        return (type(theta) is torch.Tensor and type(x) is torch.Tensor and theta.dtype == x.dtype
+                and theta.is_floating_point() and theta.is_cpu and x.is_cpu and theta.layout is STRIDED
+                and x.layout is STRIDED and theta.dim() > 0 and theta.shape == x.shape)
+    except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
+        return False
 
 
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
@@ -105,6 +108,8 @@ def _scale_operand(name: str, mean, value) -> torch.Tensor:
 
 
 def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
+    if logvar is None:  # (None means "no scale operand" to _elementwise)
+        check_tensor("logvar", logvar)  # (raises, naming it)
     return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, float(logvar) if type(logvar) is int else logvar,
                         reduction, expected_upstream)
 
@@ -125,6 +130,8 @@ def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, *, redu
 
 
 def _laplace(mean, x, log_scale=0.0, reduction="none", expected_upstream=None):
+    if log_scale is None:  # (None means "no scale operand" to _elementwise)
+        check_tensor("log_scale", log_scale)  # (raises, naming it)
     return _elementwise(Likelihood.LAPLACE, "mean", mean, x, float(log_scale) if type(log_scale) is int else log_scale,
                         reduction, expected_upstream, "log_scale")
 
@@ -157,10 +164,14 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: st
 
 
 def _categorical(logits, x, reduction="none", expected_upstream=None):
-    if (type(logits) is torch.Tensor and type(x) is torch.Tensor and (x.dtype == torch.int64 or x.dtype == torch.uint8)
-            and logits.is_cpu and x.is_cpu and logits.layout is STRIDED and x.layout is STRIDED
-            and logits.is_floating_point() and x.dim() > 0 and logits.shape[:-1] == x.shape
-            and logits.dim() == x.dim() + 1):  # the per-step call, tested in one expression: it passes every check below
+    try:  # the per-step call, tested in one expression: it passes every check below
+        common = (type(logits) is torch.Tensor and type(x) is torch.Tensor
+                  and (x.dtype == torch.int64 or x.dtype == torch.uint8) and logits.is_cpu and x.is_cpu
+                  and logits.layout is STRIDED and x.layout is STRIDED and logits.is_floating_point() and x.dim() > 0
+                  and logits.shape[:-1] == x.shape and logits.dim() == x.dim() + 1)
+    except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
+        common = False
+    if common:
         if expected_upstream is None:
             expected_upstream = default_expected_upstream(reduction, logits.shape[0])
         log_prob = likelihood_ops.categorical_step(logits, x, expected_upstream)

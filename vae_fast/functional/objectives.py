@@ -182,7 +182,7 @@ def elbo(
     """
     if not (type(num_samples) is int and num_samples == 1 and type(beta) is float and beta >= 0.0
             and free_bits == 0.0 and type(free_bits) is float and objective == "elbo" and reduction in REDUCTIONS
-            and isinstance(x, torch.Tensor)):  # (the per-step call passes every check below: one expression)
+            and isinstance(x, torch.Tensor) and not x.is_nested):  # (the per-step call passes every check below)
         check_tensor("x", x, floating=False)
         check_positive_int("num_samples", num_samples)
         beta = _check_nonnegative("beta", beta)
@@ -210,7 +210,13 @@ def elbo(
             fused = fused_fn
     if not callable(decode):
         raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
-    if mu.dim() >= 1 and x.dim() >= 1 and mu.shape[0] != x.shape[0]:
+    if not isinstance(mu, torch.Tensor):
+        check_tensor("mu", mu)  # (raises, naming it)
+    try:
+        batch_mismatch = mu.dim() >= 1 and x.dim() >= 1 and mu.shape[0] != x.shape[0]
+    except RuntimeError:  # a nested tensor's shape: the ops' checks name it
+        batch_mismatch = False
+    if batch_mismatch:
         raise ValueError(f"mu has batch size {mu.shape[0]} but x has {x.shape[0]}")
 
     # (B, Z), or (B, *latent) for convolutional latents: the KL sums over every non-batch dim
