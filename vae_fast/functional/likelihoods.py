@@ -168,7 +168,7 @@ def _categorical(logits, x, reduction="none", expected_upstream=None):
         common = (type(logits) is torch.Tensor and type(x) is torch.Tensor
                   and (x.dtype == torch.int64 or x.dtype == torch.uint8) and logits.is_cpu and x.is_cpu
                   and logits.layout is STRIDED and x.layout is STRIDED and logits.is_floating_point() and x.dim() > 0
-                  and logits.shape[:-1] == x.shape and logits.dim() == x.dim() + 1)
+                  and logits.shape[:-1] == x.shape)  # (so logits has one dim more than x: a class dim)
     except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
         common = False
     if common:

@@ -408,7 +408,7 @@ def categorical_step(logits, target, expected_upstream: float) -> torch.Tensor |
     call qualifies when it is plain eager (see :func:`step_kernels_for`), both are contiguous, B > 0, C > 0 and
     the backend has a step kernel for logits' dtype; the gradient buffer comes from the backend's buffer pool
     when it is large (a 256-way image likelihood's is)."""
-    if not (logits.is_contiguous() and target.is_contiguous() and logits.shape[0] > 0 and logits.shape[-1] > 0):
+    if not (logits.is_contiguous() and target.is_contiguous() and (shape := logits.shape)[0] > 0 and shape[-1] > 0):
         return None
     kernels = step_kernels_for(logits, 0)
     if kernels is None:
