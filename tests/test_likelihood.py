@@ -303,6 +303,13 @@ def test_opcheck_likelihood_ops(kernel_backend):
     scalar = torch.zeros((), device=dev, dtype=torch.bfloat16, requires_grad=True)
     torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default,
                           (half, x.to(torch.bfloat16), scalar, 4, 1, True, True, -0.25))
+    # a channels-last decoder output: the gradients' strides as the fake implementation says
+    images = torch.randn(2, 3, 2, 2, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+    data = torch.rand(2, 3, 2, 2, device=dev).to(memory_format=torch.channels_last)
+    for code, lv in ((0, None), (2, torch.randn(3, 2, 2, device=dev, requires_grad=True)),
+                     (4, torch.randn(2, 1, 1, 1, device=dev, requires_grad=True))):
+        torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default,
+                              (images, data, lv, code, 1, True, lv is not None))
     logits = torch.randn(4, 3, 5, device=dev, requires_grad=True)
     target = torch.randint(0, 5, (2, 3), device=dev)
     for indices in (target, target.to(torch.uint8)):
@@ -410,3 +417,61 @@ def test_triton_row_rescale_skips_rows_whose_factor_is_one(dtype):
     assert torch.isnan(out[4]).all()  # a NaN upstream gradient propagates
     empty = torch.empty(0, 5, dtype=dtype, device=device)
     assert triton_kernels.scale_rows_inplace(empty, factor[:0], 4 * eps).shape == (0, 5)
+
+
+# ------------------------------------------------------------------ channels-last decoder outputs
+
+F64 = torch.float64
+_CHANNELS_LAST_LIKELIHOODS = {
+    "bernoulli": (vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob, False),
+    "continuous_bernoulli": (vae_fast.continuous_bernoulli_log_prob, ref.continuous_bernoulli_log_prob, False),
+    "mse": (vae_fast.mse_log_prob, ref.mean_squared_error_log_prob, False),
+    "gaussian": (vae_fast.gaussian_log_prob, ref.gaussian_log_prob, True),
+    "laplace": (vae_fast.laplace_log_prob, ref.laplace_log_prob, True),
+}
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.to(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+_SCALES = ["none", "float", "learned scalar", "per example", "per pixel", "per channel", "channels-last head"]
+
+
+@pytest.mark.parametrize("name,scale", [(name, scale) for name, (_, _, has_scale) in _CHANNELS_LAST_LIKELIHOODS.items()
+                                        for scale in (_SCALES if has_scale else ["none"])])
+@pytest.mark.parametrize("spatial", [(3, 2), (2, 3, 2)], ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_decoder_outputs(backend, name, scale, spatial, dtype):
+    """A conv decoder run in torch.channels_last: values and every gradient as the float64 reference's (autograd
+    through it), theta's gradient channels-last like theta (as torch's elementwise ops give it)."""
+    fused, oracle, _ = _CHANNELS_LAST_LIKELIHOODS[name]
+    gen = torch.Generator().manual_seed(7)
+    shape = (3, 4, *spatial)
+    theta = _channels_last(torch.randn(shape, generator=gen, dtype=F64) * 2).to(backend, dtype).requires_grad_()
+    x = _channels_last(torch.rand(shape, generator=gen, dtype=F64)).to(backend, dtype)
+    if name not in ("bernoulli", "continuous_bernoulli"):
+        x.requires_grad_()
+    lv = {"none": None, "float": -0.4, "learned scalar": torch.tensor(0.3, dtype=F64),
+          "per example": torch.randn(3, 1, *(1,) * len(spatial), generator=gen, dtype=F64),
+          "per pixel": torch.randn(4, *spatial, generator=gen, dtype=F64),
+          "per channel": torch.randn(4, *(1,) * len(spatial), generator=gen, dtype=F64),
+          "channels-last head": _channels_last(torch.randn(shape, generator=gen, dtype=F64))}[scale]
+    if isinstance(lv, torch.Tensor):
+        lv = lv.to(backend, dtype).requires_grad_()
+    args = () if lv is None else (lv,)
+    got = fused(theta, x, *args)
+    leaves = [t for t in (theta, x, lv) if isinstance(t, torch.Tensor) and t.requires_grad]
+    upstream = torch.linspace(-1, 1, 3, dtype=dtype, device=backend)  # not the expected one: the scaling path too
+    grads = torch.autograd.grad((got * upstream).sum(), leaves)
+    ref_leaves = [f64(t).requires_grad_() for t in leaves]
+    ref_args = dict(zip([id(t) for t in leaves], ref_leaves))
+    theta64, x64 = ref_args.get(id(theta), f64(theta)), ref_args.get(id(x), f64(x))
+    lv64 = ref_args.get(id(lv), lv if not isinstance(lv, torch.Tensor) else f64(lv))
+    expected = oracle(theta64, x64) if lv is None else oracle(theta64, x64, lv64)
+    expected_grads = torch.autograd.grad((expected * f64(upstream)).sum(), ref_leaves)
+    terms = math.prod(shape[1:])
+    assert_matches_reference(got, expected, dtype, terms=terms, what=name)
+    for leaf, g, want in zip(leaves, grads, expected_grads):
+        assert_matches_reference(g, want, dtype, terms=terms if leaf is lv else 1, what=f"{name} gradient")
+    assert grads[0].stride() == theta.stride()  # theta's layout

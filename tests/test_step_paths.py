@@ -433,6 +433,30 @@ def _both_paths(run):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_channels_last_decoder_outputs_take_the_step_path_without_copies(recorder):
+    gen = torch.Generator().manual_seed(2)
+    cl = torch.channels_last
+    theta = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=cl).requires_grad_()
+    x = torch.rand(4, 3, 5, 5, generator=gen).to(memory_format=cl)
+    learned = torch.zeros((), requires_grad=True)
+
+    def run():
+        log_p = (vae_fast.bernoulli_log_prob(theta, x.round()).sum() + vae_fast.gaussian_log_prob(theta, x).sum()
+                 + vae_fast.laplace_log_prob(theta, x, learned).mean())
+        return (log_p, *torch.autograd.grad(log_p, (theta, learned)))
+
+    _both_paths(run)  # (the general path runs on the permuted operands: the same kernels, the same values)
+    assert recorder.calls[:3] == ["elementwise_step"] * 3
+    recorder.calls.clear()
+    # the gradient is written in theta's layout: no copy of theta, x or the gradient on the way
+    log_p = vae_fast.gaussian_log_prob(theta, x)
+    (grad,) = torch.autograd.grad(-log_p.mean(), theta)
+    assert grad.stride() == theta.stride() and recorder.calls == ["elementwise_step"]
+    recorder.calls.clear()
+    vae_fast.gaussian_log_prob(theta, x.contiguous())  # mixed layouts: the general path
+    assert recorder.calls == ["elementwise_likelihood"]
+
+
 @settings(deadline=None)
 @given(batch=st.integers(1, 5), event=st.lists(st.integers(0, 7), min_size=1, max_size=3),
        likelihood=st.sampled_from(["bernoulli", "continuous_bernoulli", "mse", "gaussian", "laplace"]),

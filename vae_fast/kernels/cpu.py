@@ -246,14 +246,15 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
 def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream):
     """:func:`elementwise_log_prob` with no log-variance operand, a fixed one given as a float, or a 0-d tensor
     (``scale``: the Gaussian's log-variance, the Laplace's log-scale, of theta's dtype; a float is rounded to it
-    as a tensor of it would be), theta and x contiguous of one dtype and shape (B, ...) with B > 0, read as (B, D)
-    (checked by the caller: the C++ side checks reads against the extents passed, here their sizes) -> log_prob
-    (B,), grad_theta (theta's shape) | None, grad_scale (B,) | None (each row's d log p / d scale, unscaled: see
+    as a tensor of it would be), theta and x of one dtype, shape and layout (B, ...) with B > 0 whose examples are
+    contiguous blocks of D elements (contiguous, or channels-last), read as (B, D) (checked by the caller: the C++
+    side checks reads against the extents passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape and
+    layout) | None, grad_scale (B,) | None (each row's d log p / d scale, unscaled: see
     protocol.py; a tensor scale's only), num_invalid (int)."""
     rows = theta.shape[0]
     n = theta.numel()
     log_prob = theta.new_empty(rows)
-    grad = torch.empty_like(theta) if want_grad else None  # (contiguous, as theta is)
+    grad = torch.empty_like(theta) if want_grad else None  # (theta's layout: contiguous, or channels-last)
     grad_scale = theta.new_empty(rows) if want_scale_grad else None
     if scale is None or type(scale) is float:
         scale_address, fixed_scale = 0, scale or 0.0

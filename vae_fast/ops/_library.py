@@ -143,6 +143,14 @@ def with_shape(t: torch.Tensor, shape) -> torch.Tensor:
     return t.new_empty((0,)).set_(t.untyped_storage(), t.storage_offset(), shape)
 
 
+def with_layout(t: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """``view`` (a view of the kernel output ``t``, e.g. a permutation back to channels-first) as a tensor of its
+    own with the same storage, shape and strides, for the reason :func:`with_shape` gives."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return view
+    return t.new_empty((0,)).set_(t.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
 def present(t: torch.Tensor | None) -> torch.Tensor | None:
     """None for an absent (None or empty placeholder) optional tensor."""
     return None if t is None or t.numel() == 0 else t

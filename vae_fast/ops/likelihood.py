@@ -26,7 +26,7 @@ from .._validation import STRIDED, raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
                         scale_saved, setup_saved_gradient, setup_step_gradient,
                         step_ctx_constants)
-from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_shape
+from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_layout, with_shape
 from .codes import Likelihood
 
 
@@ -52,7 +52,45 @@ def _as_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
     return t.contiguous()
 
 
+# channels-last layouts by dim count: (memory format, the dim order that makes such a tensor contiguous)
+_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
+
+
+def channels_last_order(theta: torch.Tensor, lead_ndim: int) -> tuple[int, ...] | None:
+    """The dim order in which a channels-last ``theta`` (B, C, *spatial) is contiguous, (0, *spatial dims, 1), for a
+    call with one lead dim whose theta is channels-last and not also contiguous (a conv decoder run in
+    ``torch.channels_last``); else None. The elementwise ops then run on the permuted (contiguous) operands, so
+    nothing is copied for a channels-last theta and x, and hand back theta's gradient channels-last, as torch's
+    elementwise ops do (its fake implementation gives the same strides)."""
+    layout = _CHANNELS_LAST.get(theta.dim()) if lead_ndim == 1 else None
+    if layout is None or theta.is_contiguous() or not theta.is_contiguous(memory_format=layout[0]):
+        return None
+    return layout[1]
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _permuted_logvar(logvar, order, ndim: int):
+    """logvar (broadcastable to theta) in theta's permuted dim order, contiguous (its own size: a broadcast copy of
+    a strided permutation would be theta-sized)."""
+    aligned = logvar.reshape((1,) * (ndim - logvar.dim()) + tuple(logvar.shape))
+    return aligned.permute(order).contiguous()
+
+
 def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
+    order = channels_last_order(theta, lead_ndim)
+    if order is not None:  # run on the contiguous permutation; hand the gradients back in theta's layout
+        inverse = _inverse(order)
+        lv = None if logvar is None else _permuted_logvar(logvar, order, theta.dim())
+        log_prob, grad, grad_lv, bad = _elementwise_kernel(theta.permute(order), x.permute(order), lv, likelihood, 1,
+                                                           want_grad, want_logvar_grad, expected_upstream)
+        if grad is not None:
+            grad = with_layout(grad, grad.permute(inverse))
+        if grad_lv is not None:
+            grad_lv = grad_lv.permute(inverse)
+        return log_prob, grad, grad_lv, bad
     shape = theta.shape
     if len(shape) == 2 and lead_ndim == 1 and x.shape == shape and x.dtype == theta.dtype and theta.is_contiguous() \
             and x.is_contiguous():  # (B, D) operands as the kernels take them: the per-step call of an MLP decoder
@@ -78,11 +116,20 @@ def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want
 
 
 def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
-    grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
+    order = channels_last_order(theta, lead_ndim)  # (the gradients' strides as the kernel path gives them)
+    if order is None:
+        grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
+    else:
+        grad = theta.permute(order).new_empty(theta.permute(order).shape).permute(_inverse(order)) if want_grad \
+            else theta.new_empty(0)
     if want_logvar_grad and logvar is not None:
         per_row = _logvar_grad_per_row(theta.shape, lead_ndim, logvar.shape)
-        grad_lv = theta.new_empty(_logvar_grad_shape(theta.shape, lead_ndim, logvar.shape),
-                                  dtype=acc_dtype(theta.dtype) if per_row else theta.dtype)
+        lv_dtype = acc_dtype(theta.dtype) if per_row else theta.dtype
+        if order is None or per_row:
+            grad_lv = theta.new_empty(_logvar_grad_shape(theta.shape, lead_ndim, logvar.shape), dtype=lv_dtype)
+        else:
+            permuted = _logvar_grad_shape(theta.permute(order).shape, 1, _permuted_logvar(logvar, order, theta.dim()).shape)
+            grad_lv = theta.new_empty(permuted, dtype=lv_dtype).permute(_inverse(order))
     else:
         grad_lv = theta.new_empty(0)
     log_prob = theta.new_empty(theta.shape[:lead_ndim], dtype=acc_dtype(theta.dtype))
@@ -259,10 +306,12 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
     per-step check) and ``scale`` None (Bernoulli, continuous Bernoulli, mean squared error), a float or a tensor
     (the Gaussian's log-variance, the Laplace's log-scale). The call qualifies when it is plain eager (see
     :func:`step_kernels_for`), theta and x are contiguous (B, ...) with B > 0 (an MLP's (B, D) logits, a
-    conv decoder's (B, C, H, W)), ``scale`` is None, a float (fixed) or a scalar tensor (a plain 0-d CPU tensor of
-    theta's dtype: fixed, or learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel
-    for them."""
-    if not (theta.is_contiguous() and x.is_contiguous() and theta.shape[0] > 0):
+    conv decoder's (B, C, H, W)) or both channels-last with the same strides (each example's D elements are then
+    one contiguous block too, in another order, which a row sum does not see; the gradient is allocated like
+    theta), ``scale`` is None, a float (fixed) or a scalar tensor (a plain 0-d CPU tensor of theta's dtype: fixed, or
+    learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel for them."""
+    if not ((theta.is_contiguous() and x.is_contiguous())
+            or (channels_last_order(theta, 1) is not None and x.stride() == theta.stride())) or theta.shape[0] == 0:
         return None
     tensor_scale = scale is not None and type(scale) is not float
     if tensor_scale and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
