@@ -310,6 +310,8 @@ def test_opcheck_likelihood_ops(kernel_backend):
                      (4, torch.randn(2, 1, 1, 1, device=dev, requires_grad=True))):
         torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default,
                               (images, data, lv, code, 1, True, lv is not None))
+    # (x with fewer rows, read per x row: the contiguous path)
+    torch.library.opcheck(torch.ops.vae_fast.elementwise_log_prob.default, (images, data[:1], None, 0, 1, True, False))
     logits = torch.randn(4, 3, 5, device=dev, requires_grad=True)
     target = torch.randint(0, 5, (2, 3), device=dev)
     for indices in (target, target.to(torch.uint8)):

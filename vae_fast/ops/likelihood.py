@@ -56,14 +56,15 @@ def _as_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
 _CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
 
 
-def channels_last_order(theta: torch.Tensor, lead_ndim: int) -> tuple[int, ...] | None:
+def channels_last_order(theta: torch.Tensor, x: torch.Tensor, lead_ndim: int) -> tuple[int, ...] | None:
     """The dim order in which a channels-last ``theta`` (B, C, *spatial) is contiguous, (0, *spatial dims, 1), for a
-    call with one lead dim whose theta is channels-last and not also contiguous (a conv decoder run in
-    ``torch.channels_last``); else None. The elementwise ops then run on the permuted (contiguous) operands, so
+    call with one lead dim and x of theta's shape whose theta is channels-last and not also contiguous (a conv
+    decoder run in ``torch.channels_last``); else None. The elementwise ops then run on the permuted (contiguous) operands, so
     nothing is copied for a channels-last theta and x, and hand back theta's gradient channels-last, as torch's
     elementwise ops do (its fake implementation gives the same strides)."""
     layout = _CHANNELS_LAST.get(theta.dim()) if lead_ndim == 1 else None
-    if layout is None or theta.is_contiguous() or not theta.is_contiguous(memory_format=layout[0]):
+    if layout is None or theta.is_contiguous() or not theta.is_contiguous(memory_format=layout[0]) \
+            or x.shape != theta.shape:
         return None
     return layout[1]
 
@@ -80,7 +81,7 @@ def _permuted_logvar(logvar, order, ndim: int):
 
 
 def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
-    order = channels_last_order(theta, lead_ndim)
+    order = channels_last_order(theta, x, lead_ndim)
     if order is not None:  # run on the contiguous permutation; hand the gradients back in theta's layout
         inverse = _inverse(order)
         lv = None if logvar is None else _permuted_logvar(logvar, order, theta.dim())
@@ -116,7 +117,7 @@ def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want
 
 
 def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
-    order = channels_last_order(theta, lead_ndim)  # (the gradients' strides as the kernel path gives them)
+    order = channels_last_order(theta, x, lead_ndim)  # (the gradients' strides as the kernel path gives them)
     if order is None:
         grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
     else:
@@ -311,7 +312,7 @@ def elementwise_step(theta, x, scale, likelihood: int, expected_upstream: float)
     theta), ``scale`` is None, a float (fixed) or a scalar tensor (a plain 0-d CPU tensor of theta's dtype: fixed, or
     learned as in the LDM / Stable Diffusion autoencoder) and the backend has a step kernel for them."""
     if not ((theta.is_contiguous() and x.is_contiguous())
-            or (channels_last_order(theta, 1) is not None and x.stride() == theta.stride())) or theta.shape[0] == 0:
+            or (channels_last_order(theta, x, 1) is not None and x.stride() == theta.stride())) or theta.shape[0] == 0:
         return None
     tensor_scale = scale is not None and type(scale) is not float
     if tensor_scale and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
