@@ -70,6 +70,29 @@ def test_likelihood_argument_errors_name_the_argument():
         vae_fast.bernoulli_log_prob(torch.zeros(()), torch.zeros(()))
 
 
+def test_objective_argument_errors_name_the_argument():
+    x, mu, logvar = torch.rand(4, 6).round(), torch.randn(4, 3), torch.randn(4, 3)
+    weight = torch.randn(3, 6)
+    for beta in (math.inf, -1.0, math.nan):  # (an infinite weight would turn a zero KL into NaN)
+        with pytest.raises(ValueError, match="beta must be a finite float >= 0"):
+            vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, beta=beta)
+    with pytest.raises(ValueError, match="free_bits must be a finite float >= 0"):
+        vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, free_bits=math.inf)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+        vae_fast.elbo(x, mu, logvar, lambda z: z @ weight, generator=3)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        vae_fast.gaussian_sample_kl(mu, logvar, generator="seed")
+    with pytest.raises(ValueError, match=r"decode must return mean or \(mean, logvar\) for likelihood 'gaussian', "
+                                         "got a tuple of 3"):
+        vae_fast.elbo(x, mu, logvar, lambda z: (z @ weight, z, z), likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"\(mean, log_scale\) for likelihood 'laplace', got a list of 1"):
+        vae_fast.elbo(x, mu, logvar, lambda z: [z @ weight], likelihood="laplace")
+    with pytest.raises(ValueError, match="max_chunk_bytes must be >= 1, got 0"):
+        vae_fast.linear_log_prob(mu, weight.t(), None, x, likelihood="bernoulli", max_chunk_bytes=0)
+    with pytest.raises(TypeError, match="max_chunk_bytes must be an int"):
+        vae_fast.linear_log_prob(mu, weight.t(), None, x, likelihood="bernoulli", max_chunk_bytes=1.5)
+
+
 def _layout_cases():
     """(op name, function, its tensor arguments, their names): every public op on the shapes a training step sends,
     which take the per-step paths, and on a per-pixel scale and K samples, which take the general paths."""

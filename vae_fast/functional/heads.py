@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._validation import check_choice, check_same_device, check_tensor, raise_if_invalid
+from .._validation import check_choice, check_positive_int, check_same_device, check_tensor, raise_if_invalid
 from ..ops import head as head_ops
 from ..ops.codes import Likelihood
 from ._common import check_x, default_expected_upstream, reduce
@@ -102,6 +102,8 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     check_same_device(("h", "weight", "bias"), (h, weight, bias))
+    if max_chunk_bytes is not None:
+        check_positive_int("max_chunk_bytes", max_chunk_bytes)
     out_shape = h.shape[:channel_dim] + (out_features,) + h.shape[channel_dim + 1:]
     if code == head_ops.DMOL:
         return _dmol_head(h, weight, bias, x, channel_dim, reduction, max_chunk_bytes, **likelihood_kwargs)

@@ -18,6 +18,8 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch
     # made here would not). The kernels turn it into a Philox key.
     if generator is None:
         return torch.randint(SEED_BOUND, (), device=device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     seed = torch.randint(SEED_BOUND, (), device=generator.device, generator=generator)
     return seed if seed.device == device else seed.to(device)
 

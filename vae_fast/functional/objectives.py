@@ -46,13 +46,23 @@ def _builtin_likelihood(name: str, fused):
     register_likelihood(name)(public)
 
 
+def _mean_and_scale(output, likelihood: str, scale_name: str):
+    """A Gaussian / Laplace decoder's output: mean, or (mean, its log-variance / log-scale)."""
+    if not isinstance(output, (tuple, list)):
+        return output, 0.0
+    if len(output) != 2:
+        raise ValueError(f"decode must return mean or (mean, {scale_name}) for likelihood {likelihood!r}, "
+                         f"got a {type(output).__name__} of {len(output)}")
+    return output
+
+
 def _gaussian_output(output, x, expected):
-    mean, logvar = output if isinstance(output, (tuple, list)) else (output, 0.0)
+    mean, logvar = _mean_and_scale(output, "gaussian", "logvar")
     return _gaussian(mean, x, logvar, "none", expected)
 
 
 def _laplace_output(output, x, expected):
-    mean, log_scale = output if isinstance(output, (tuple, list)) else (output, 0.0)
+    mean, log_scale = _mean_and_scale(output, "laplace", "log_scale")
     return _laplace(mean, x, log_scale, "none", expected)
 
 
@@ -115,8 +125,8 @@ def _importance_log_weights(log_lik, z, mu, scale, prior_mu, prior_logvar, param
 def _check_nonnegative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= value < math.inf:  # (an infinite weight turns a zero KL into NaN)
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
     return float(value)
 
 
@@ -180,7 +190,7 @@ def elbo(
             log-likelihood is ``head.log_prob(h, x, **head_kwargs)``, its output never held in full
             (``likelihood`` is the head's own; e.g. ``head_kwargs={"logvar": self.log_sigma2}``).
     """
-    if not (type(num_samples) is int and num_samples == 1 and type(beta) is float and beta >= 0.0
+    if not (type(num_samples) is int and num_samples == 1 and type(beta) is float and 0.0 <= beta < math.inf
             and free_bits == 0.0 and type(free_bits) is float and objective == "elbo" and reduction in REDUCTIONS
             and isinstance(x, torch.Tensor) and not x.is_nested):  # (the per-step call passes every check below)
         check_tensor("x", x, floating=False)
