@@ -140,7 +140,8 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
         """(kernel(log_prob, grad[, grad_scale]), the outputs' shapes)"""
         def kernel(log_prob, grad, grad_scale=None):
             return _C.elementwise_step(0, code, batch, pixels, theta_d.data_ptr(), n, x.data_ptr(), n,
-                                       0 if scale is None else scale.data_ptr(), 0.0, log_prob.data_ptr(), grad.data_ptr(),
+                                       0 if scale is None else scale.data_ptr(), 0.0, log_prob.data_ptr(),
+                                       grad.data_ptr(),
                                        0 if grad_scale is None else grad_scale.data_ptr(), -1.0 / batch, threads)
         return kernel, [(batch,), shape] + ([(batch,)] if scale_grad else [])
 

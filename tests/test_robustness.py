@@ -100,7 +100,8 @@ def _layout_cases():
     batch = 4
     theta, grey, binary = torch.randn(batch, 6, generator=gen), torch.rand(batch, 6, generator=gen), \
         torch.rand(batch, 6, generator=gen).round()
-    weight, bias, h = torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen), torch.randn(batch, 5, generator=gen)
+    weight, bias = torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen)
+    h = torch.randn(batch, 5, generator=gen)
     image = torch.rand(batch, 3, 2, 2, generator=gen) * 2 - 1
     mixture = [torch.randn(batch, *shape, 2, 2, generator=gen) for shape in ((2,), (3, 2), (3, 2), (3, 2))]
     decoder = torch.randn(6, 6, generator=gen)

@@ -24,8 +24,7 @@ import torch
 
 from .._validation import raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, saved_gradients, scale_saved,
-                        setup_saved_gradient, setup_step_gradient,
-                        step_ctx_constants)
+                        setup_saved_gradient, setup_step_gradient, step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 
 

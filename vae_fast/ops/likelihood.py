@@ -24,8 +24,7 @@ import torch
 
 from .._validation import STRIDED, raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
-                        scale_saved, setup_saved_gradient, setup_step_gradient,
-                        step_ctx_constants)
+                        scale_saved, setup_saved_gradient, setup_step_gradient, step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_layout, with_shape
 from .codes import Likelihood
 
@@ -59,9 +58,9 @@ _CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_las
 def channels_last_order(theta: torch.Tensor, x: torch.Tensor, lead_ndim: int) -> tuple[int, ...] | None:
     """The dim order in which a channels-last ``theta`` (B, C, *spatial) is contiguous, (0, *spatial dims, 1), for a
     call with one lead dim and x of theta's shape whose theta is channels-last and not also contiguous (a conv
-    decoder run in ``torch.channels_last``); else None. The elementwise ops then run on the permuted (contiguous) operands, so
-    nothing is copied for a channels-last theta and x, and hand back theta's gradient channels-last, as torch's
-    elementwise ops do (its fake implementation gives the same strides)."""
+    decoder run in ``torch.channels_last``); else None. The elementwise ops then run on the permuted (contiguous)
+    operands, so nothing is copied for a channels-last theta and x, and hand back theta's gradient channels-last,
+    as torch's elementwise ops do (the fake implementation gives the same strides)."""
     layout = _CHANNELS_LAST.get(theta.dim()) if lead_ndim == 1 else None
     if layout is None or theta.is_contiguous() or not theta.is_contiguous(memory_format=layout[0]) \
             or x.shape != theta.shape:
@@ -120,17 +119,20 @@ def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_l
     order = channels_last_order(theta, x, lead_ndim)  # (the gradients' strides as the kernel path gives them)
     if order is None:
         grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
+    elif want_grad:  # (contiguous in the permuted order, as the kernel path writes it)
+        permuted = theta.permute(order)
+        grad = permuted.new_empty(permuted.shape).permute(_inverse(order))
     else:
-        grad = theta.permute(order).new_empty(theta.permute(order).shape).permute(_inverse(order)) if want_grad \
-            else theta.new_empty(0)
+        grad = theta.new_empty(0)
     if want_logvar_grad and logvar is not None:
         per_row = _logvar_grad_per_row(theta.shape, lead_ndim, logvar.shape)
         lv_dtype = acc_dtype(theta.dtype) if per_row else theta.dtype
         if order is None or per_row:
             grad_lv = theta.new_empty(_logvar_grad_shape(theta.shape, lead_ndim, logvar.shape), dtype=lv_dtype)
         else:
-            permuted = _logvar_grad_shape(theta.permute(order).shape, 1, _permuted_logvar(logvar, order, theta.dim()).shape)
-            grad_lv = theta.new_empty(permuted, dtype=lv_dtype).permute(_inverse(order))
+            permuted_lv = _permuted_logvar(logvar, order, theta.dim())
+            permuted_shape = _logvar_grad_shape(theta.permute(order).shape, 1, permuted_lv.shape)
+            grad_lv = theta.new_empty(permuted_shape, dtype=lv_dtype).permute(_inverse(order))
     else:
         grad_lv = theta.new_empty(0)
     log_prob = theta.new_empty(theta.shape[:lead_ndim], dtype=acc_dtype(theta.dtype))
