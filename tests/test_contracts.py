@@ -1,7 +1,7 @@
 """The PyTorch contracts of every public op, with default settings (no switches).
 
 One test per contract: several backward passes, gradcheck / gradgradcheck, create_graph,
-torch.func (vmap, grad, jacrev, vmap(grad)), autocast, meta and fake tensors, gradients w.r.t.
+torch.func (vmap, grad, jacrev, vmap(grad)), forward-mode AD (jvp, jacfwd, hessian, dual tensors), autocast, meta and fake tensors, gradients w.r.t.
 x, the learned-variance requires_grad patterns, narrow priors, API hygiene, thread-safe
 settings, the deferred CUDA support check, and the codes shared with the C++ kernels.
 Each runs on the reference, C++ and Triton (interpreter on CPU) backends where it applies.
@@ -302,6 +302,86 @@ def test_vmap_of_in_kernel_noise_follows_torch_randomness_modes(backend):
     torch.testing.assert_close(same[0], same[1])
     different = vmap(sample, randomness="different")(mu)
     assert not torch.equal(different[0], different[1])
+
+
+# --------------------------------------------------------------------------------------------
+# forward-mode AD: torch.func.jvp / jacfwd / hessian and dual tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _dual_tangents(fn, primals, tangents):
+    """The output tangents of fn on dual tensors (torch.autograd.forward_ad), as torch.func.jvp gives them."""
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        out = fn(*[forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)])
+        outs = out if isinstance(out, tuple) else (out,)
+        return tuple(forward_ad.unpack_dual(o).tangent for o in outs)
+
+
+def test_forward_mode_ad_matches_the_reference(backend):
+    """jvp (torch.func and dual tensors: the latter would meet the per-step Functions, which have no jvp rule, so
+    they take the general ones), jacfwd against jacrev and hessian against the reference's, for the latent op (all
+    three parameterisations, explicit and in-kernel noise, KL only), the elementwise and categorical likelihoods;
+    the logistic mixture and the fused heads raise NotImplementedError naming the op and reverse mode."""
+    from torch.func import hessian, jacfwd, jvp
+
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=F64).to(backend)  # noqa: E731
+    cases = []  # (name, fused fn, reference fn, primals)
+    for name, fn, theta, x in _elementwise_cases(backend):
+        oracle = {"bernoulli": ref.bernoulli_log_prob, "continuous_bernoulli": ref.continuous_bernoulli_log_prob,
+                  "gaussian": ref.gaussian_log_prob, "laplace": ref.laplace_log_prob}[name]
+        if name in ("gaussian", "laplace"):  # tangents for the mean, x and a learned per-pixel scale
+            cases.append((name, getattr(vae_fast, f"{name}_log_prob"), oracle, (theta, x, 0.3 * rand(1, 5))))
+        else:
+            cases.append((name, fn, oracle, (theta, x)))
+    cases.append(("mse", vae_fast.mse_log_prob, ref.mean_squared_error_log_prob, (rand(3, 5), rand(3, 5))))
+    logits, target = _categorical_args(backend)
+    cases.append(("categorical", lambda lg: vae_fast.categorical_log_prob(lg, target),
+                  lambda lg: ref.categorical_log_prob(lg, target), (logits,)))
+    mu, scale, eps = rand(3, 4), rand(3, 4), rand(2, 3, 4)
+    prior_mu, prior_logvar = rand(1, 4), 0.5 * rand(4)
+    for param in ("logvar", "logstd", "softplus"):
+        cases.append((f"latent {param}",
+                      lambda m, s, pm, plv, param=param: vae_fast.gaussian_sample_kl(
+                          m, s, prior_mu=pm, prior_logvar=plv, eps=eps, num_samples=2, param=param),
+                      lambda m, s, pm, plv, param=param: (m + ref.std_from_scale(s, param) * eps, ref.gaussian_kl(
+                          m, ref.logvar_from_scale(s, param), pm.expand(3, 4), plv.expand(3, 4))),
+                      (mu, scale, prior_mu, prior_logvar)))
+    cases.append(("kl", lambda m, s: vae_fast.gaussian_kl(m, s), lambda m, s: ref.gaussian_kl(m, s), (mu, scale)))
+    for name, fused, oracle, primals in cases:
+        tangents = tuple(rand(*p.shape) for p in primals)
+        got, want = jvp(fused, primals, tangents)[1], jvp(oracle, primals, tangents)[1]
+        dual = _dual_tangents(fused, primals, tangents)
+        for g, d, w in zip(got if isinstance(got, tuple) else (got,), dual, want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, msg=name)
+            torch.testing.assert_close(d, w, msg=name)
+        first = lambda p, fused=fused, primals=primals: fused(p, *primals[1:])  # noqa: E731
+        forward, reverse = jacfwd(first)(primals[0]), jacrev(first)(primals[0])
+        for f, r in zip(forward if isinstance(forward, tuple) else (forward,),
+                        reverse if isinstance(reverse, tuple) else (reverse,)):
+            torch.testing.assert_close(f, r, msg=name)
+    total = lambda m: vae_fast.gaussian_kl(m, scale, prior_mu=prior_mu, prior_logvar=prior_logvar).sum()  # noqa: E731
+    torch.testing.assert_close(hessian(total)(mu), hessian(lambda m: ref.gaussian_kl(
+        m, scale, prior_mu.expand(3, 4), prior_logvar.expand(3, 4)).sum())(mu))
+    theta, data = rand(3, 5), torch.rand(3, 5, generator=gen, dtype=F64).to(backend)
+    torch.testing.assert_close(hessian(lambda t: vae_fast.continuous_bernoulli_log_prob(t, data).sum())(theta),
+                               hessian(lambda t: ref.continuous_bernoulli_log_prob(t, data).sum())(theta))
+
+    def seeded(m, s):  # in-kernel noise: one draw per call, the same for both modes
+        torch.manual_seed(7)
+        return vae_fast.gaussian_sample_kl(m, s, num_samples=2)
+
+    for f, r in zip(jacfwd(seeded, argnums=(0, 1), randomness="same")(mu, scale)[0],
+                    jacrev(seeded, argnums=(0, 1))(mu, scale)[0]):
+        torch.testing.assert_close(f, r)
+    x_img, params = _dmol_args(backend)
+    with pytest.raises(NotImplementedError, match="dmol_packed_log_prob: forward-mode AD .* use reverse mode"):
+        jvp(lambda p: vae_fast.dmol_packed_log_prob(x_img, p), (params,), (params,))
+    h, weight = rand(3, 4), rand(5, 4)
+    with pytest.raises(NotImplementedError, match="linear_log_prob: forward-mode AD"):
+        jvp(lambda w: vae_fast.linear_log_prob(h, w, None, data, likelihood="bernoulli"), (weight,), (weight,))
 
 
 # --------------------------------------------------------------------------------------------

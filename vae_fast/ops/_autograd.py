@@ -24,6 +24,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import config
 from .._validation import is_plain
@@ -283,6 +284,36 @@ def eager_function_apply(function):
 _transforms_active, _dispatch_modes = torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack
 
 
+class _NoDualLevel:
+    _current_level = -1
+
+
+# ``FORWARD_AD._current_level >= 0`` while a ``torch.autograd.forward_ad.dual_level`` is open (forward-mode AD on
+# dual tensors): those calls take the general entry points, whose Functions have jvp rules (the per-step Functions
+# have none). Tested inline on the per-call paths (a function call costs more than the read). A torch without this
+# private level: dual tensors then meet the per-step Functions' NotImplementedError, a clear error still.
+FORWARD_AD = _forward_ad if hasattr(_forward_ad, "_current_level") else _NoDualLevel
+
+
+def no_forward_ad(op_name: str):
+    """A jvp rule (for :func:`fast_apply`) that raises: forward-mode AD (torch.func.jvp / jacfwd / hessian, dual
+    tensors) is implemented for the latent op and the elementwise and categorical likelihoods only."""
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"vae_fast.{op_name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+            "implemented for this op; use reverse mode (torch.autograd.grad, torch.func.grad / jacrev)")
+
+    return jvp
+
+
+def save_for_jvp(ctx, *tensors) -> None:
+    """``ctx.save_for_forward(*tensors)`` for the op's jvp rule (see :func:`fast_apply`), skipped while torch.compile
+    traces (dynamo traces no forward-mode AD through an autograd.Function; nothing would read them)."""
+    if not torch.compiler.is_compiling():
+        ctx.save_for_forward(*tensors)
+
+
 def _fake_mode():
     """The active FakeTensorMode, or None."""
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
@@ -290,13 +321,14 @@ def _fake_mode():
 
 def eager_call(first: torch.Tensor) -> bool:
     """Whether a call whose first tensor is ``first`` runs plain eager: no torch.compile tracing, no
-    torch.func transform, no dispatch mode, a real CPU/CUDA tensor. Exactly those calls take the
+    torch.func transform, no dispatch mode, no forward-mode AD level, a real CPU/CUDA tensor. Exactly those calls take the
     eager entry points (:func:`fast_apply`, the per-step paths) and the host-side shortcuts."""
     # (is_compiling first: dynamo folds it to True and traces nothing after it)
-    return not (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes()) and is_plain(first)
+    return not (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes()
+                or FORWARD_AD._current_level >= 0) and is_plain(first)
 
 
-def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
+def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None, jvp=None):
     """``function.apply`` for a setup_context-style ``autograd.Function``, with an eager fast path.
 
     torch.func needs the setup_context style, whose ``apply`` binds the arguments with
@@ -311,7 +343,12 @@ def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
     ``eager_outputs``: the indices of the outputs the callers use; the eager twin returns None for
     the others (the saved gradients, which setup_context keeps in ctx anyway): each tensor output of
     an autograd.Function costs about 1 us per call to wrap, and backward receives None for them, as
-    it does for unused outputs."""
+    it does for unused outputs.
+
+    ``jvp``: the op's forward-mode rule ``jvp(ctx, *input_tangents) -> output tangents`` (reading what setup_context
+    saved with :func:`save_for_jvp`), for torch.func transforms (jvp, jacfwd, hessian) and dual tensors: those calls
+    go through a subclass of ``function`` that has it. ``function`` itself has none, because dynamo does not trace
+    an autograd.Function that defines jvp (torch.compile takes ``function.apply``)."""
 
     if eager_outputs is None:
         def forward(ctx, *args):
@@ -333,9 +370,16 @@ def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None):
                  {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
                   "__doc__": f"Eager entry point of :class:`{function.__qualname__}` (same backward)."})
     eager_apply = eager_function_apply(eager)
+    with_jvp = function if jvp is None else type(
+        f"{function.__name__}WithJvp", (function,),
+        {"jvp": staticmethod(jvp), "__doc__": f":class:`{function.__qualname__}` with its forward-mode AD rule."})
 
     def apply(first, *args):
-        return eager_apply(first, *args) if eager_call(first) else function.apply(first, *args)
+        if eager_call(first):
+            return eager_apply(first, *args)
+        if not torch.compiler.is_compiling() and (_transforms_active() or FORWARD_AD._current_level >= 0):
+            return with_jvp.apply(first, *args)
+        return function.apply(first, *args)
 
     apply.eager_function = eager
     return apply

@@ -6,7 +6,7 @@ import torch
 from .. import config, kernels
 from .._backend import backend, triton_interpreting
 from .._validation import is_plain
-from ._autograd import _dispatch_modes, _transforms_active, loop_vmap
+from ._autograd import FORWARD_AD, _dispatch_modes, _transforms_active, loop_vmap
 
 LIB = torch.library.Library("vae_fast", "DEF")
 
@@ -36,8 +36,8 @@ def step_kernels_for(t: torch.Tensor, output_elements: int):
     lookup of :func:`kernels_for` (each Python call costs 0.1 us here, and this runs on every call
     of a training step)."""
     # (is_compiling first: dynamo folds it to True and traces nothing after it)
-    if (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes() or type(t) is not torch.Tensor
-            or not t.is_cpu or _functorch_wrapped(t)):
+    if (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes() or FORWARD_AD._current_level >= 0
+            or type(t) is not torch.Tensor or not t.is_cpu or _functorch_wrapped(t)):
         return None
     key = (t.dtype, config.BACKEND.get_eager())
     entry = _step_cache.get(key)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from .._validation import raise_if_invalid
-from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, saved_gradients, scale_saved,
-                        setup_saved_gradient, setup_step_gradient, step_ctx_constants)
+from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, no_forward_ad, saved_gradients,
+                        scale_saved, setup_saved_gradient, setup_step_gradient, step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 
 
@@ -163,8 +163,10 @@ register_op(
     _dmol_packed_kernel, _dmol_packed_fake, DmolPackedLogProb)
 
 
-_apply_split = fast_apply(DmolLogProb, _dmol_kernel, eager_outputs=(0, 5))  # log_prob, num_invalid
-_apply_packed = fast_apply(DmolPackedLogProb, _dmol_packed_kernel, eager_outputs=(0, 2))
+_apply_split = fast_apply(DmolLogProb, _dmol_kernel, eager_outputs=(0, 5),  # log_prob, num_invalid
+                          jvp=no_forward_ad("discretized_logistic_mixture_log_prob"))
+_apply_packed = fast_apply(DmolPackedLogProb, _dmol_packed_kernel, eager_outputs=(0, 2),
+                           jvp=no_forward_ad("dmol_packed_log_prob"))
 
 
 def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale_min, expected_upstream):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import is_plain
-from ._autograd import SKIP_CHECK_ULPS, fast_apply, mark_non_differentiable
+from ._autograd import SKIP_CHECK_ULPS, fast_apply, mark_non_differentiable, no_forward_ad
 from ._library import acc_dtype, call, kernels_for, register_op
 from .codes import HEAD_CATEGORICAL, HEAD_DMOL
 
@@ -332,4 +332,5 @@ register_op(
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _head_kernel, _head_fake, LinearLogProbFunction)
 
-apply_linear_log_prob = fast_apply(LinearLogProbFunction, _head_kernel, eager_outputs=(0, 5))  # log_prob, num_invalid
+apply_linear_log_prob = fast_apply(LinearLogProbFunction, _head_kernel, eager_outputs=(0, 5),  # log_prob, num_invalid
+                                   jvp=no_forward_ad("linear_log_prob"))

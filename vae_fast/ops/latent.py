@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from ._autograd import _dispatch_modes, eager_function_apply, fast_apply
+from ._autograd import _dispatch_modes, eager_function_apply, fast_apply, save_for_jvp
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op, step_kernels_for
 from .codes import ScaleParam
 
@@ -171,12 +171,15 @@ class LatentFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples = inputs[:8]
+        mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim = inputs[:9]
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         ctx.save_for_backward(mu, scale, prior_mu, prior_logvar, eps, seed)
-        ctx.param, ctx.num_samples, ctx.step_kernels = param, num_samples, None
+        save_for_jvp(ctx, mu, scale, prior_mu, prior_logvar, eps, seed)
+        ctx.param, ctx.num_samples, ctx.step_kernels, ctx.want_kl_per_dim = param, num_samples, None, want_kl_per_dim
         if output[3] is not None:
             ctx.mark_non_differentiable(output[3])
+        if num_samples == 0 and output[0] is not None:  # (no sample: z is empty)
+            ctx.mark_non_differentiable(output[0])
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_kl_per_dim=None, _grad_log_ratio=None):
@@ -204,7 +207,44 @@ class LatentFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-apply_latent = fast_apply(LatentFunction, _forward_kernel)
+def _latent_jvp(ctx, tangent_mu, tangent_scale, tangent_prior_mu, tangent_prior_logvar, tangent_eps, *_):
+    """:class:`LatentFunction`'s forward-mode AD (torch.func.jvp / jacfwd / hessian, dual tensors; see
+    ``fast_apply``), by the closed forms of backward:
+    z' = mu' + eps_k dsigma/dscale scale' + sigma eps'_k, and KL_j' = dKL_j/dmu mu' + dKL_j/dscale scale'
+    + dKL_j/dpmu pmu' + dKL_j/dplv plv' (the same noise: eps, or the seed's Philox stream recomputed)."""
+    mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
+    sigma, d_sigma, lv, d_lv = _sigma_and_log_variance(scale, ctx.param)
+    pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.to(mu.dtype)
+    plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.to(mu.dtype)
+    inv_prior_std = torch.exp(-0.5 * plv)
+    scaled_diff = (mu - pm) * inv_prior_std
+    dkl_dmu = scaled_diff * inv_prior_std
+    dkl_dlv = 0.5 * (torch.exp(lv - plv) - 1)
+    kl_terms = ((dkl_dmu, tangent_mu), (dkl_dlv * d_lv, tangent_scale), (-dkl_dmu, tangent_prior_mu),
+                (-(dkl_dlv + 0.5 * scaled_diff ** 2), tangent_prior_logvar))
+    # (every differentiable output gets a tangent, zeros where no input has one: torch.func wants one)
+    tangent_kl_per_dim = torch.zeros_like(mu)
+    for derivative, tangent in kl_terms:
+        if tangent is not None:
+            tangent_kl_per_dim = tangent_kl_per_dim + derivative * tangent.to(mu.dtype)
+    tangent_kl_per_dim = tangent_kl_per_dim.to(acc_dtype(mu.dtype))  # (as forward gives KL: accumulation dtype)
+    tangent_kl = tangent_kl_per_dim.sum(-1)
+    tangent_z = None
+    samples = ctx.num_samples
+    if samples > 0:
+        tangent_z = torch.zeros((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+        if tangent_mu is not None:
+            tangent_z = tangent_z + tangent_mu.to(mu.dtype)
+        if tangent_scale is not None:
+            tangent_z = tangent_z + _latent_noise(mu, eps, seed, samples) * (d_sigma * tangent_scale.to(mu.dtype))
+        if tangent_eps is not None:
+            tangent_z = tangent_z + sigma * tangent_eps.to(mu.dtype).reshape(samples, *mu.shape)
+        if samples == 1:
+            tangent_z = tangent_z.reshape(mu.shape)
+    return (tangent_z, tangent_kl, tangent_kl_per_dim if ctx.want_kl_per_dim else None, None)
+
+
+apply_latent = fast_apply(LatentFunction, _forward_kernel, jvp=_latent_jvp)
 
 
 SEED_BOUND = 2**62  # seeds are drawn in [0, 2^62) (int64, randint's default dtype: no dtype argument to parse)

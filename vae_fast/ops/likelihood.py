@@ -24,7 +24,7 @@ import torch
 
 from .._validation import STRIDED, raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
-                        scale_saved, setup_saved_gradient, setup_step_gradient, step_ctx_constants)
+                        save_for_jvp, scale_saved, setup_saved_gradient, setup_step_gradient, step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_layout, with_shape
 from .codes import Likelihood
 
@@ -204,6 +204,7 @@ class ElementwiseLogProb(torch.autograd.Function):
         setup_saved_gradient(ctx, "elementwise_log_prob", inputs, 7,
                              (grad if want_grad else None, grad_lv if want_lv and logvar is not None else None),
                              (theta, x, logvar), keep_inputs=x.requires_grad and likelihood in _LOGIT_FAMILY)
+        save_for_jvp(ctx, theta, x, logvar)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_theta=None, _grad_logvar=None, _num_invalid=None):
@@ -247,6 +248,27 @@ class ElementwiseLogProb(torch.autograd.Function):
         return grad_theta, grad_x, grad_logvar, None, None, None, None, None
 
 
+def _elementwise_jvp(ctx, tangent_theta, tangent_x, tangent_logvar, *_):
+    """:class:`ElementwiseLogProb`'s forward-mode AD (torch.func.jvp / jacfwd / hessian, dual tensors; see
+    ``fast_apply``): sum over the event dims of d log p / d input * tangent, by the closed forms of the
+    create_graph path."""
+    theta, x, logvar = ctx.saved_tensors
+    d_theta, d_x, d_lv = _elementwise_derivatives(ctx.likelihood, theta, x, logvar, ctx.lead_ndim)
+    return _event_sum(((d_theta, tangent_theta), (d_x, tangent_x), (d_lv, tangent_logvar)), theta,
+                      ctx.lead_ndim), None, None, None
+
+
+def _event_sum(terms, theta: torch.Tensor, lead_ndim: int) -> torch.Tensor:
+    """sum over theta's event dims of the sum of d * tangent over ``terms`` (pairs whose tangent may be None:
+    no tangent), as log p's dtype (zeros if no term has a tangent: torch.func wants a tangent for every
+    differentiable output)."""
+    total = torch.zeros_like(theta)
+    for derivative, tangent in terms:
+        if derivative is not None and tangent is not None:
+            total = total + derivative * tangent.to(derivative.dtype)
+    return total.sum(dim=tuple(range(lead_ndim, theta.dim()))).to(acc_dtype(theta.dtype))
+
+
 register_op(
     "elementwise_log_prob",
     "(Tensor theta, Tensor x, Tensor? logvar, int likelihood, int lead_ndim, bool want_grad, bool want_logvar_grad, "
@@ -254,7 +276,8 @@ register_op(
     _elementwise_kernel, _elementwise_fake, ElementwiseLogProb)
 
 
-_apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_outputs=(0, 3))  # log_prob, num_invalid
+_apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_outputs=(0, 3),  # log_prob, num_invalid
+                                jvp=_elementwise_jvp)
 
 
 class ElementwiseStep(torch.autograd.Function):
@@ -387,6 +410,7 @@ class CategoricalLogProb(torch.autograd.Function):
         mark_non_differentiable(ctx, grad, num_invalid)
         ctx.lead_ndim = lead_ndim
         setup_saved_gradient(ctx, "categorical_log_prob", inputs, 4, (grad if want_grad else None,), (logits, target))
+        save_for_jvp(ctx, logits, target)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_logits=None, _num_invalid=None):
@@ -405,13 +429,27 @@ class CategoricalLogProb(torch.autograd.Function):
         return scale_saved(ctx, grad, grad_out), None, None, None, None
 
 
+def _categorical_jvp(ctx, tangent_logits, *_):
+    """:class:`CategoricalLogProb`'s forward-mode AD (see ``fast_apply``): sum over the pixels of
+    tangent[target] - sum_c softmax(l)_c tangent_c."""
+    logits, target = ctx.saved_tensors
+    dtype = acc_dtype(logits.dtype)
+    if tangent_logits is None:  # (zeros: torch.func wants a tangent for every differentiable output)
+        return logits.new_zeros(logits.shape[:ctx.lead_ndim], dtype=dtype), None, None
+    tangent = tangent_logits.to(dtype)
+    index = target.long().clamp(0, logits.shape[-1] - 1).expand(logits.shape[:-1]).unsqueeze(-1)
+    per_pixel = tangent.gather(-1, index).squeeze(-1) - (torch.softmax(logits.to(dtype), dim=-1) * tangent).sum(-1)
+    return per_pixel.sum(dim=tuple(range(ctx.lead_ndim, per_pixel.dim()))), None, None
+
+
 register_op(
     "categorical_log_prob",
     "(Tensor logits, Tensor target, int lead_ndim, bool want_grad, float expected_upstream=1.0) -> (Tensor, Tensor, Tensor)",
     _categorical_kernel, _categorical_fake, CategoricalLogProb)
 
 
-_apply_categorical = fast_apply(CategoricalLogProb, _categorical_kernel, eager_outputs=(0, 2))  # log_prob, num_invalid
+_apply_categorical = fast_apply(CategoricalLogProb, _categorical_kernel, eager_outputs=(0, 2),  # log_prob, num_invalid
+                                jvp=_categorical_jvp)
 
 
 def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
