@@ -228,7 +228,7 @@ class InputRefs:
     @classmethod
     def eager(cls, tensors) -> "InputRefs":
         """``InputRefs(tensors, traced=False)`` for a plain eager call: the same entries, built without the general
-        constructor's per-tensor loop (about 0.3 us less; it runs on every call of a training step)."""
+        constructor's per-tensor checks (0.57 -> 0.49 us for three; it runs on every call of a training step)."""
         refs = cls.__new__(cls)
         refs.entries = entries = []
         try:
@@ -321,8 +321,8 @@ def _fake_mode():
 
 def eager_call(first: torch.Tensor) -> bool:
     """Whether a call whose first tensor is ``first`` runs plain eager: no torch.compile tracing, no
-    torch.func transform, no dispatch mode, no forward-mode AD level, a real CPU/CUDA tensor. Exactly those calls take the
-    eager entry points (:func:`fast_apply`, the per-step paths) and the host-side shortcuts."""
+    torch.func transform, no dispatch mode, no forward-mode AD level, a real CPU/CUDA tensor. Exactly those calls
+    take the eager entry points (:func:`fast_apply`, the per-step paths) and the host-side shortcuts."""
     # (is_compiling first: dynamo folds it to True and traces nothing after it)
     return not (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes()
                 or FORWARD_AD._current_level >= 0) and is_plain(first)
