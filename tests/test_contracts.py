@@ -1,7 +1,8 @@
 """The PyTorch contracts of every public op, with default settings (no switches).
 
 One test per contract: several backward passes, gradcheck / gradgradcheck, create_graph,
-torch.func (vmap, grad, jacrev, vmap(grad)), forward-mode AD (jvp, jacfwd, hessian, dual tensors), autocast, meta and fake tensors, gradients w.r.t.
+torch.func (vmap, grad, jacrev, vmap(grad)), forward-mode AD (jvp, jacfwd, hessian, dual tensors), autocast,
+meta and fake tensors, gradients w.r.t.
 x, the learned-variance requires_grad patterns, narrow priors, API hygiene, thread-safe
 settings, the deferred CUDA support check, and the codes shared with the C++ kernels.
 Each runs on the reference, C++ and Triton (interpreter on CPU) backends where it applies.
@@ -354,7 +355,8 @@ def test_forward_mode_ad_matches_the_reference(backend):
         tangents = tuple(rand(*p.shape) for p in primals)
         got, want = jvp(fused, primals, tangents)[1], jvp(oracle, primals, tangents)[1]
         dual = _dual_tangents(fused, primals, tangents)
-        for g, d, w in zip(got if isinstance(got, tuple) else (got,), dual, want if isinstance(want, tuple) else (want,)):
+        as_tuple = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+        for g, d, w in zip(as_tuple(got), dual, as_tuple(want)):
             torch.testing.assert_close(g, w, msg=name)
             torch.testing.assert_close(d, w, msg=name)
         first = lambda p, fused=fused, primals=primals: fused(p, *primals[1:])  # noqa: E731
