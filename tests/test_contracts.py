@@ -2,9 +2,8 @@
 
 One test per contract: several backward passes, gradcheck / gradgradcheck, create_graph,
 torch.func (vmap, grad, jacrev, vmap(grad)), forward-mode AD (jvp, jacfwd, hessian, dual tensors), autocast,
-meta and fake tensors, gradients w.r.t.
-x, the learned-variance requires_grad patterns, narrow priors, API hygiene, thread-safe
-settings, the deferred CUDA support check, and the codes shared with the C++ kernels.
+meta and fake tensors, gradients w.r.t. x, the learned-variance requires_grad patterns, narrow priors, API
+hygiene, thread-safe settings, the deferred CUDA support check, and the codes shared with the C++ kernels.
 Each runs on the reference, C++ and Triton (interpreter on CPU) backends where it applies.
 """
 import inspect
