@@ -99,6 +99,25 @@ def test_bad_arguments():
         vae_fast.iwae_bound(x, mu, lv, decode, k=3, likelihood="poisson")
     with pytest.raises(ValueError, match="threshold"):
         diagnostics.active_units(mu, threshold=-1.0)
+    with pytest.raises(ValueError, match="mu must hold at least 2 examples"):  # (a variance of one: NaN, 0 units)
+        diagnostics.active_units(mu[:1])
+    for estimator in (diagnostics.mutual_information, diagnostics.aggregate_kl):
+        with pytest.raises(ValueError, match=r"mu must have shape \(N, Z\) or \(N, C, H, W\) with N >= 1"):
+            estimator(mu[:0], lv[:0])
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            estimator(mu, lv, chunk_size=0)
+        with pytest.raises(ValueError, match="logvar must have mu's shape"):
+            estimator(mu, lv[:, :1])
+
+
+def test_information_diagnostics_of_a_conv_latent_are_those_of_its_flattened_vector():
+    # (they took the last dim for the latent: a silently wrong aggregate KL, and a RuntimeError from the MI)
+    gen = torch.Generator().manual_seed(6)
+    mu, lv = torch.randn(8, 2, 3, 3, generator=gen), 0.3 * torch.randn(8, 2, 3, 3, generator=gen)
+    for estimator in (diagnostics.mutual_information, diagnostics.aggregate_kl):
+        conv = estimator(mu, lv, samples=2, generator=torch.Generator().manual_seed(1))
+        flat = estimator(mu.flatten(1), lv.flatten(1), samples=2, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(conv, flat, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ IWAE training objectives

@@ -12,7 +12,8 @@ functions estimate both gaps:
   2016, "ELBO surgery"; He et al. 2019, "Lagging inference networks").
 
 All take encoder outputs ``mu``, ``logvar`` of shape ``(N, Z)`` (log-variance
-parameterisation) and work in chunks so that large N or K fit in memory.
+parameterisation; :func:`mutual_information` and :func:`aggregate_kl` also a conv latent
+``(N, C, H, W)``, the vector of its C·H·W elements) and work in chunks so that large N or K fit in memory.
 """
 from __future__ import annotations
 
@@ -105,7 +106,24 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
     (Burda et al., 2016)."""
     check_tensor("mu", mu)
     threshold = _check_nonnegative("threshold", threshold)
+    if mu.dim() < 1 or mu.shape[0] < 2:  # (the variance over one example is NaN: every unit would read inactive)
+        raise ValueError(f"mu must hold at least 2 examples (N, ...) for a variance over the data, got shape "
+                         f"{tuple(mu.shape)}")
     return int((mu.var(0, unbiased=True) > threshold).sum())
+
+
+def _latent_vectors(mu, logvar, samples: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu, logvar as (N, D) rows (a conv latent (N, C, H, W) flattened: its density is over all C·H·W elements),
+    after checking them and the sample and chunk counts."""
+    check_tensor("mu", mu)
+    check_tensor("logvar", logvar)
+    check_positive_int("samples", samples)
+    check_positive_int("chunk_size", chunk_size)
+    if mu.dim() < 2 or mu.shape[0] == 0:
+        raise ValueError(f"mu must have shape (N, Z) or (N, C, H, W) with N >= 1, got {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    return mu.flatten(1), logvar.flatten(1)
 
 
 def _log_aggregate_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -125,7 +143,7 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, *, samples: int =
     """I(x; z) under q: E_x E_q(z|x)[log q(z|x) - log q(z)], with q(z) the aggregate posterior of
     the given batch (Hoffman & Johnson 2016; the estimator of He et al. 2019). Monte Carlo with
     ``samples`` draws per example; O(N^2 Z) in chunks of ``chunk_size``. Returns a 0-d tensor."""
-    check_positive_int("samples", samples)
+    mu, logvar = _latent_vectors(mu, logvar, samples, chunk_size)
     z, _ = gaussian_sample_kl(mu, logvar, num_samples=samples, generator=generator)
     z = z.reshape(-1, mu.shape[-1]) if samples > 1 else z
     mu_rep = mu.repeat(samples, 1)
@@ -140,7 +158,7 @@ def aggregate_kl(mu: torch.Tensor, logvar: torch.Tensor, *, samples: int = 1,
                  generator: torch.Generator | None = None, chunk_size: int = 256) -> torch.Tensor:
     """KL(q(z) || p(z)) of the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) against N(0, I)
     ("ELBO surgery": E_x KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z))). Monte Carlo, 0-d tensor."""
-    check_positive_int("samples", samples)
+    mu, logvar = _latent_vectors(mu, logvar, samples, chunk_size)
     z, _ = gaussian_sample_kl(mu, logvar, num_samples=samples, generator=generator)
     z = z.reshape(-1, mu.shape[-1]) if samples > 1 else z
     log_q_agg = _log_aggregate_density(z, mu, logvar, chunk_size)
