@@ -110,7 +110,7 @@ def test_bad_arguments():
             estimator(mu, lv[:, :1])
 
 
-def test_information_diagnostics_of_a_conv_latent_are_those_of_its_flattened_vector():
+def test_diagnostics_of_a_conv_latent_are_those_of_its_flattened_vector():
     # (they took the last dim for the latent: a silently wrong aggregate KL, and a RuntimeError from the MI)
     gen = torch.Generator().manual_seed(6)
     mu, lv = torch.randn(8, 2, 3, 3, generator=gen), 0.3 * torch.randn(8, 2, 3, 3, generator=gen)
@@ -118,6 +118,15 @@ def test_information_diagnostics_of_a_conv_latent_are_those_of_its_flattened_vec
         conv = estimator(mu, lv, samples=2, generator=torch.Generator().manual_seed(1))
         flat = estimator(mu.flatten(1), lv.flatten(1), samples=2, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(conv, flat, rtol=0, atol=0)
+    # the IWAE bound and the posterior gap over the latent's elements (iwae_bound raised a shape error)
+    x = torch.rand(8, 18, generator=gen).round()
+    weight = torch.randn(18, 18, generator=gen) / 4
+    for fn in (lambda *a, **kw: vae_fast.iwae_bound(*a, k=5, chunk_size=2, **kw),
+               lambda *a, **kw: diagnostics.posterior_gap(*a, k=5, **kw)):
+        conv = fn(x, mu, lv, lambda z: z.flatten(-3) @ weight, generator=torch.Generator().manual_seed(2))
+        flat = fn(x, mu.flatten(1), lv.flatten(1), lambda z: z @ weight, generator=torch.Generator().manual_seed(2))
+        assert conv.shape == (8,)
+        torch.testing.assert_close(conv, flat)
 
 
 # ------------------------------------------------------------------ IWAE training objectives

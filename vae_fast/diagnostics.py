@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .functional import LIKELIHOODS, gaussian_kl, gaussian_sample_kl
-from .functional.latent import _latent
+from .functional.latent import _latent_over
 from .functional.objectives import _check_nonnegative
 from ._validation import check_choice, check_positive_int, check_tensor
 from .reference import gaussian_log_density
@@ -50,7 +50,7 @@ def iwae_bound(
     It is a lower bound in expectation that increases with k toward log p(x). Samples are
     drawn ``chunk_size`` at a time (default: all k) by the fused latent kernel, which returns each
     sample's log q(z|x) - log p(z) from the same pass; ``decode`` is
-    called on ``(chunk, B, Z)`` and the likelihood's ``(chunk, B)`` log-probabilities are
+    called on ``(chunk, B, Z)`` (``(chunk, B, C, H, W)`` for a conv latent) and the likelihood's ``(chunk, B)`` log-probabilities are
     combined with a running max-shifted log-sum-exp, so memory is bounded by one chunk.
     """
     check_positive_int("k", k)
@@ -61,13 +61,16 @@ def iwae_bound(
     if log_prob is None:
         check_choice("likelihood", likelihood, LIKELIHOODS)
     chunk = min(chunk_size or k, k)
+    check_tensor("mu", mu)
+    # (B, Z), or (B, *latent) for a conv latent: q and p are densities over all its non-batch elements, as in elbo
+    latent_dims = -1 if mu.dim() <= 2 else tuple(range(1, mu.dim()))
     running_max = None
     running_sum = None
     for start in range(0, k, chunk):
         size = min(chunk, k - start)
         # the latent kernel returns each sample's log q(z|x) - log p(z) from the same pass as z
-        z, _, _, log_ratio = _latent(mu, logvar, prior_mu, prior_logvar, param, None, generator, size, False,
-                                     want_log_ratio=True)
+        z, _, _, log_ratio = _latent_over(mu, logvar, prior_mu, prior_logvar, param, None, generator, size, False,
+                                          want_log_ratio=True, dim=latent_dims)
         z = z if size > 1 else z.unsqueeze(0)
         log_px = log_prob(decode(z), x)
         log_px = log_px if log_px.dim() == 2 else log_px.unsqueeze(0)
