@@ -91,6 +91,14 @@ def test_bad_input_names_the_argument():
         vae_fast.DiagonalGaussian(mean=torch.zeros(2, 4, 4, 4))
     with pytest.raises(TypeError, match="other must be a DiagonalGaussian"):
         vae_fast.DiagonalGaussian(torch.zeros(2, 8, 4, 4)).kl(torch.zeros(2, 4, 4, 4))
+    # (torch's broadcasting RuntimeError and reduction IndexError before)
+    posterior = vae_fast.DiagonalGaussian(torch.zeros(2, 8, 4, 4))
+    with pytest.raises(ValueError, match=r"sample of shape \(2, 3, 4, 4\) must broadcast with the mean's shape"):
+        posterior.nll(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"dims \(5,\) is out of range for sample with 4 dims"):
+        posterior.nll(torch.zeros(2, 4, 4, 4), dims=(5,))
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
+        posterior.nll([0.0])
 
 
 def test_compiles_fullgraph():

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ._validation import check_tensor
-from .functional.latent import gaussian_kl, gaussian_sample_kl
+from .functional.latent import _normalize_dims, gaussian_kl, gaussian_sample_kl
 
 DIFFUSERS_LOGVAR_CLAMP = (-30.0, 20.0)
 
@@ -95,6 +95,13 @@ class DiagonalGaussian:
 
     def nll(self, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
         """-log N(sample; mean, var) summed over ``dims`` (diffusers' default (1, 2, 3))."""
+        check_tensor("sample", sample)
+        try:
+            shape = torch.broadcast_shapes(sample.shape, self.mean.shape)
+        except RuntimeError:
+            raise ValueError(f"sample of shape {tuple(sample.shape)} must broadcast with the mean's shape "
+                             f"{tuple(self.mean.shape)}") from None
+        dims = _normalize_dims(dims, len(shape), "dims", "sample")
         if self.deterministic:
             return torch.zeros(sample.shape[0], dtype=sample.dtype, device=sample.device)
         return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean) ** 2 / self.var, dim=dims)

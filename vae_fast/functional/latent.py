@@ -134,18 +134,19 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
     return z, kl, kl_per_dim
 
 
-def _normalize_dims(dim, ndim: int) -> tuple[int, ...]:
+def _normalize_dims(dim, ndim: int, name: str = "dim", of: str = "mu") -> tuple[int, ...]:
     """``dim`` (an int or a tuple, negative counting from the end, like torch reductions) as a
-    sorted tuple of distinct non-negative dims of a tensor with ``ndim`` dims."""
+    sorted tuple of distinct non-negative dims of a tensor with ``ndim`` dims (errors name the
+    argument ``name`` and the tensor ``of``)."""
     dims = (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else dim
     if not isinstance(dims, (tuple, list)) or not dims or \
             not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"dim must be an int or a non-empty tuple of ints, got {dim!r}")
+        raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {dim!r}")
     if any(not -ndim <= d < ndim for d in dims):
-        raise ValueError(f"dim {dim!r} is out of range for mu with {ndim} dims")
+        raise ValueError(f"{name} {dim!r} is out of range for {of} with {ndim} dims")
     normal = tuple(sorted({d % ndim for d in dims}))
     if len(normal) != len(dims):
-        raise ValueError(f"dim {dim!r} names a dim twice")
+        raise ValueError(f"{name} {dim!r} names a dim twice")
     return normal
 
 
