@@ -191,6 +191,17 @@ def test_fused_head_module_matches_nn_linear_and_the_unfused_elbo(backend):
             assert_matches_reference(a, b, F64, terms=16)
 
 
+def test_fused_head_out_shape_is_for_the_elementwise_likelihoods():
+    # (a categorical head with out_shape (P, K) scored its flat P * K outputs as one categorical and asked x to end
+    # with (P, K); zero or negative sizes made an empty or failing Linear)
+    for likelihood in ("categorical", "dmol"):
+        with pytest.raises(ValueError, match=f"out_shape .* elementwise likelihoods, got likelihood='{likelihood}'"):
+            vae_fast.nn.FusedHead(4, (3, 5), likelihood)
+    for bad in ((0,), (2, -1), ()):
+        with pytest.raises(ValueError, match="out_shape must be a non-empty tuple of positive ints"):
+            vae_fast.nn.FusedHead(4, bad, "bernoulli")
+
+
 def test_fused_conv_head_with_a_learned_variance_in_elbo(backend):
     torch.manual_seed(1)
     head = vae_fast.nn.FusedHead(4, 3, "gaussian", channel_dim=1).double().to(backend)

@@ -58,7 +58,14 @@ class FusedHead(torch.nn.Module):
         if isinstance(out_features, (tuple, list)):
             if channel_dim != -1:
                 raise ValueError("out_shape (a tuple out_features) is for channel_dim=-1 heads")
-            self.out_shape = tuple(int(d) for d in out_features)
+            if likelihood in ("categorical", "dmol"):  # (their kernels score the head's output dim as one event)
+                raise ValueError(f"out_shape (a tuple out_features) is for the elementwise likelihoods, got "
+                                 f"likelihood={likelihood!r}: a {likelihood} head's out_features is its output dim "
+                                 "(the classes / the packed mixture parameters), shared by h's positions")
+            if not out_features or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                           for d in out_features):
+                raise ValueError(f"out_shape must be a non-empty tuple of positive ints, got {tuple(out_features)}")
+            self.out_shape = tuple(out_features)
             out_features = math.prod(self.out_shape)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.likelihood, self.channel_dim = likelihood, channel_dim
