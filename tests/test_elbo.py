@@ -189,6 +189,34 @@ def test_elbo_loss_module_and_kl_warmup():
     assert [cyclical(s) for s in (0, 2, 4, 7, 8, 10)] == [0.0, 1.0, 2.0, 2.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="cycle_steps"):
         vae_fast.KLWarmup(mode="cyclical")
+    for kwargs, error in (({"warmup_steps": True}, "warmup_steps must be an int"),
+                          ({"warmup_steps": "10"}, "warmup_steps must be an int"),
+                          ({"stop": "1"}, "stop must be a float"),
+                          ({"stop": float("inf")}, r"need 0 <= start <= stop < inf")):
+        with pytest.raises((TypeError, ValueError), match=error):
+            vae_fast.KLWarmup(**kwargs)
+
+
+def test_registered_likelihoods_are_used_by_elbo_and_checked():
+    from vae_fast.functional.objectives import LIKELIHOODS
+
+    @vae_fast.register_likelihood("test_half_bernoulli")
+    def half_bernoulli(output, x):
+        return 0.5 * vae_fast.bernoulli_log_prob(output, x)
+
+    try:
+        x, mu, lv, decode = setup("bernoulli", "cpu")
+        eps = torch.randn_like(mu)
+        custom = vae_fast.elbo(x, mu, lv, decode, likelihood="test_half_bernoulli", eps=eps)
+        builtin = vae_fast.elbo(x, mu, lv, decode, eps=eps)
+        torch.testing.assert_close(custom.log_likelihood, 0.5 * builtin.log_likelihood)
+    finally:
+        del LIKELIHOODS["test_half_bernoulli"]
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        vae_fast.register_likelihood(3)
+    with pytest.raises(TypeError, match=r"register_likelihood\('x'\) decorates a callable"):
+        vae_fast.register_likelihood("x")(3)
+    assert "x" not in LIKELIHOODS
 
 
 def test_compiled_training_step_fullgraph(kernel_backend):

@@ -19,10 +19,16 @@ class KLWarmup:
                  cycle_steps: int | None = None, ratio: float = 0.5):
         if mode not in ("linear", "cyclical"):
             raise ValueError(f"mode must be 'linear' or 'cyclical', got {mode!r}")
+        for name, value in (("warmup_steps", warmup_steps), ("cycle_steps", cycle_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        for name, value in (("start", start), ("stop", stop), ("ratio", ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= start <= stop:
-            raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+        if not 0 <= start <= stop < float("inf"):
+            raise ValueError(f"need 0 <= start <= stop < inf, got start={start}, stop={stop}")
         if mode == "cyclical":
             if cycle_steps is None or cycle_steps < 1:
                 raise ValueError(f"cycle_steps must be >= 1 for mode='cyclical', got {cycle_steps}")

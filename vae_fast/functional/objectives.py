@@ -20,8 +20,13 @@ LIKELIHOODS: dict[str, LikelihoodFn] = {}
 def register_likelihood(name: str):
     """Decorator: make ``fn(decoder_output, x) -> log p(x | z)`` of shape ``(B,)`` or ``(K, B)``
     available as ``elbo(..., likelihood=name)``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
 
     def decorate(fn: LikelihoodFn) -> LikelihoodFn:
+        if not callable(fn):  # (elbo would fail calling it, steps later)
+            raise TypeError(f"register_likelihood({name!r}) decorates a callable (decoder_output, x) -> log p, "
+                            f"got {type(fn).__name__}")
         LIKELIHOODS[name] = fn
         return fn
 
