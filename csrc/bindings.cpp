@@ -224,6 +224,11 @@ void latent_backward(int dtype, int param, int64_t batch, int64_t dim, int64_t s
   VF_DISPATCH(latent_backward, dtype, a);
 }
 
+// the likelihoods with a scale operand (log-variance / log-scale)
+bool has_scale_operand(int likelihood) {
+  return likelihood == static_cast<int>(Likelihood::kGaussian) || likelihood == static_cast<int>(Likelihood::kLaplace);
+}
+
 int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t x_rows, int64_t dim,
                                uintptr_t theta, uintptr_t x, uintptr_t logvar, int64_t lv_rs, int64_t lv_cs,
                                uintptr_t log_prob, uintptr_t grad_theta, uintptr_t grad_logvar, bool logvar_grad_per_row,
@@ -237,8 +242,7 @@ int64_t elementwise_likelihood(int dtype, int likelihood, int64_t rows, int64_t 
   const bool empty = rows == 0 || dim == 0;
   VF_REQUIRE(rows == 0 || log_prob != 0, "log_prob output must be non-null");
   VF_REQUIRE(empty || (theta != 0 && x != 0), "theta and x must be non-null");
-  const bool has_scale = likelihood == static_cast<int>(Likelihood::kGaussian) ||
-                         likelihood == static_cast<int>(Likelihood::kLaplace);
+  const bool has_scale = has_scale_operand(likelihood);
   VF_REQUIRE(!has_scale || empty || logvar != 0, "the Gaussian and Laplace likelihoods need logvar (their log-scale)");
   VF_REQUIRE(has_scale || grad_logvar == 0, "grad_logvar is only for the Gaussian and Laplace likelihoods");
   VF_REQUIRE(!logvar_grad_per_row || lv_cs == 0,
@@ -297,9 +301,7 @@ int64_t elementwise_step(int dtype, int likelihood, int64_t rows, int64_t dim, u
                          uintptr_t x, int64_t x_extent, uintptr_t scale, double fixed_scale, uintptr_t log_prob,
                          uintptr_t grad_theta, uintptr_t grad_scale, double expected_upstream, int num_threads) {
   const float fixed_scale_f32 = static_cast<float>(fixed_scale);
-  const bool has_scale = likelihood == static_cast<int>(Likelihood::kGaussian) ||
-                         likelihood == static_cast<int>(Likelihood::kLaplace);
-  if (scale == 0 && has_scale) {
+  if (scale == 0 && has_scale_operand(likelihood)) {
     VF_REQUIRE(grad_scale == 0, "grad_scale needs a scale operand (a fixed scale has no gradient)");
     scale = dtype == 0 ? reinterpret_cast<uintptr_t>(&fixed_scale_f32) : reinterpret_cast<uintptr_t>(&fixed_scale);
   }

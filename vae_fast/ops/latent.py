@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from ._autograd import _dispatch_modes, eager_function_apply, fast_apply, save_for_jvp
+from ._autograd import _dispatch_modes, eager_function_apply, fast_apply, save_for_jvp, tangent_sum
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op, step_kernels_for
 from .codes import ScaleParam
 
@@ -121,24 +121,32 @@ def _sigma_and_log_variance(scale, param):
     return sigma, d_sigma, 2 * torch.log(sigma), 2 * d_sigma / sigma
 
 
-def _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, param, needs, grad_z, grad_kl,
-                                    grad_kl_per_dim):
-    """The latent backward by its closed form in differentiable torch ops (create_graph, torch.func):
-    dL/dmu = sum_k gz_k + g (mu - pmu) e^-plv;  dL/dscale = sum_k gz_k eps_k dsigma + g 1/2 (e^(lv-plv) - 1) dlv;
-    dL/dpmu = -g (mu - pmu) e^-plv;  dL/dplv = -g [1/2 (e^(lv-plv) - 1) + 1/2 (mu - pmu)^2 e^-plv],
-    g = dL/dKL + dL/dKL_j."""
+def _kl_partials(mu, scale, prior_mu, prior_logvar, param):
+    """(sigma, d sigma / d scale, dKL_j/dmu, dKL_j/dlv, d lv / d scale, dKL_j/dplv) in differentiable torch ops,
+    shared by backward's create_graph path and the jvp rule (dKL_j/dscale = dKL_j/dlv dlv/dscale, dKL_j/dpmu =
+    -dKL_j/dmu): dKL_j/dmu = (mu - pmu) e^-plv;  dKL_j/dlv = 1/2 (e^(lv-plv) - 1);
+    dKL_j/dplv = -[1/2 (e^(lv-plv) - 1) + 1/2 (mu - pmu)^2 e^-plv]."""
     sigma, d_sigma, lv, d_lv = _sigma_and_log_variance(scale, param)
     pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.to(mu.dtype)
     plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.to(mu.dtype)
+    inv_prior_std = torch.exp(-0.5 * plv)
+    scaled_diff = (mu - pm) * inv_prior_std
+    dkl_dmu = scaled_diff * inv_prior_std
+    dkl_dlv = 0.5 * (torch.exp(lv - plv) - 1)
+    return sigma, d_sigma, dkl_dmu, dkl_dlv, d_lv, -(dkl_dlv + 0.5 * scaled_diff ** 2)
+
+
+def _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, param, needs, grad_z, grad_kl,
+                                    grad_kl_per_dim):
+    """The latent backward by its closed form in differentiable torch ops (create_graph, torch.func):
+    dL/dmu = sum_k gz_k + g dKL_j/dmu;  dL/dscale = sum_k gz_k eps_k dsigma + g dKL_j/dlv dlv;
+    dL/dpmu = -g dKL_j/dmu;  dL/dplv = g dKL_j/dplv (see :func:`_kl_partials`), g = dL/dKL + dL/dKL_j."""
+    _, d_sigma, dkl_dmu, dkl_dlv, d_lv, dkl_dplv = _kl_partials(mu, scale, prior_mu, prior_logvar, param)
     g = torch.zeros_like(mu)
     if grad_kl is not None:
         g = g + grad_kl.to(mu.dtype).unsqueeze(-1)
     if grad_kl_per_dim is not None:
         g = g + grad_kl_per_dim.to(mu.dtype)
-    inv_prior_std = torch.exp(-0.5 * plv)
-    scaled_diff = (mu - pm) * inv_prior_std
-    dkl_dmu = scaled_diff * inv_prior_std
-    dkl_dlv = 0.5 * (torch.exp(lv - plv) - 1)
     grad_mu = g * dkl_dmu
     grad_scale = g * dkl_dlv * d_lv
     if grad_z is not None:
@@ -146,8 +154,7 @@ def _differentiable_latent_backward(mu, scale, prior_mu, prior_logvar, noise, pa
         grad_mu = grad_mu + grad_z.sum(0)
         grad_scale = grad_scale + (grad_z * noise).sum(0) * d_sigma
     grad_pm = (-g * dkl_dmu).sum_to_size(prior_mu.shape) if prior_mu is not None and needs[2] else None
-    grad_plv = (-g * (dkl_dlv + 0.5 * scaled_diff ** 2)).sum_to_size(prior_logvar.shape) \
-        if prior_logvar is not None and needs[3] else None
+    grad_plv = (g * dkl_dplv).sum_to_size(prior_logvar.shape) if prior_logvar is not None and needs[3] else None
     return grad_mu if needs[0] else None, grad_scale if needs[1] else None, grad_pm, grad_plv
 
 
@@ -213,21 +220,11 @@ def _latent_jvp(ctx, tangent_mu, tangent_scale, tangent_prior_mu, tangent_prior_
     z' = mu' + eps_k dsigma/dscale scale' + sigma eps'_k, and KL_j' = dKL_j/dmu mu' + dKL_j/dscale scale'
     + dKL_j/dpmu pmu' + dKL_j/dplv plv' (the same noise: eps, or the seed's Philox stream recomputed)."""
     mu, scale, prior_mu, prior_logvar, eps, seed = ctx.saved_tensors
-    sigma, d_sigma, lv, d_lv = _sigma_and_log_variance(scale, ctx.param)
-    pm = torch.zeros_like(mu) if prior_mu is None else prior_mu.to(mu.dtype)
-    plv = torch.zeros_like(mu) if prior_logvar is None else prior_logvar.to(mu.dtype)
-    inv_prior_std = torch.exp(-0.5 * plv)
-    scaled_diff = (mu - pm) * inv_prior_std
-    dkl_dmu = scaled_diff * inv_prior_std
-    dkl_dlv = 0.5 * (torch.exp(lv - plv) - 1)
+    sigma, d_sigma, dkl_dmu, dkl_dlv, d_lv, dkl_dplv = _kl_partials(mu, scale, prior_mu, prior_logvar, ctx.param)
     kl_terms = ((dkl_dmu, tangent_mu), (dkl_dlv * d_lv, tangent_scale), (-dkl_dmu, tangent_prior_mu),
-                (-(dkl_dlv + 0.5 * scaled_diff ** 2), tangent_prior_logvar))
-    # (every differentiable output gets a tangent, zeros where no input has one: torch.func wants one)
-    tangent_kl_per_dim = torch.zeros_like(mu)
-    for derivative, tangent in kl_terms:
-        if tangent is not None:
-            tangent_kl_per_dim = tangent_kl_per_dim + derivative * tangent.to(mu.dtype)
-    tangent_kl_per_dim = tangent_kl_per_dim.to(acc_dtype(mu.dtype))  # (as forward gives KL: accumulation dtype)
+                (dkl_dplv, tangent_prior_logvar))
+    # (as forward gives KL: in the accumulation dtype)
+    tangent_kl_per_dim = tangent_sum(kl_terms, mu).to(acc_dtype(mu.dtype))
     tangent_kl = tangent_kl_per_dim.sum(-1)
     tangent_z = None
     samples = ctx.num_samples

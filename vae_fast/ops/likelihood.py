@@ -24,7 +24,8 @@ import torch
 
 from .._validation import STRIDED, raise_if_invalid
 from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable, row_factor, saved_and_inputs,
-                        save_for_jvp, scale_saved, setup_saved_gradient, setup_step_gradient, step_ctx_constants)
+                        save_for_jvp, scale_saved, setup_saved_gradient, setup_step_gradient, step_ctx_constants,
+                        tangent_sum)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_layout, with_shape
 from .codes import Likelihood
 
@@ -254,19 +255,8 @@ def _elementwise_jvp(ctx, tangent_theta, tangent_x, tangent_logvar, *_):
     create_graph path."""
     theta, x, logvar = ctx.saved_tensors
     d_theta, d_x, d_lv = _elementwise_derivatives(ctx.likelihood, theta, x, logvar, ctx.lead_ndim)
-    return _event_sum(((d_theta, tangent_theta), (d_x, tangent_x), (d_lv, tangent_logvar)), theta,
-                      ctx.lead_ndim), None, None, None
-
-
-def _event_sum(terms, theta: torch.Tensor, lead_ndim: int) -> torch.Tensor:
-    """sum over theta's event dims of the sum of d * tangent over ``terms`` (pairs whose tangent may be None:
-    no tangent), as log p's dtype (zeros if no term has a tangent: torch.func wants a tangent for every
-    differentiable output)."""
-    total = torch.zeros_like(theta)
-    for derivative, tangent in terms:
-        if derivative is not None and tangent is not None:
-            total = total + derivative * tangent.to(derivative.dtype)
-    return total.sum(dim=tuple(range(lead_ndim, theta.dim()))).to(acc_dtype(theta.dtype))
+    per_element = tangent_sum(((d_theta, tangent_theta), (d_x, tangent_x), (d_lv, tangent_logvar)), theta)
+    return per_element.sum(dim=tuple(range(ctx.lead_ndim, theta.dim()))).to(acc_dtype(theta.dtype)), None, None, None
 
 
 register_op(
