@@ -4,18 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_choice, check_no_grad, check_same_device, check_tensor
+from ..ops._autograd import default_expected_upstream  # noqa: F401  (the functional modules' import)
 
 REDUCTIONS = ("none", "sum", "mean")
-
-
-def default_expected_upstream(reduction: str, rows: int) -> float:
-    """The upstream gradient each row's log-likelihood most likely receives from a public
-    likelihood function: log-likelihoods are maximised, so the guess is a negative
-    log-likelihood loss, ``-log_p.mean()`` (-1/N per row; also for reduction="none") or
-    ``-log_p.sum()`` (-1). The kernels pre-scale their gradients by it, so that backward makes no
-    pass over the gradient when the guess holds; any other upstream costs the usual scaling pass
-    (see ops/_autograd.py). :func:`vae_fast.elbo` passes the exact value instead."""
-    return -1.0 if reduction == "sum" or rows == 0 else -1.0 / rows
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -18,8 +18,9 @@ from ._common import check_x, default_expected_upstream, lead_ndim, reduce
 
 
 def _is_common_call(theta, x) -> bool:
-    """The per-step call every check below passes, tested in one expression (about 1 us instead of
-    several checks' calls): plain dense tensors of one floating dtype, same shape with a batch dim, on the CPU."""
+    """Plain dense tensors of one floating dtype, same shape with a batch dim, on the CPU: arguments every check
+    below passes, tested in one expression (about 1 us instead of several checks' calls), for the calls the
+    per-step path does not take (a per-pixel log-variance, a dtype without a step kernel)."""
     try:
         return (type(theta) is torch.Tensor and type(x) is torch.Tensor and theta.dtype == x.dtype
                 and theta.is_floating_point() and theta.is_cpu and x.is_cpu and theta.layout is STRIDED
@@ -30,16 +31,13 @@ def _is_common_call(theta, x) -> bool:
 
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
                  expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
-    # logvar: None (no scale operand), or the Gaussian's / Laplace's as the caller gave it (a number or a tensor)
+    # logvar: None (no scale operand), or the Gaussian's / Laplace's as the caller gave it (a number or a tensor).
+    # First the per-step call, which checks what it needs itself (a fixed scale given as a float reaches its kernel
+    # as a number)
+    log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, reduction, expected_upstream)
+    if log_prob is not None:
+        return log_prob if reduction == "none" else reduce(log_prob, reduction)
     if _is_common_call(theta, x):
-        # the per-step call: a fixed log-variance given as a float (the kernel takes it as a number) or a 0-d tensor,
-        # fixed or learned
-        if logvar is None or type(logvar) is float or (isinstance(logvar, torch.Tensor) and logvar.dim() == 0):
-            if expected_upstream is None:
-                expected_upstream = default_expected_upstream(reduction, theta.shape[0])
-            log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, expected_upstream)
-            if log_prob is not None:
-                return log_prob if reduction == "none" else reduce(log_prob, reduction)
         lead = 1
     else:
         check_tensor(theta_name, theta)
@@ -164,19 +162,9 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor, *, reduction: st
 
 
 def _categorical(logits, x, reduction="none", expected_upstream=None):
-    try:  # the per-step call, tested in one expression: it passes every check below
-        common = (type(logits) is torch.Tensor and type(x) is torch.Tensor
-                  and (x.dtype == torch.int64 or x.dtype == torch.uint8) and logits.is_cpu and x.is_cpu
-                  and logits.layout is STRIDED and x.layout is STRIDED and logits.is_floating_point() and x.dim() > 0
-                  and logits.shape[:-1] == x.shape)  # (so logits has one dim more than x: a class dim)
-    except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
-        common = False
-    if common:
-        if expected_upstream is None:
-            expected_upstream = default_expected_upstream(reduction, logits.shape[0])
-        log_prob = likelihood_ops.categorical_step(logits, x, expected_upstream)
-        if log_prob is not None:
-            return log_prob if reduction == "none" else reduce(log_prob, reduction)
+    log_prob = likelihood_ops.categorical_step(logits, x, reduction, expected_upstream)  # (checks what it needs)
+    if log_prob is not None:
+        return log_prob if reduction == "none" else reduce(log_prob, reduction)
     check_tensor("logits", logits)
     check_x(x, "logits", logits, differentiable=False)
     if x.is_floating_point() or x.dtype == torch.bool:

@@ -37,6 +37,16 @@ SKIP_CHECK_ULPS = 4
 _EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
+def default_expected_upstream(reduction: str, rows: int) -> float:
+    """The upstream gradient each row's log-likelihood most likely receives from a public
+    likelihood function: log-likelihoods are maximised, so the guess is a negative
+    log-likelihood loss, ``-log_p.mean()`` (-1/N per row; also for reduction="none") or
+    ``-log_p.sum()`` (-1). The kernels pre-scale their gradients by it, so that backward makes no
+    pass over the gradient when the guess holds; any other upstream costs the usual scaling pass
+    (see the module docstring). :func:`vae_fast.elbo` passes the exact value instead."""
+    return -1.0 if reduction == "sum" or rows == 0 else -1.0 / rows
+
+
 def row_factor(grad_out: torch.Tensor, ndim: int) -> torch.Tensor:
     """grad_out (lead...) viewed to broadcast over a tensor of ``ndim`` dims with the same lead."""
     return grad_out.reshape(*grad_out.shape, *([1] * (ndim - grad_out.dim())))
@@ -157,21 +167,27 @@ def step_ctx_constants(function, **constants) -> None:
         setattr(function._backward_cls, name, value)
 
 
-_inplace_backward_eager, _save_inputs_eager = config.INPLACE_BACKWARD.get_eager, config.SAVE_INPUTS.get_eager
+_INPLACE_BACKWARD, _SAVE_INPUTS, _Setting = config.INPLACE_BACKWARD, config.SAVE_INPUTS, type(config.SAVE_INPUTS)
 
 
 def setup_step_gradient(ctx, expected_upstream: float, saved: tuple, inputs: tuple | None = None,
                         keep_inputs: bool = False) -> None:
     """:func:`setup_saved_gradient` of a per-step Function (plain eager, one tensor output, so no gradient to
     materialise): the same ctx state, set with as few Python operations as possible (it runs on every call of a
-    training step). ``saved`` and ``inputs`` are tuples; the op's name and ``num_saved`` (``len(saved)``) are
-    the Function's :func:`step_ctx_constants`."""
+    training step: the settings' defaults are read directly while no ``with`` override is active, as
+    ``get_eager`` would return them). ``saved`` and ``inputs`` are tuples; the op's name and ``num_saved``
+    (``len(saved)``) are the Function's :func:`step_ctx_constants`."""
     ctx.expected_upstream = expected_upstream
-    ctx.inplace_backward = _inplace_backward_eager()
+    if _Setting.active_overrides:
+        ctx.inplace_backward = _INPLACE_BACKWARD.get_eager()
+        strong = keep_inputs or _SAVE_INPUTS.get_eager()
+    else:
+        ctx.inplace_backward = _INPLACE_BACKWARD.default
+        strong = keep_inputs or _SAVE_INPUTS.default
     if inputs is None:
         ctx.save_for_backward(*saved)
         return
-    ctx.strong_inputs = strong = keep_inputs or _save_inputs_eager()
+    ctx.strong_inputs = strong
     if strong:
         ctx.save_for_backward(*saved, *inputs)
     else:

@@ -39,7 +39,8 @@ def step_kernels_for(t: torch.Tensor, output_elements: int):
     if (torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes() or FORWARD_AD._current_level >= 0
             or type(t) is not torch.Tensor or not t.is_cpu or _functorch_wrapped(t)):
         return None
-    key = (t.dtype, config.BACKEND.get_eager())
+    # (while no setting is overridden, the backend setting is its default, None: the dtype alone is the key)
+    key = (t.dtype, config.BACKEND.get_eager()) if _Setting.active_overrides else t.dtype
     entry = _step_cache.get(key)
     if entry is None:
         entry = _step_cache[key] = _step_entry(t)
@@ -47,7 +48,9 @@ def step_kernels_for(t: torch.Tensor, output_elements: int):
     return kernels if output_elements < max_output_elements else None
 
 
-_step_cache: dict = {}  # (dtype, backend setting) -> (kernels, max output elements): 0 without step entry points
+# dtype (no override active) or (dtype, backend setting) -> (kernels, max output elements): 0 without step entry points
+_step_cache: dict = {}
+_Setting = type(config.BACKEND)  # (BACKEND itself has no process-wide default to set: only use_backend overrides)
 
 
 def _step_entry(t: torch.Tensor):
