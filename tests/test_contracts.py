@@ -435,6 +435,54 @@ def test_torch_export_captures_the_ops_and_reproduces_the_module():
         torch.testing.assert_close(a, b)
 
 
+def test_compiled_graphs_call_the_traced_twins_of_the_ops():
+    # torch.compile records torch.ops.vae_fast.<op>_traced (the same kernels, no autograd layer: the autograd.Function
+    # being traced is the autograd) so that the compiled step does not run the op's Python autograd layer at every
+    # call; values and gradients are the eager ones (torch.export keeps the ops themselves: the test above)
+    from torch._dynamo.backends.common import aot_autograd
+
+    targets = []
+
+    def record(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
+    mu, lv = torch.randn(6, 3, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    x = torch.rand(6, 5).round()
+    decoder = torch.nn.Linear(3, 5)
+    eps = torch.randn(6, 3)
+
+    def loss(mu, lv):
+        z, kl = vae_fast.gaussian_sample_kl(mu, lv, eps=eps)
+        return (kl - vae_fast.bernoulli_log_prob(decoder(z), x)).mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    got = compiled(mu, lv)
+    got_grads = torch.autograd.grad(got, (mu, lv))
+    for name in ("latent_forward", "latent_backward", "elementwise_log_prob"):
+        assert f"vae_fast.{name}_traced.default" in targets, name
+        assert f"vae_fast.{name}.default" not in targets, name
+    want = loss(mu, lv)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (mu, lv))):
+        torch.testing.assert_close(a, b)
+
+
+def test_traced_twins_match_their_ops():
+    # each twin is its op's kernels and fake implementation under another name: same values, same fake shapes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    theta, x = torch.randn(4, 6), torch.rand(4, 6).round()
+    args = (theta, x, None, 0, 1, True, False, -0.25)
+    for got, want in zip(torch.ops.vae_fast.elementwise_log_prob_traced.default(*args),
+                         torch.ops.vae_fast.elementwise_log_prob.default(*args)):
+        torch.testing.assert_close(got, want)
+    with FakeTensorMode() as mode:
+        fake = (mode.from_tensor(theta), mode.from_tensor(x), *args[2:])
+        shapes = [t.shape for t in torch.ops.vae_fast.elementwise_log_prob_traced.default(*fake)]
+    assert shapes == [t.shape for t in torch.ops.vae_fast.elementwise_log_prob.default(*args)]
+
+
 def test_meta_tensors_and_fake_tensor_mode(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -363,7 +363,8 @@ def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expe
     want_lv = grad_mode and logvar is not None and logvar.requires_grad
     log_prob, _, _, num_invalid = _apply_elementwise(theta, x, logvar, int(likelihood), lead_ndim, want_grad,
                                                            want_lv, expected_upstream)
-    if likelihood in _LOGIT_FAMILY:
+    # (raise_if_invalid skips the check under torch.compile; the message lookup would guard the graph on the dict)
+    if likelihood in _LOGIT_FAMILY and not torch.compiler.is_compiling():
         raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
     return log_prob
 
