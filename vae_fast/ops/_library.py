@@ -104,6 +104,8 @@ def register_op(name: str, schema: str, kernel, fake, function) -> None:
         for key in ("CPU", "CUDA"):
             LIB.impl(op_name, op_kernel, key)
         torch.library.register_fake(f"vae_fast::{op_name}", fake, lib=LIB)
+    if hasattr(kernel, "traced_op"):  # (one kernel function per op: call() finds the twin through it)
+        raise RuntimeError(f"vae_fast: {kernel.__name__} already serves {kernel.traced_op}")
     kernel.traced_op = getattr(torch.ops.vae_fast, f"{name}_traced").default
     op = getattr(torch.ops.vae_fast, name).default
     vmap_rule = loop_vmap(op)
