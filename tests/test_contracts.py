@@ -468,6 +468,22 @@ def test_compiled_graphs_call_the_traced_twins_of_the_ops():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_of_torch_func_transforms():
+    # torch.compile of torch.func.grad / vmap over the ops: the transforms differentiate and batch the ops themselves
+    # (a twin, which has no autograd of its own, gave a silently wrong gradient here; before the twins this raised)
+    theta = torch.randn(4, 5, dtype=F64)
+    x = torch.rand(4, 5, dtype=F64).round()
+
+    def loss(t):
+        return vae_fast.bernoulli_log_prob(t, x).sum()
+
+    gradient = torch.func.grad(loss)
+    torch.testing.assert_close(torch.compile(gradient, backend="aot_eager")(theta), gradient(theta))
+    torch.testing.assert_close(torch.compile(gradient, backend="aot_eager")(theta), torch.sigmoid(-theta) - 1 + x)
+    batched = vmap(lambda t: vae_fast.bernoulli_log_prob(t[None], x[:1]).sum())
+    torch.testing.assert_close(torch.compile(batched, backend="aot_eager")(theta), batched(theta))
+
+
 def test_traced_twins_match_their_ops():
     # each twin is its op's kernels and fake implementation under another name: same values, same fake shapes
     from torch._subclasses.fake_tensor import FakeTensorMode

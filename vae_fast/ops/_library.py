@@ -138,7 +138,7 @@ def call(op, kernel, first: torch.Tensor, *args):
     meta, fake or subclass tensors, torch.func wrappers and active dispatch modes go through the op itself.
     Either way, absent outputs come back as None or an empty tensor: callers accept both.
     """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() and not (torch.compiler.is_exporting() or _transforms_active()):
         # the compiled graph then calls the op without its Python autograd layer (the Function being traced is the
         # autograd; the layer ran at every call of the compiled step: 70 us of a 2.4 ms MLP VAE step here).
         # torch.export keeps the op itself: an exported program is differentiable through the op's own autograd
