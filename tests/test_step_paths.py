@@ -245,6 +245,36 @@ def test_inference_mode_and_no_grad_evaluate_without_a_graph(contiguous):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
+def test_step_paths_write_only_the_gradients_autograd_will_ask_for(recorder):
+    # the per-step kernels write a gradient (a decoder-sized pass) only for inputs that require grad with grad mode on,
+    # as the Function's needs_input_grad says: none under no_grad / inference_mode (evaluation loops), theta's when x
+    # alone requires grad for the Gaussian (d/dx = -d/dmean), none for the Bernoulli then (d/dx is theta itself)
+    recorder.names = {"elementwise_step", "categorical_step"}
+    theta, x = torch.randn(4, 6), torch.rand(4, 6).round()
+    learned = torch.zeros((), requires_grad=True)
+
+    def written(fn, *args):
+        recorder.arguments.clear()
+        fn(*args)
+        (arguments,) = recorder.arguments
+        return [address != 0 for address in arguments[11:13]]  # the gradient and the per-row scale gradient
+
+    assert written(vae_fast.gaussian_log_prob, theta.requires_grad_(), x, learned) == [True, True]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert written(vae_fast.gaussian_log_prob, theta, x, learned) == [False, False]
+    theta.requires_grad_(False)
+    assert written(vae_fast.gaussian_log_prob, theta, x.clone().requires_grad_(), 0.5) == [True, False]
+    assert written(vae_fast.bernoulli_log_prob, theta, x.clone().requires_grad_()) == [False, False]
+    assert written(vae_fast.gaussian_log_prob, theta, x, learned) == [False, True]
+    logits, target = torch.randn(2, 3, 5, requires_grad=True), torch.randint(0, 5, (2, 3))
+    recorder.arguments.clear()
+    vae_fast.categorical_log_prob(logits, target)
+    with torch.no_grad():
+        vae_fast.categorical_log_prob(logits, target)
+    assert [arguments[10] != 0 for arguments in recorder.arguments] == [True, False]
+
+
 def test_training_after_a_first_call_under_inference_mode():
     # an evaluation (or Lightning's sanity check) before training: the thread's first latent call and a float
     # variance's first use happen under inference_mode; the cached seed buffer and 0-d scale are normal tensors,
