@@ -7,7 +7,7 @@ import torch
 import vae_fast
 from vae_fast import reference as ref
 
-from .conftest import assert_matches_reference
+from .conftest import OpRecorder, assert_matches_reference
 
 F64 = torch.float64
 
@@ -169,27 +169,16 @@ def test_trailing_kl_dims_take_no_permutes():
     # a conv latent's KL dims (1, 2, 3) are already trailing: its rows are one reshape, with no identity permutes
     # (there and back, each a view op plus an autograd node: about 30 us of a 64x4x7x7 call with a prior here);
     # moved dims still permute, and both equal the flattened call
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     moments = torch.randn(3, 4, 2, 5, dtype=torch.float64, requires_grad=True)
     mu, logvar = moments.chunk(2, dim=1)
     prior_mu, prior_logvar = torch.randn(3, 2, 2, 5, dtype=torch.float64), torch.randn(3, 2, 2, 5, dtype=torch.float64)
     eps = torch.randn(3, 2, 2, 5, dtype=torch.float64)
     for dims, permutes in (((1, 2, 3), False), ((1, 3), True)):
-        with Ops() as ops:
+        with OpRecorder() as recorder:
             z, kl = vae_fast.gaussian_sample_kl(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar, eps=eps,
                                                 dim=dims)
             (z.sum() + kl.sum()).backward()
-        assert any("permute" in name for name in ops.names) == permutes, dims
+        assert any("permute" in name for name in recorder.ops) == permutes, dims
         order = [0] + [d for d in range(1, 4) if d not in dims] + list(dims)
         rows = lambda t: t.permute(order).reshape(*[t.shape[d] for d in order[:4 - len(dims)]], -1)  # noqa: E731
         z_rows, kl_rows = vae_fast.gaussian_sample_kl(rows(mu), rows(logvar), prior_mu=rows(prior_mu),
