@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .functional import LIKELIHOODS, gaussian_kl, gaussian_sample_kl
-from .functional.latent import _latent_over
+from .functional.latent import _latent_over, latent_kl_dims
 from .functional.objectives import _check_nonnegative
 from ._validation import check_choice, check_positive_int, check_tensor
 from .reference import gaussian_log_density
@@ -62,8 +62,7 @@ def iwae_bound(
         check_choice("likelihood", likelihood, LIKELIHOODS)
     chunk = min(chunk_size or k, k)
     check_tensor("mu", mu)
-    # (B, Z), or (B, *latent) for a conv latent: q and p are densities over all its non-batch elements, as in elbo
-    latent_dims = -1 if mu.dim() <= 2 else tuple(range(1, mu.dim()))
+    latent_dims = latent_kl_dims(mu)  # (a conv latent's q and p are densities over all its non-batch elements)
     running_max = None
     running_sum = None
     for start in range(0, k, chunk):

@@ -9,6 +9,7 @@ from .._validation import (STRIDED, check_broadcastable, check_choice, check_no_
                            check_same_device, check_same_dtype, check_tensor)
 from ..ops.codes import SCALE_PARAMS
 from ..ops._autograd import cached_zero
+from ..ops._library import inverse_permutation
 from ..ops.latent import SEED_BOUND, apply_latent, latent_step
 
 
@@ -134,6 +135,12 @@ def _latent(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_sampl
     return z, kl, kl_per_dim
 
 
+def latent_kl_dims(mu: torch.Tensor) -> int | tuple[int, ...]:
+    """The dims a latent's KL sums over by default: the last of (B, Z), every non-batch dim of a convolutional
+    (B, *latent) (its density is over all of them, as the ELBO and the IWAE bound take it)."""
+    return -1 if mu.dim() <= 2 else tuple(range(1, mu.dim()))
+
+
 def _normalize_dims(dim, ndim: int, name: str = "dim", of: str = "mu") -> tuple[int, ...]:
     """``dim`` (an int or a tuple, negative counting from the end, like torch reductions) as a
     sorted tuple of distinct non-negative dims of a tensor with ``ndim`` dims (errors name the
@@ -191,7 +198,7 @@ def _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_
     outs = _latent(to_rows("mu", mu), to_rows("logvar", logvar), to_rows("prior_mu", prior_mu),
                    to_rows("prior_logvar", prior_logvar), param, eps, generator, num_samples, want_kl_per_dim,
                    want_log_ratio)
-    inverse = [order.index(d) for d in range(mu.dim())]
+    inverse = inverse_permutation(order)
 
     def back(t, lead):
         # (*lead, *batch, flat) -> mu's layout with the lead dims in front

@@ -10,7 +10,7 @@ import torch
 from .._validation import check_choice, check_positive_int, check_tensor
 from ._common import REDUCTIONS, reduce
 from .dmol import _dmol_packed, _dmol_split
-from .latent import _latent_over
+from .latent import _latent_over, latent_kl_dims
 from .likelihoods import _bernoulli, _categorical, _continuous_bernoulli, _gaussian, _laplace, _mse
 
 LikelihoodFn = Callable[[object, torch.Tensor], torch.Tensor]
@@ -235,9 +235,8 @@ def elbo(
         raise ValueError(f"mu has batch size {mu.shape[0]} but x has {x.shape[0]}")
 
     # (B, Z), or (B, *latent) for convolutional latents: the KL sums over every non-batch dim
-    latent_dims = -1 if mu.dim() <= 2 else tuple(range(1, mu.dim()))
     z, kl, kl_per_dim = _latent_over(mu, logvar, prior_mu, prior_logvar, param, eps, generator, num_samples, True,
-                                     dim=latent_dims)
+                                     dim=latent_kl_dims(mu))
     if objective == "iwae_dreg" and z.requires_grad:
         z_for_decoder = z.view(num_samples, *mu.shape) if num_samples == 1 else z
         dreg_weights = []  # filled below, once the importance weights are known

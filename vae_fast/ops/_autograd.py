@@ -167,7 +167,7 @@ def step_ctx_constants(function, **constants) -> None:
         setattr(function._backward_cls, name, value)
 
 
-_INPLACE_BACKWARD, _SAVE_INPUTS, _Setting = config.INPLACE_BACKWARD, config.SAVE_INPUTS, type(config.SAVE_INPUTS)
+_INPLACE_BACKWARD, _SAVE_INPUTS, _Setting = config.INPLACE_BACKWARD, config.SAVE_INPUTS, config._Setting
 
 
 def setup_step_gradient(ctx, expected_upstream: float, saved: tuple, inputs: tuple | None = None,

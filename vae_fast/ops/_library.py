@@ -50,7 +50,7 @@ def step_kernels_for(t: torch.Tensor, output_elements: int):
 
 # dtype (no override active) or (dtype, backend setting) -> (kernels, max output elements): 0 without step entry points
 _step_cache: dict = {}
-_Setting = type(config.BACKEND)  # (BACKEND itself has no process-wide default to set: only use_backend overrides)
+_Setting = config._Setting  # (BACKEND itself has no process-wide default to set: only use_backend overrides)
 
 
 def _step_entry(t: torch.Tensor):
@@ -166,6 +166,11 @@ def with_layout(t: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
         return view
     return t.new_empty((0,)).set_(t.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
+def inverse_permutation(order) -> tuple[int, ...]:
+    """The dim order that undoes ``t.permute(order)``."""
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
 def present(t: torch.Tensor | None) -> torch.Tensor | None:

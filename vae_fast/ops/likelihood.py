@@ -26,7 +26,8 @@ from .._validation import STRIDED, raise_if_invalid
 from ._autograd import (default_expected_upstream, eager_function_apply, fast_apply, mark_non_differentiable,
                         row_factor, saved_and_inputs, save_for_jvp, scale_saved, setup_saved_gradient,
                         setup_step_gradient, step_ctx_constants, tangent_sum)
-from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for, with_layout, with_shape
+from ._library import (acc_dtype, call, inverse_permutation, kernels_for, register_op, step_kernels_for, with_layout,
+                       with_shape)
 from .codes import Likelihood
 
 
@@ -69,10 +70,6 @@ def channels_last_order(theta: torch.Tensor, x: torch.Tensor, lead_ndim: int) ->
     return layout[1]
 
 
-def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(sorted(range(len(order)), key=order.__getitem__))
-
-
 def _permuted_logvar(logvar, order, ndim: int):
     """logvar (broadcastable to theta) in theta's permuted dim order, contiguous (its own size: a broadcast copy of
     a strided permutation would be theta-sized)."""
@@ -83,7 +80,7 @@ def _permuted_logvar(logvar, order, ndim: int):
 def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
     order = channels_last_order(theta, x, lead_ndim)
     if order is not None:  # run on the contiguous permutation; hand the gradients back in theta's layout
-        inverse = _inverse(order)
+        inverse = inverse_permutation(order)
         lv = None if logvar is None else _permuted_logvar(logvar, order, theta.dim())
         log_prob, grad, grad_lv, bad = _elementwise_kernel(theta.permute(order), x.permute(order), lv, likelihood, 1,
                                                            want_grad, want_logvar_grad, expected_upstream)
@@ -122,7 +119,7 @@ def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_l
         grad = theta.new_empty(theta.shape) if want_grad else theta.new_empty(0)
     elif want_grad:  # (contiguous in the permuted order, as the kernel path writes it)
         permuted = theta.permute(order)
-        grad = permuted.new_empty(permuted.shape).permute(_inverse(order))
+        grad = permuted.new_empty(permuted.shape).permute(inverse_permutation(order))
     else:
         grad = theta.new_empty(0)
     if want_logvar_grad and logvar is not None:
@@ -133,7 +130,7 @@ def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_l
         else:
             permuted_lv = _permuted_logvar(logvar, order, theta.dim())
             permuted_shape = _logvar_grad_shape(theta.permute(order).shape, 1, permuted_lv.shape)
-            grad_lv = theta.new_empty(permuted_shape, dtype=lv_dtype).permute(_inverse(order))
+            grad_lv = theta.new_empty(permuted_shape, dtype=lv_dtype).permute(inverse_permutation(order))
     else:
         grad_lv = theta.new_empty(0)
     log_prob = theta.new_empty(theta.shape[:lead_ndim], dtype=acc_dtype(theta.dtype))
