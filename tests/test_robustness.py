@@ -62,6 +62,14 @@ def test_likelihood_argument_errors_name_the_argument():
         vae_fast.dmol_packed_log_prob(torch.zeros(3, 1, 2, 2, requires_grad=True), torch.zeros(3, 6, 2, 2))
     with pytest.raises(ValueError, match="logvar of shape"):
         vae_fast.gaussian_log_prob(logits, torch.zeros(3, 4), torch.zeros(5))
+    # None is no scale: an error naming the operand, on the per-step path's inputs too (not a unit scale)
+    with pytest.raises(TypeError, match="logvar must be a torch.Tensor, got NoneType"):
+        vae_fast.gaussian_log_prob(logits, torch.zeros(3, 4), None)
+    with pytest.raises(TypeError, match="log_scale must be a torch.Tensor, got NoneType"):
+        vae_fast.laplace_log_prob(logits, torch.zeros(3, 4), None)
+    with pytest.raises(TypeError, match="logvar must be a torch.Tensor, got NoneType"):
+        vae_fast.elbo(torch.zeros(3, 4), torch.zeros(3, 2), torch.zeros(3, 2),
+                      lambda z: (torch.zeros(3, 4), None), likelihood="gaussian")
     with pytest.raises(TypeError, match="x must be an integer tensor of class indices"):
         vae_fast.categorical_log_prob(torch.zeros(3, 4, 6), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="x is on meta but logits is on cpu"):

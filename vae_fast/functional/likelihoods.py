@@ -30,13 +30,15 @@ def _is_common_call(theta, x) -> bool:
 
 
 def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, reduction: str,
-                 expected_upstream: float | None, scale_name: str = "logvar") -> torch.Tensor:
-    # logvar: None (no scale operand), or the Gaussian's / Laplace's as the caller gave it (a number or a tensor).
+                 expected_upstream: float | None, scale_name: str | None = None) -> torch.Tensor:
+    # scale_name None: a likelihood without a scale operand (logvar None). Else the Gaussian's / Laplace's scale
+    # operand's name and logvar as the caller gave it: a number or a tensor, or None, an error raised below.
     # First the per-step call, which checks what it needs itself (a fixed scale given as a float reaches its kernel
-    # as a number)
-    log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, reduction, expected_upstream)
-    if log_prob is not None:
-        return log_prob if reduction == "none" else reduce(log_prob, reduction)
+    # as a number, an int too)
+    if logvar is not None or scale_name is None:
+        log_prob = likelihood_ops.elementwise_step(theta, x, logvar, likelihood, reduction, expected_upstream)
+        if log_prob is not None:
+            return log_prob if reduction == "none" else reduce(log_prob, reduction)
     if _is_common_call(theta, x):
         lead = 1
     else:
@@ -45,8 +47,8 @@ def _elementwise(likelihood: Likelihood, theta_name: str, theta, x, logvar, redu
         if x.requires_grad and not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor to differentiate w.r.t. it, got dtype {x.dtype}")
         lead = lead_ndim(theta_name, theta.shape, x.shape, "x's shape")
-    if logvar is not None:
-        logvar = _scale_operand(scale_name, theta, logvar)
+    if scale_name is not None:
+        logvar = _scale_operand(scale_name, theta, logvar)  # (raises for None, naming it)
         check_broadcastable(scale_name, logvar, theta.shape, theta_name)
     if expected_upstream is None:
         expected_upstream = default_expected_upstream(reduction, math.prod(theta.shape[:lead]))
@@ -91,7 +93,7 @@ def gaussian_log_prob(mean: torch.Tensor, x: torch.Tensor, logvar=0.0, *, reduct
     (MSE * D) — so an "MSE VAE" is a unit-variance Gaussian VAE, and a fixed variance s^2 weights
     the MSE by 1 / (2 s^2) against the KL.
     """
-    return _gaussian(mean, x, logvar, reduction, None)
+    return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, logvar, reduction, None, "logvar")
 
 
 def _scale_operand(name: str, mean, value) -> torch.Tensor:
@@ -106,10 +108,7 @@ def _scale_operand(name: str, mean, value) -> torch.Tensor:
 
 
 def _gaussian(mean, x, logvar=0.0, reduction="none", expected_upstream=None):
-    if logvar is None:  # (None means "no scale operand" to _elementwise)
-        check_tensor("logvar", logvar)  # (raises, naming it)
-    return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, float(logvar) if type(logvar) is int else logvar,
-                        reduction, expected_upstream)
+    return _elementwise(Likelihood.GAUSSIAN, "mean", mean, x, logvar, reduction, expected_upstream, "logvar")
 
 
 def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, *, reduction: str = "none") -> torch.Tensor:
@@ -124,14 +123,11 @@ def laplace_log_prob(mean: torch.Tensor, x: torch.Tensor, log_scale=0.0, *, redu
     ``(|x - mean| / e^lv + lv).sum(dims) == -laplace_log_prob(mean, x, lv) - D log 2``.
     Shapes as :func:`gaussian_log_prob`.
     """
-    return _laplace(mean, x, log_scale, reduction, None)
+    return _elementwise(Likelihood.LAPLACE, "mean", mean, x, log_scale, reduction, None, "log_scale")
 
 
 def _laplace(mean, x, log_scale=0.0, reduction="none", expected_upstream=None):
-    if log_scale is None:  # (None means "no scale operand" to _elementwise)
-        check_tensor("log_scale", log_scale)  # (raises, naming it)
-    return _elementwise(Likelihood.LAPLACE, "mean", mean, x, float(log_scale) if type(log_scale) is int else log_scale,
-                        reduction, expected_upstream, "log_scale")
+    return _elementwise(Likelihood.LAPLACE, "mean", mean, x, log_scale, reduction, expected_upstream, "log_scale")
 
 
 def mse_log_prob(mean: torch.Tensor, x: torch.Tensor, *, reduction: str = "none") -> torch.Tensor:

@@ -243,16 +243,14 @@ def latent_step_backward(mu, scale, seed, grad_z, grad_kl, grad_kl_per_dim, para
     return grad_mu, grad_scale
 
 
-def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream):
+def elementwise_step_log_prob(theta, x, scale, rows, n, likelihood, want_grad, want_scale_grad, expected_upstream):
     """:func:`elementwise_log_prob` with no log-variance operand, a fixed one given as a float, or a 0-d tensor
     (``scale``: the Gaussian's log-variance, the Laplace's log-scale, of theta's dtype; a float is rounded to it
     as a tensor of it would be), theta and x of one dtype, shape and layout (B, ...) with B > 0 whose examples are
-    contiguous blocks of D elements (contiguous, or channels-last), read as (B, D) (checked by the caller: the C++
-    side checks reads against the extents passed, here their sizes) -> log_prob (B,), grad_theta (theta's shape and
-    layout) | None, grad_scale (B,) | None (each row's d log p / d scale, unscaled: see
-    protocol.py; a tensor scale's only), num_invalid (int)."""
-    rows = theta.shape[0]
-    n = theta.numel()
+    contiguous blocks of D elements (contiguous, or channels-last), read as (B, D) (checked by the caller, which
+    passes ``rows`` = B and ``n`` = B * D as it read them: the C++ side checks reads against the extents passed,
+    here their sizes) -> log_prob (B,), grad_theta (theta's shape and layout) | None, grad_scale (B,) | None (each
+    row's d log p / d scale, unscaled: see protocol.py; a tensor scale's only), num_invalid (int)."""
     log_prob = theta.new_empty(rows)
     grad = torch.empty_like(theta) if want_grad else None  # (theta's layout: contiguous, or channels-last)
     grad_scale = theta.new_empty(rows) if want_scale_grad else None
@@ -267,16 +265,20 @@ def elementwise_step_log_prob(theta, x, scale, likelihood, want_grad, want_scale
     return log_prob, grad, grad_scale, bad
 
 
-def categorical_step_log_prob(logits, target, want_grad, expected_upstream):
-    """:func:`categorical_log_prob` of contiguous logits (B, *pixels, C) of a step dtype with C > 0 and a
-    contiguous int64 or uint8 target (B, *pixels) (checked by the caller) -> log_prob (B,), grad_logits (logits' shape,
-    from the buffer pool when large) | None, num_invalid (int)."""
-    rows, classes = logits.shape[0], logits.shape[-1]
+def categorical_step_log_prob(logits, target, rows, classes, want_grad, expected_upstream):
+    """:func:`categorical_log_prob` of contiguous logits (B, *pixels, C) of a step dtype with ``rows`` = B > 0 and
+    ``classes`` = C > 0 and a contiguous int64 or uint8 target (B, *pixels) (checked by the caller, which read the
+    shape) -> log_prob (B,), grad_logits (logits' shape, from the buffer pool when large) | None, num_invalid (int)."""
     n = logits.numel()
     log_prob = logits.new_empty(rows)
-    grad = _new_output(logits) if want_grad else None
+    if not want_grad:
+        grad = None
+    elif n < _POOL_MIN_BYTES // logits.element_size():  # (_new_output's test, inline: this runs every step)
+        grad = torch.empty_like(logits)
+    else:
+        grad = _new_output(logits)
     bad = _C.categorical_step(_DTYPE_CODE[logits.dtype], rows, n // (rows * classes), classes, logits.data_ptr(), n,
-                              target.data_ptr(), _TARGET_DTYPE_CODE[target.dtype], target.numel(), log_prob.data_ptr(),
+                              target.data_ptr(), _TARGET_DTYPE_CODE[target.dtype], n // classes, log_prob.data_ptr(),
                               0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())
     return log_prob, grad, bad
 

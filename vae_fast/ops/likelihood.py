@@ -269,7 +269,8 @@ _apply_elementwise = fast_apply(ElementwiseLogProb, _elementwise_kernel, eager_o
 
 class ElementwiseStep(torch.autograd.Function):
     """The per-step call of :class:`ElementwiseLogProb` (see :func:`elementwise_step`) through the backend's
-    step kernel: forward(theta, x, scale, (kernels, likelihood, want_grad, want_scale_grad, expected_upstream))
+    step kernel: forward(theta, x, scale, (kernels, theta.shape, B, B * D, likelihood, want_grad, want_scale_grad,
+    expected_upstream))
     -> log_prob (B,), raising ValueError itself for x outside the support, with ctx holding what
     ``ElementwiseLogProb.setup_context`` holds; backward *is* ``ElementwiseLogProb.backward`` (one
     autograd implementation; its gradients beyond (theta, x, scale, plan) are None). ``scale``: None, a fixed
@@ -279,13 +280,12 @@ class ElementwiseStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, x, scale, plan):
-        kernels, likelihood, want_grad, want_scale_grad, expected_upstream = plan
+        kernels, shape, rows, elements, likelihood, want_grad, want_scale_grad, expected_upstream = plan
         log_prob, grad, grad_scale, num_invalid = kernels.elementwise_step_log_prob(
-            theta, x, scale, likelihood, want_grad, want_scale_grad, expected_upstream)
+            theta, x, scale, rows, elements, likelihood, want_grad, want_scale_grad, expected_upstream)
         if num_invalid and likelihood in _LOGIT_FAMILY:
             raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
-        ctx.likelihood = likelihood
-        shape = theta.shape  # (x has theta's shape)
+        ctx.likelihood = likelihood  # (x has theta's shape)
         if scale is None or type(scale) is float:
             ctx.shapes = (shape, shape, None)
             if scale is not None:
@@ -321,8 +321,8 @@ def elementwise_step(theta, x, scale, likelihood: int, reduction: str, expected_
     tensors of one step dtype and one shape (B, ...) with B > 0, both contiguous (an MLP's (B, D) logits, a conv
     decoder's (B, C, H, W)) or both channels-last with the same strides (each example's D elements are then one
     contiguous block too, in another order, which a row sum does not see; the gradient is allocated like theta),
-    ``scale`` is None (Bernoulli, continuous Bernoulli, mean squared error), a float (a fixed Gaussian
-    log-variance / Laplace log-scale) or a plain 0-d CPU tensor of theta's dtype (fixed, or learned as in the
+    ``scale`` is None (Bernoulli, continuous Bernoulli, mean squared error), a float or an int (a fixed Gaussian
+    log-variance / Laplace log-scale, passed on as a float) or a plain 0-d CPU tensor of theta's dtype (fixed, or learned as in the
     LDM / Stable Diffusion autoencoder), and the backend has a step kernel for them. The tests are attribute reads,
     none repeated, and the functional layer makes none before them (this runs on every call of a training step:
     each read costs 0.02-0.09 us here, each Python call about 0.1)."""
@@ -335,11 +335,13 @@ def elementwise_step(theta, x, scale, likelihood: int, reduction: str, expected_
             return None
     except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
         return None
+    if type(scale) is int:  # (a bool is no number here: the general path rejects it)
+        scale = float(scale)
     tensor_scale = scale is not None and type(scale) is not float
     if tensor_scale and not (type(scale) in _PLAIN_SCALE_TYPES and scale.dim() == 0 and scale.dtype == theta.dtype
                              and scale.is_cpu and scale.layout is STRIDED):
         return None
-    kernels = step_kernels_for(theta, theta.numel() + rows)  # (also: theta's dtype has a step kernel)
+    kernels = step_kernels_for(theta, (elements := theta.numel()) + rows)  # (also: theta's dtype has a step kernel)
     if kernels is None:
         return None
     if torch.is_grad_enabled():
@@ -349,8 +351,8 @@ def elementwise_step(theta, x, scale, likelihood: int, reduction: str, expected_
         want_grad = want_scale_grad = False
     if expected_upstream is None:
         expected_upstream = default_expected_upstream(reduction, rows)
-    return _apply_elementwise_step(theta, x, scale, (kernels, likelihood, want_grad, want_scale_grad,
-                                                     expected_upstream))
+    return _apply_elementwise_step(theta, x, scale, (kernels, shape, rows, elements, likelihood, want_grad,
+                                                     want_scale_grad, expected_upstream))
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expected_upstream: float) -> torch.Tensor:
@@ -467,16 +469,17 @@ def _categorical_support_message(classes: int) -> str:
 
 class CategoricalStep(torch.autograd.Function):
     """The per-step call of :class:`CategoricalLogProb` (see :func:`categorical_step`): forward(logits, target,
-    (kernels, want_grad, expected_upstream)) -> log_prob (B,), raising ValueError itself for targets outside
+    (kernels, B, C, want_grad, expected_upstream)) -> log_prob (B,), raising ValueError itself for targets outside
     [0, C), with ctx holding what ``CategoricalLogProb.setup_context`` holds; backward *is*
     ``CategoricalLogProb.backward``."""
 
     @staticmethod
     def forward(ctx, logits, target, plan):
-        kernels, want_grad, expected_upstream = plan
-        log_prob, grad, num_invalid = kernels.categorical_step_log_prob(logits, target, want_grad, expected_upstream)
+        kernels, rows, classes, want_grad, expected_upstream = plan
+        log_prob, grad, num_invalid = kernels.categorical_step_log_prob(logits, target, rows, classes, want_grad,
+                                                                        expected_upstream)
         if num_invalid:
-            raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
+            raise_if_invalid(num_invalid, _categorical_support_message(classes))
         setup_step_gradient(ctx, expected_upstream, (grad,), (logits, target))
         return log_prob
 
@@ -504,7 +507,7 @@ def categorical_step(logits, target, reduction: str, expected_upstream: float | 
                 and ((dtype := target.dtype) == torch.int64 or dtype == torch.uint8) and target.is_cpu
                 and logits.layout is STRIDED and target.layout is STRIDED
                 and (shape := logits.shape)[:-1] == target.shape
-                and target.dim() > 0 and (rows := shape[0]) > 0 and shape[-1] > 0
+                and target.dim() > 0 and (rows := shape[0]) > 0 and (classes := shape[-1]) > 0
                 and logits.is_contiguous() and target.is_contiguous()):
             return None
     except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
@@ -512,7 +515,7 @@ def categorical_step(logits, target, reduction: str, expected_upstream: float | 
     kernels = step_kernels_for(logits, 0)  # (also: logits' dtype has a step kernel)
     if kernels is None:
         return None
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
     if expected_upstream is None:
         expected_upstream = default_expected_upstream(reduction, rows)
-    return _apply_categorical_step(logits, target, (kernels, want_grad, expected_upstream))
+    return _apply_categorical_step(logits, target, (kernels, rows, classes,
+                                                    torch.is_grad_enabled() and logits.requires_grad, expected_upstream))
