@@ -264,6 +264,35 @@ def test_default_backward_runs_any_number_of_times_and_inplace_is_opt_in(kernel_
         loss.backward()
 
 
+def test_process_wide_inplace_backward_default_reaches_every_path():
+    # the per-step Functions hold the settings' built-in values as class constants: a changed process default
+    # must reach them (and the general path) as an override does, and setting it back must restore them
+    from vae_fast import config
+
+    logits, x = torch.randn(3, 8, requires_grad=True), torch.rand(3, 8)
+    class_logits, target = torch.randn(3, 4, 5, requires_grad=True), torch.randint(0, 5, (3, 4))
+    losses = (lambda: vae_fast.bernoulli_log_prob(logits, x).sum(),  # the step paths
+              lambda: vae_fast.gaussian_log_prob(logits, x, torch.zeros((), requires_grad=True)).sum(),
+              lambda: vae_fast.categorical_log_prob(class_logits, target).sum(),
+              lambda: vae_fast.bernoulli_log_prob(logits.t(), x.t()).sum())  # the general path (transposed)
+    try:
+        vae_fast.set_inplace_backward(True)
+        vae_fast.set_inplace_backward(True)  # (twice: still one changed default)
+        assert config._Setting.changed_defaults == 1
+        for make_loss in losses:
+            loss = make_loss()
+            loss.backward(retain_graph=True)
+            with pytest.raises(RuntimeError, match="inplace_backward"):
+                loss.backward()
+    finally:
+        vae_fast.set_inplace_backward(False)
+    assert config._Setting.changed_defaults == 0
+    for make_loss in losses:
+        loss = make_loss()
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+
 def test_saved_for_backward_is_one_gradient_buffer(kernel_backend):
     logits = torch.randn(16, 300, device=kernel_backend, requires_grad=True)
     x = torch.rand(16, 300, device=kernel_backend)

@@ -32,11 +32,20 @@ class _Setting:
     # Overrides entered and not yet left, in any thread: while there are none (every training step
     # that sets nothing) get() returns the default without reading the contextvar.
     active_overrides = 0
+    # Settings whose process-wide default is not their built-in one: while this and active_overrides are 0,
+    # every setting has its built-in value, which the per-step autograd Functions hold as class constants.
+    changed_defaults = 0
     _lock = threading.Lock()
 
     def __init__(self, name: str, default):
-        self.default = default
+        self.default = self.builtin = default
         self.var = contextvars.ContextVar(f"vae_fast.{name}", default=_UNSET)
+
+    def set_default(self, value) -> None:
+        """Make ``value`` the process-wide default (the ``set_*`` functions below)."""
+        with _Setting._lock:
+            _Setting.changed_defaults += (value != self.builtin) - (self.default != self.builtin)
+            self.default = value
 
     def get(self):
         # is_compiling first: dynamo cannot trace ContextVar.get (compiled code sees the default), and reading
@@ -90,7 +99,7 @@ def validate_args(enabled: bool = True):
 
 def set_validate_args(enabled: bool) -> None:
     """Process-wide default of :func:`validate_args` (default True)."""
-    VALIDATE_ARGS.default = _check_bool("enabled", enabled)
+    VALIDATE_ARGS.set_default(_check_bool("enabled", enabled))
 
 
 def inplace_backward(enabled: bool = True):
@@ -107,7 +116,7 @@ def inplace_backward(enabled: bool = True):
 
 def set_inplace_backward(enabled: bool) -> None:
     """Process-wide default of :func:`inplace_backward` (default False)."""
-    INPLACE_BACKWARD.default = _check_bool("enabled", enabled)
+    INPLACE_BACKWARD.set_default(_check_bool("enabled", enabled))
 
 
 def save_inputs(enabled: bool = True):

@@ -161,8 +161,11 @@ def setup_saved_gradient(ctx, op_name: str, inputs, expected_index: int, saved, 
 
 def step_ctx_constants(function, **constants) -> None:
     """Give every ctx of the per-step ``autograd.Function`` ``function`` the attributes ``constants`` (the op's
-    name, how many gradients it saves, ...): set once on the ctx's class (the Function's backward class), which
-    backward reads like attributes set on each ctx, instead of on every call (each set costs about 0.05 us)."""
+    name, how many gradients it saves, ...), and the settings :func:`setup_step_gradient` reads at their built-in
+    values (no in-place backward, inputs held weakly): set once on the ctx's class (the Function's backward class),
+    which backward reads like attributes set on each ctx, instead of on every call (each set costs about 0.05 us,
+    and each object a call touches costs more in a training step, whose large kernels leave the caches cold)."""
+    constants = dict(inplace_backward=_INPLACE_BACKWARD.builtin, strong_inputs=_SAVE_INPUTS.builtin, **constants)
     for name, value in constants.items():
         setattr(function._backward_cls, name, value)
 
@@ -174,21 +177,18 @@ def setup_step_gradient(ctx, expected_upstream: float, saved: tuple, inputs: tup
                         keep_inputs: bool = False) -> None:
     """:func:`setup_saved_gradient` of a per-step Function (plain eager, one tensor output, so no gradient to
     materialise): the same ctx state, set with as few Python operations as possible (it runs on every call of a
-    training step: the settings' defaults are read directly while no ``with`` override is active, as
-    ``get_eager`` would return them). ``saved`` and ``inputs`` are tuples; the op's name and ``num_saved``
-    (``len(saved)``) are the Function's :func:`step_ctx_constants`."""
+    training step). While every setting has its built-in value (no ``with`` override active, no process default
+    changed) the ctx class's constants (:func:`step_ctx_constants`) hold the settings and nothing is read; else
+    they are read as ``get_eager`` returns them. ``saved`` and ``inputs`` are tuples; the op's name and
+    ``num_saved`` (``len(saved)``) are the Function's :func:`step_ctx_constants`."""
     ctx.expected_upstream = expected_upstream
-    if _Setting.active_overrides:
+    if _Setting.active_overrides or _Setting.changed_defaults:
         ctx.inplace_backward = _INPLACE_BACKWARD.get_eager()
-        strong = keep_inputs or _SAVE_INPUTS.get_eager()
-    else:
-        ctx.inplace_backward = _INPLACE_BACKWARD.default
-        strong = keep_inputs or _SAVE_INPUTS.default
+        keep_inputs = keep_inputs or _SAVE_INPUTS.get_eager()
     if inputs is None:
         ctx.save_for_backward(*saved)
-        return
-    ctx.strong_inputs = strong
-    if strong:
+    elif keep_inputs:
+        ctx.strong_inputs = True
         ctx.save_for_backward(*saved, *inputs)
     else:
         ctx.save_for_backward(*saved)
@@ -219,6 +219,13 @@ def saved_gradients(ctx):
 _weak_ref = weakref.ref
 
 
+def _version_or_none(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
+        return None
+
+
 class InputRefs:
     """Weak references to an op's inputs for double backward (see the module docstring), with
     their versions, so an input modified in place after forward is detected."""
@@ -230,16 +237,11 @@ class InputRefs:
         if traced or (traced is None and torch.compiler.is_compiling()):
             self.entries = None
             return
-        self.entries = entries = []
-        for t in tensors:  # (a loop: a comprehension is a function call of its own on Python 3.11)
-            if t is None:
-                entries.append(None)
-                continue
-            try:
-                version = t._version
-            except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
-                version = None
-            entries.append((_weak_ref(t), version))  # (a module global: weakref.ref is one more lookup per input)
+        # (_weak_ref, a module global: weakref.ref is one more lookup per input)
+        try:
+            self.entries = [None if t is None else (_weak_ref(t), t._version) for t in tensors]
+        except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
+            self.entries = [None if t is None else (_weak_ref(t), _version_or_none(t)) for t in tensors]
 
     def get(self, op_name: str, what: str):
         if self.entries is None:
