@@ -10,7 +10,13 @@ backward separately, in the terms of issue #18: wrapper time minus raw-kernel ti
   that difference also holds memory traffic that is not Python or dispatch;
 * backward overhead = ``torch.autograd.grad`` through the op's node minus the same call through a
   Python node that returns precomputed gradients (the engine's own cost) minus the C++ backward
-  kernel.
+  kernel;
+* in-call forward overhead = the public function's time per call outside its C++ entry point, the kernel timed
+  inside the same calls (a timer around the extension's entry point, whose own cost, about 0.2 us, is included):
+  no second measurement of the kernel, whose noise (1-2 % of 60 us at 16 x 64 x 256) makes the difference above
+  unsteady by a microsecond. It also shows what the Python costs where it runs: after a kernel that streamed
+  megabytes through the cache (the categorical's 2 MiB), the same code misses the cache and costs microseconds
+  more than after a small one.
 
 Next to them, the floor that any ``torch.autograd.Function`` pays here: an empty Function that
 allocates the op's outputs (forward) and its gradients (backward); and the seed draw the latent op
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -97,13 +104,14 @@ def cases(batch: int = 128, dim: int = 20, pixels: int = 784) -> dict:
         "node_bwd": lambda: torch.autograd.grad((z, kl), (mu, lv), (gz, gk), retain_graph=True),
         "engine_bwd": lambda: torch.autograd.grad((ez, ekl), (mu, lv), (gz, gk), retain_graph=True),
         "floor_bwd": lambda: torch.autograd.grad((fz, fkl), (mu, lv), (gz, gk), retain_graph=True),
+        "entry": "latent_step_forward",
     }
     rows = {f"latent {batch}x{dim}": latent}
     rows.update(likelihood_cases(batch, pixels, threads))
     return rows
 
 
-def _likelihood_case(public, inputs, differentiable, kernel, output_shapes, grad_shapes) -> dict:
+def _likelihood_case(public, inputs, differentiable, kernel, output_shapes, grad_shapes, entry: str) -> dict:
     """The callables of one likelihood row: ``public(*inputs)`` -> log p (B,) (its node built for the inputs
     that require grad, ``differentiable``), ``kernel(*outputs)`` its raw C++ kernel writing outputs of
     ``output_shapes``, ``grad_shapes`` the shape of each input's gradient (None where it gets none), which the
@@ -123,6 +131,7 @@ def _likelihood_case(public, inputs, differentiable, kernel, output_shapes, grad
         "node_bwd": lambda: torch.autograd.grad(log_p, differentiable, upstream, retain_graph=True),
         "engine_bwd": lambda: torch.autograd.grad(engine_out, differentiable, upstream, retain_graph=True),
         "floor_bwd": lambda: torch.autograd.grad(floor_out, differentiable, upstream, retain_graph=True),
+        "entry": entry,
     }
 
 
@@ -147,19 +156,19 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
 
     cases = {
         f"bernoulli {batch}x{pixels}": _likelihood_case(
-            vae_fast.bernoulli_log_prob, (theta, binary), theta, *raw(0, binary), [shape, None]),
+            vae_fast.bernoulli_log_prob, (theta, binary), theta, *raw(0, binary), [shape, None], "elementwise_step"),
         f"continuous bernoulli {batch}x{pixels}": _likelihood_case(
-            vae_fast.continuous_bernoulli_log_prob, (theta, grey), theta, *raw(1, grey), [shape, None]),
+            vae_fast.continuous_bernoulli_log_prob, (theta, grey), theta, *raw(1, grey), [shape, None], "elementwise_step"),
         f"gaussian (fixed scalar variance) {batch}x{pixels}": _likelihood_case(
-            vae_fast.gaussian_log_prob, (theta, grey), theta, *raw(2, grey), [shape, None]),
+            vae_fast.gaussian_log_prob, (theta, grey), theta, *raw(2, grey), [shape, None], "elementwise_step"),
         f"gaussian (learned scalar variance) {batch}x{pixels}": _likelihood_case(
             vae_fast.gaussian_log_prob, (theta, grey, learned), (theta, learned), *raw(2, grey, zero, True),
-            [shape, None, ()]),
+            [shape, None, ()], "elementwise_step"),
         f"laplace (learned scalar scale) {batch}x{pixels}": _likelihood_case(
             vae_fast.laplace_log_prob, (theta, grey, learned), (theta, learned), *raw(4, grey, zero, True),
-            [shape, None, ()]),
+            [shape, None, ()], "elementwise_step"),
         f"mse {batch}x{pixels}": _likelihood_case(
-            vae_fast.mse_log_prob, (theta, grey), theta, *raw(3, grey), [shape, None]),
+            vae_fast.mse_log_prob, (theta, grey), theta, *raw(3, grey), [shape, None], "elementwise_step"),
     }
     rows, positions, classes = 16, 64, 256
     logits = torch.randn(rows, positions, classes, requires_grad=True)
@@ -170,7 +179,7 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
                                                    target.data_ptr(), int(TargetDtype.INT64), target.numel(),
                                                    log_prob.data_ptr(),
                                                    grad.data_ptr(), -1.0 / rows, threads),
-        [(rows,), (rows, positions, classes)], [(rows, positions, classes), None])
+        [(rows,), (rows, positions, classes)], [(rows, positions, classes), None], "categorical_step")
     mixtures, side = 5, 8
     packed = mixtures * (1 + 3 * 3)
     params = torch.randn(rows, packed, side, side, requires_grad=True)
@@ -181,14 +190,46 @@ def likelihood_cases(batch: int, pixels: int, threads: int) -> dict:
         lambda log_prob, grad: _C.dmol_packed_step(0, rows, 3, mixtures, side * side, images.data_ptr(),
                                                    images.numel(), params_d.data_ptr(), params_d.numel(), 1.0 / 255,
                                                    -7.0, log_prob.data_ptr(), grad.data_ptr(), -1.0 / rows, threads),
-        [(rows,), (rows, packed, side, side)], [None, (rows, packed, side, side)])
+        [(rows,), (rows, packed, side, side)], [None, (rows, packed, side, side)], "dmol_packed_step")
     return cases
+
+
+def outside_kernel(public, entry: str, rounds: int, calls: int) -> tuple[float, float]:
+    """(min, median) over ``rounds`` rounds of the seconds per call of ``public()`` spent outside the extension's
+    entry point ``entry``, which is timed inside the same calls (the timer's own cost, about 0.2 us, counts as
+    outside)."""
+    original = getattr(_C, entry)
+    clock = time.perf_counter
+    inside = [0.0]
+
+    def timed(*args):
+        start = clock()
+        result = original(*args)
+        inside[0] += clock() - start
+        return result
+
+    setattr(_C, entry, timed)  # (the CPU wrappers look the entry point up on the module at every call)
+    try:
+        for _ in range(200):
+            public()
+        outside = []
+        for _ in range(rounds):
+            inside[0] = 0.0
+            start = clock()
+            for _ in range(calls):
+                public()
+            outside.append((clock() - start - inside[0]) / calls)
+    finally:
+        setattr(_C, entry, original)
+    return min(outside), statistics.median(outside)
 
 
 def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
     """One row per op: microseconds (min over rounds, and medians) of every quantity above."""
     rows = []
     for op, fns in cases().items():
+        entry = fns.pop("entry")
+        in_call = outside_kernel(fns["public_fwd"], entry, rounds, calls)
         t = _time(fns, rounds, calls)
         us = {name: value[0] * 1e6 for name, value in t.items()}
         med = {name: value[1] * 1e6 for name, value in t.items()}
@@ -199,6 +240,7 @@ def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
             fwd_overhead=us["public_fwd"] - kernel_new,
             fwd_overhead_median=med["public_fwd"] - (med["kernel_new_fwd"] - med["alloc_fwd"]),
             fwd_overhead_reused=us["public_fwd"] - us["kernel_fwd"],
+            in_call_overhead=in_call[0] * 1e6, in_call_overhead_median=in_call[1] * 1e6,
             floor_fwd=us["floor_fwd"], seed_draw=us.get("seed_draw", 0.0),
             kernel_bwd=kernel_bwd, node_bwd=us["node_bwd"], engine_bwd=us["engine_bwd"],
             bwd_overhead=us["node_bwd"] - us["engine_bwd"] - kernel_bwd,
@@ -209,14 +251,15 @@ def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| op | forward: public / kernel on new outputs (on reused outputs) us | forward overhead us (median) "
-             "[vs the kernel on reused outputs] | empty Function with the outputs (+ seed draw) us | "
+             "[vs the kernel on reused outputs] | in-call forward overhead us (median) | empty Function with the outputs (+ seed draw) us | "
              "backward: node / kernel us | backward overhead us (median) | "
              "empty Function's backward, allocating the gradients, us |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seed = f" + {r['seed_draw']:.1f}" if r["seed_draw"] else ""
         lines.append(f"| {r['op']} | {r['public_fwd']:.1f} / {r['kernel_new_fwd']:.1f} ({r['kernel_fwd']:.1f}) | "
                      f"{r['fwd_overhead']:.1f} ({r['fwd_overhead_median']:.1f}) [{r['fwd_overhead_reused']:.1f}] | "
+                     f"{r['in_call_overhead']:.1f} ({r['in_call_overhead_median']:.1f}) | "
                      f"{r['floor_fwd']:.1f}{seed} | "
                      f"{r['node_bwd'] - r['engine_bwd']:.1f} / {r['kernel_bwd']:.1f} | {r['bwd_overhead']:.1f} "
                      f"({r['bwd_overhead_median']:.1f}) | {r['floor_bwd_overhead']:.1f} |")
