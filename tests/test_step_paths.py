@@ -530,3 +530,19 @@ def test_head_step_paths_equal_the_general_paths_property(batch, pixels, classes
         return (cat, dmol, *torch.autograd.grad(((cat + dmol) * upstream).sum(), (logits, params)))
 
     _both_paths(run)
+
+
+def test_step_paths_prescale_by_the_public_functions_guess(recorder):
+    # the step functions spell default_expected_upstream's rule inline (a call costs more): the guesses must agree
+    from vae_fast.ops._autograd import default_expected_upstream
+
+    theta, x = torch.randn(5, 7, requires_grad=True), torch.rand(5, 7)
+    logits, target = torch.randn(5, 3, 4, requires_grad=True), torch.randint(0, 4, (5, 3))
+    learned = torch.zeros((), requires_grad=True)
+    for reduction in ("none", "mean", "sum"):
+        for out in (vae_fast.bernoulli_log_prob(theta, x, reduction=reduction),
+                    vae_fast.gaussian_log_prob(theta, x, learned, reduction=reduction),
+                    vae_fast.categorical_log_prob(logits, target, reduction=reduction)):
+            node = out.grad_fn if reduction == "none" else out.grad_fn.next_functions[0][0]
+            assert node.expected_upstream == default_expected_upstream(reduction, 5), (reduction, node)
+    assert recorder.calls == ["elementwise_step", "elementwise_step", "categorical_step"] * 3

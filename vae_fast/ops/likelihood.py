@@ -23,7 +23,7 @@ import math
 import torch
 
 from .._validation import STRIDED, raise_if_invalid
-from ._autograd import (default_expected_upstream, eager_function_apply, fast_apply, mark_non_differentiable,
+from ._autograd import (eager_function_apply, fast_apply, mark_non_differentiable,
                         row_factor, saved_and_inputs, save_for_jvp, scale_saved, setup_saved_gradient,
                         setup_step_gradient, step_ctx_constants, tangent_sum)
 from ._library import (acc_dtype, call, inverse_permutation, kernels_for, register_op, step_kernels_for, with_layout,
@@ -349,8 +349,8 @@ def elementwise_step(theta, x, scale, likelihood: int, reduction: str, expected_
         want_scale_grad = tensor_scale and scale.requires_grad
     else:
         want_grad = want_scale_grad = False
-    if expected_upstream is None:
-        expected_upstream = default_expected_upstream(reduction, rows)
+    if expected_upstream is None:  # (default_expected_upstream, inline: a call costs more than the rule; rows > 0)
+        expected_upstream = -1.0 if reduction == "sum" else -1.0 / rows
     return _apply_elementwise_step(theta, x, scale, (kernels, shape, rows, elements, likelihood, want_grad,
                                                      want_scale_grad, expected_upstream))
 
@@ -506,8 +506,8 @@ def categorical_step(logits, target, reduction: str, expected_upstream: float | 
         if not (type(logits) is torch.Tensor and type(target) is torch.Tensor
                 and ((dtype := target.dtype) == torch.int64 or dtype == torch.uint8) and target.is_cpu
                 and logits.layout is STRIDED and target.layout is STRIDED
-                and (shape := logits.shape)[:-1] == target.shape
-                and target.dim() > 0 and (rows := shape[0]) > 0 and (classes := shape[-1]) > 0
+                and len(shape := logits.shape) > 1 and shape[:-1] == target.shape
+                and (rows := shape[0]) > 0 and (classes := shape[-1]) > 0
                 and logits.is_contiguous() and target.is_contiguous()):
             return None
     except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
@@ -515,7 +515,7 @@ def categorical_step(logits, target, reduction: str, expected_upstream: float | 
     kernels = step_kernels_for(logits, 0)  # (also: logits' dtype has a step kernel)
     if kernels is None:
         return None
-    if expected_upstream is None:
-        expected_upstream = default_expected_upstream(reduction, rows)
+    if expected_upstream is None:  # (default_expected_upstream, inline: a call costs more than the rule; rows > 0)
+        expected_upstream = -1.0 if reduction == "sum" else -1.0 / rows
     return _apply_categorical_step(logits, target, (kernels, rows, classes,
                                                     torch.is_grad_enabled() and logits.requires_grad, expected_upstream))
