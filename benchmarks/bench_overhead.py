@@ -23,8 +23,8 @@ allocates the op's outputs (forward) and its gradients (backward); and the seed 
 needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent, every elementwise likelihood at 128 x 784
 (the Gaussian with a fixed and a learned scalar variance, the Laplace with a learned scale as in the LDM
 autoencoder), a 256-way categorical over 16 x 64 pixels and a packed 16 x 3 x 8 x 8 logistic mixture.
-Overheads are minima over alternated rounds (the machine's noise only adds to them); medians in
-parentheses.
+Overheads are minima over alternated rounds (the machine's noise only adds to them); in parentheses the
+median over rounds of each round's own difference (a slow spell moves both of its terms).
 
     .venv/bin/python -m benchmarks.bench_overhead [--rounds 15]
 """
@@ -45,9 +45,15 @@ _C = kernels._C
 
 
 def _time(fns: dict, rounds: int, calls: int) -> dict:
-    """name -> (min, median) seconds per call over alternated rounds."""
-    times = alternated_rounds(fns, rounds, calls, warmup=200)
-    return {name: (min(v), statistics.median(v)) for name, v in times.items()}
+    """name -> seconds per call in each of the alternated rounds."""
+    return alternated_rounds(fns, rounds, calls, warmup=200)
+
+
+def _paired_median(times: dict, plus: tuple, minus: tuple) -> float:
+    """The median over rounds of sum(plus) - sum(minus), each round's times taken together (a slow spell that
+    lasts a round moves both sides): steadier than a difference of medians."""
+    return statistics.median(sum(times[name][r] for name in plus) - sum(times[name][r] for name in minus if name in times)
+                             for r in range(len(times[plus[0]])))
 
 
 def _floor_function(output_shapes, grads):
@@ -225,26 +231,26 @@ def outside_kernel(public, entry: str, rounds: int, calls: int) -> tuple[float, 
 
 
 def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
-    """One row per op: microseconds (min over rounds, and medians) of every quantity above."""
+    """One row per op: microseconds (min over rounds; the overheads also as the median over rounds of each
+    round's difference) of every quantity above."""
     rows = []
     for op, fns in cases().items():
         entry = fns.pop("entry")
         in_call = outside_kernel(fns["public_fwd"], entry, rounds, calls)
         t = _time(fns, rounds, calls)
-        us = {name: value[0] * 1e6 for name, value in t.items()}
-        med = {name: value[1] * 1e6 for name, value in t.items()}
+        us = {name: min(v) * 1e6 for name, v in t.items()}
         kernel_bwd = us.get("kernel_bwd", 0.0)
         kernel_new = us["kernel_new_fwd"] - us["alloc_fwd"]  # the kernel writing into new outputs
         rows.append(dict(
             op=op, kernel_fwd=us["kernel_fwd"], kernel_new_fwd=kernel_new, public_fwd=us["public_fwd"],
             fwd_overhead=us["public_fwd"] - kernel_new,
-            fwd_overhead_median=med["public_fwd"] - (med["kernel_new_fwd"] - med["alloc_fwd"]),
+            fwd_overhead_median=_paired_median(t, ("public_fwd", "alloc_fwd"), ("kernel_new_fwd",)) * 1e6,
             fwd_overhead_reused=us["public_fwd"] - us["kernel_fwd"],
             in_call_overhead=in_call[0] * 1e6, in_call_overhead_median=in_call[1] * 1e6,
             floor_fwd=us["floor_fwd"], seed_draw=us.get("seed_draw", 0.0),
             kernel_bwd=kernel_bwd, node_bwd=us["node_bwd"], engine_bwd=us["engine_bwd"],
             bwd_overhead=us["node_bwd"] - us["engine_bwd"] - kernel_bwd,
-            bwd_overhead_median=med["node_bwd"] - med["engine_bwd"] - med.get("kernel_bwd", 0.0),
+            bwd_overhead_median=_paired_median(t, ("node_bwd",), ("engine_bwd", "kernel_bwd")) * 1e6,
             floor_bwd_overhead=us["floor_bwd"] - us["engine_bwd"]))
     return rows
 
