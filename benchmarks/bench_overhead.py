@@ -24,13 +24,19 @@ needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent, every elemen
 (the Gaussian with a fixed and a learned scalar variance, the Laplace with a learned scale as in the LDM
 autoencoder), a 256-way categorical over 16 x 64 pixels and a packed 16 x 3 x 8 x 8 logistic mixture.
 Overheads are minima over alternated rounds (the machine's noise only adds to them); in parentheses the
-median over rounds of each round's own difference (a slow spell moves both of its terms).
+median over rounds of each round's own difference (a slow spell moves both of its terms). ``main`` first fixes
+glibc's mmap and trim thresholds (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` would):
+with its adaptive defaults, whether a 0.4-1 MiB buffer is mapped afresh (and page-faulted in by the kernel, 60-90
+us a call) depends on the process's allocation history, and one run in four here measured the public calls or the
+kernel alone that way; page faults are not per-call overhead (the README's step table keeps glibc's defaults).
 
     .venv/bin/python -m benchmarks.bench_overhead [--rounds 15]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 
@@ -272,10 +278,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def steady_malloc() -> bool:
+    """Fix glibc's mmap threshold (64 MiB) and trim threshold (256 MiB), so that freed buffers below them are
+    reused from the heap rather than unmapped and faulted in again; False where the C library is not glibc."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # (glibc's malloc.h)
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
+    steady_malloc()
     print(markdown(measure(args.rounds)))
 
 
