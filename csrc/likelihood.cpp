@@ -17,6 +17,7 @@
 //   Categorical:           log p = l_x - logsumexp(l),           d/dl_c = [c == x] - softmax(l)_c
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 #include "vf_math.h"
@@ -27,6 +28,19 @@ namespace {
 
 constexpr int64_t kChunk = 512;
 constexpr int64_t kParallelGrain = 32768;
+// Work items are blocks of a row of about this many elements: a few long rows (a fused head's chunk holds one
+// example; a small batch of large images) still spread over every thread. The blocking does not depend on the
+// thread count: a row's sums are its blocks' partial sums added in order, the same on any number of threads; a
+// row of one block (up to 16 chunks here: every MNIST / CIFAR-sized example) is summed exactly as a whole row.
+constexpr int64_t kBlockElements = 16 * kChunk;
+
+// A row's blocks: how many, and their size (in row elements for the elementwise kernels, pixels for the
+// categorical one).
+struct RowBlocks {
+  int64_t size, per_row;
+  RowBlocks(int64_t length, int64_t block) : size(std::max<int64_t>(block, 1)),
+                                             per_row(length > 0 ? (length + size - 1) / size : 1) {}
+};
 
 // log C(l) - log 2 = sum_n c_n l^(2n), c_n = 2 (2^(2n-1) - 1) B_2n / (2n (2n)!)
 // (B_2n Bernoulli numbers; from 1/x - 2/sinh 2x = d/dx log(x coth x), x = l/2).
@@ -106,10 +120,16 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
   // the mean squared error's 1/D, applied once per row to the sum and folded into the gradient's factor
   const T grad_factor = L == Likelihood::kMeanSquaredError && D > 0 ? T(a.expected_upstream / double(D))
                                                                     : expected_upstream;
+  const RowBlocks blocks(D, kBlockElements);
+  const int64_t items = a.rows * blocks.per_row;
+  const bool partial_sums = blocks.per_row > 1;
+  std::vector<T> partial(partial_sums ? items : 0), partial_lv(partial_sums && LV_GRAD == LogVarGrad::kPerRow ? items : 0);
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * D > kParallelGrain)
-  for (int64_t r = 0; r < a.rows; ++r) {
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t r = item / blocks.per_row;
+    const int64_t j_begin = (item % blocks.per_row) * blocks.size, j_end = std::min(D, j_begin + blocks.size);
     alignas(64) T lv_buf[kChunk];
     const T* __restrict th_row = theta + r * D;
     const T* __restrict x_row = x + (r % a.x_rows) * D;
@@ -121,8 +141,8 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     T row_sum = T(0);
     T row_lv_grad = T(0);  // (kPerRow) sum over the row of d log p / d logvar, before the upstream factor
     int64_t row_bad = 0;
-    for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, D - j0);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, j_end - j0);
       const T* __restrict th = th_row + j0;
       const T* __restrict xs = x_row + j0;
       const T* __restrict lv = lv_buf;
@@ -185,10 +205,25 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
         if constexpr (WANT_GRAD) g[i] = grad * grad_factor;
       }
     }
+    bad += row_bad;
+    if (partial_sums) {
+      partial[item] = row_sum;
+      if constexpr (LV_GRAD == LogVarGrad::kPerRow) partial_lv[item] = row_lv_grad;
+      continue;
+    }
     if constexpr (L == Likelihood::kMeanSquaredError) row_sum = D > 0 ? row_sum / T(D) : T(0);
     log_prob[r] = row_sum;
     if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad;  // (unscaled: see LogVarGrad)
-    bad += row_bad;
+  }
+  for (int64_t r = 0; partial_sums && r < a.rows; ++r) {  // each row's blocks, in order
+    T row_sum = T(0), row_lv_grad = T(0);
+    for (int64_t b = 0; b < blocks.per_row; ++b) {
+      row_sum += partial[r * blocks.per_row + b];
+      if constexpr (LV_GRAD == LogVarGrad::kPerRow) row_lv_grad += partial_lv[r * blocks.per_row + b];
+    }
+    if constexpr (L == Likelihood::kMeanSquaredError) row_sum /= T(D);
+    log_prob[r] = row_sum;
+    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad;
   }
   return bad;
 }
@@ -251,13 +286,19 @@ int64_t categorical_impl(const CategoricalArgs& a) {
   T* __restrict grad = static_cast<T*>(a.grad_logits);
   const int64_t P = a.pixels, C = a.classes;
   const T expected_upstream = T(a.expected_upstream);
+  const RowBlocks blocks(P, kBlockElements / std::max<int64_t>(C, 1));  // (blocks of pixels)
+  const int64_t items = a.rows * blocks.per_row;
+  const bool partial_sums = blocks.per_row > 1;
+  std::vector<T> partial(partial_sums ? items : 0);
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * P * C > kParallelGrain)
-  for (int64_t r = 0; r < a.rows; ++r) {
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t r = item / blocks.per_row;
+    const int64_t p_begin = (item % blocks.per_row) * blocks.size, p_end = std::min(P, p_begin + blocks.size);
     const TargetT* __restrict target = static_cast<const TargetT*>(a.target) + (r % a.x_rows) * P;
     T row_sum = T(0);
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
       const T* __restrict l = logits + (r * P + p) * C;
       const int64_t raw_target = int64_t(target[p]);
       const bool valid = raw_target >= 0 && raw_target < C;
@@ -286,6 +327,11 @@ int64_t categorical_impl(const CategoricalArgs& a) {
       }
       row_sum += l[tgt] - (shift + vlog(s));
     }
+    (partial_sums ? partial[item] : log_prob[r]) = row_sum;
+  }
+  for (int64_t r = 0; partial_sums && r < a.rows; ++r) {  // each row's blocks, in order
+    T row_sum = T(0);
+    for (int64_t b = 0; b < blocks.per_row; ++b) row_sum += partial[r * blocks.per_row + b];
     log_prob[r] = row_sum;
   }
   return bad;

@@ -506,3 +506,47 @@ def test_channels_last_decoder_outputs(backend, name, scale, spatial, dtype):
     for leaf, g, want in zip(leaves, grads, expected_grads):
         assert_matches_reference(g, want, dtype, terms=terms if leaf is lv else 1, what=f"{name} gradient")
     assert grads[0].stride() == theta.stride()  # theta's layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_long_rows_are_summed_in_blocks_the_same_on_any_number_of_threads(dtype):
+    # rows longer than a C++ work block (8192 elements; a categorical row of more than 8192 / C pixels: 32 at
+    # C = 256) are cut into blocks that the threads share (a fused head's chunk holds one example); a row's sums
+    # are its blocks' sums added in order: the reference's values, bit for bit the same on 1, 2 or 3 threads
+    gen = torch.Generator().manual_seed(5)
+    rows, width = 3, 3 * 8192 + 100  # four blocks, the last short
+    theta = torch.randn(rows, width, generator=gen, dtype=dtype)
+    x = torch.rand(rows, width, generator=gen, dtype=dtype)
+    logits = torch.randn(rows, 100, 256, generator=gen, dtype=dtype)
+    target = torch.randint(0, 256, (rows, 100), generator=gen)
+    cases = {  # name -> (call, reference log p, inputs to differentiate)
+        "bernoulli": (lambda t, s: vae_fast.bernoulli_log_prob(t, x), ref.bernoulli_log_prob(theta, x)),
+        "continuous bernoulli": (lambda t, s: vae_fast.continuous_bernoulli_log_prob(t, x),
+                                 ref.continuous_bernoulli_log_prob(theta, x)),
+        "mse": (lambda t, s: vae_fast.mse_log_prob(t, x), ref.mean_squared_error_log_prob(theta, x)),
+        "gaussian, learned scale": (lambda t, s: vae_fast.gaussian_log_prob(t, x, s),
+                                    ref.gaussian_log_prob(theta, x, torch.tensor(0.3, dtype=dtype))),
+        "laplace, learned scale": (lambda t, s: vae_fast.laplace_log_prob(t, x, s),
+                                   ref.laplace_log_prob(theta, x, torch.tensor(0.3, dtype=dtype))),
+    }
+    threads = torch.get_num_threads()
+    try:
+        for name, (call, want) in list(cases.items()) + [("categorical", (None, ref.categorical_log_prob(logits, target)))]:
+            results = []
+            for num_threads in (1, 2, 3):
+                torch.set_num_threads(num_threads)
+                if name == "categorical":
+                    leaf = logits.clone().requires_grad_()
+                    log_p = vae_fast.categorical_log_prob(leaf, target)
+                    leaves = (leaf,)
+                else:
+                    leaf, scale = theta.clone().requires_grad_(), torch.tensor(0.3, dtype=dtype, requires_grad=True)
+                    log_p = call(leaf, scale)
+                    leaves = (leaf, scale) if "scale" in name else (leaf,)
+                results.append((log_p.detach(), *torch.autograd.grad(-log_p.mean(), leaves)))
+            assert_matches_reference(results[0][0], want, dtype, terms=width, what=name)
+            for other in results[1:]:
+                for got, first in zip(other, results[0]):
+                    assert torch.equal(got, first), name
+    finally:
+        torch.set_num_threads(threads)
