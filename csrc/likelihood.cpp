@@ -123,7 +123,8 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
   const RowBlocks blocks(D, kBlockElements);
   const int64_t items = a.rows * blocks.per_row;
   const bool partial_sums = blocks.per_row > 1;
-  std::vector<T> partial(partial_sums ? items : 0), partial_lv(partial_sums && LV_GRAD == LogVarGrad::kPerRow ? items : 0);
+  std::vector<T> partial(partial_sums ? items : 0);
+  std::vector<T> partial_lv(partial_sums && LV_GRAD == LogVarGrad::kPerRow ? items : 0);
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * D > kParallelGrain)

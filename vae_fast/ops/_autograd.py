@@ -180,8 +180,8 @@ def setup_step_gradient(ctx, expected_upstream: float, saved: tuple, inputs: tup
     training step). While every setting has its built-in value (no ``with`` override active, no process default
     changed) the ctx class's constants (:func:`step_ctx_constants`) hold the settings and nothing is read; else
     they are read as ``get_eager`` returns them. ``saved`` and ``inputs`` are tuples (two or three inputs, see
-    :meth:`InputRefs.eager`); the op's name and
-    ``num_saved`` (``len(saved)``) are the Function's :func:`step_ctx_constants`."""
+    :meth:`InputRefs.eager`); the op's name and ``num_saved`` (``len(saved)``) are the Function's
+    :func:`step_ctx_constants`."""
     ctx.expected_upstream = expected_upstream
     if _Setting.active_overrides or _Setting.changed_defaults:
         ctx.inplace_backward = _INPLACE_BACKWARD.get_eager()
