@@ -34,12 +34,22 @@ constexpr int64_t kParallelGrain = 32768;
 // row of one block (up to 16 chunks here: every MNIST / CIFAR-sized example) is summed exactly as a whole row.
 constexpr int64_t kBlockElements = 16 * kChunk;
 
-// A row's blocks: how many, and their size (in row elements for the elementwise kernels, pixels for the
-// categorical one).
+// A row's blocks (of row elements for the elementwise kernels, of pixels for the categorical one): work item i is
+// block i % per_row of row i / per_row, covering [begin(i), end(i)); with more than one block a row, each item's
+// sums go to partial buffers, which row_total adds up in order.
 struct RowBlocks {
-  int64_t size, per_row;
-  RowBlocks(int64_t length, int64_t block) : size(std::max<int64_t>(block, 1)),
+  int64_t length, size, per_row;
+  RowBlocks(int64_t length, int64_t block) : length(length), size(std::max<int64_t>(block, 1)),
                                              per_row(length > 0 ? (length + size - 1) / size : 1) {}
+  int64_t row(int64_t item) const { return item / per_row; }
+  int64_t begin(int64_t item) const { return (item % per_row) * size; }
+  int64_t end(int64_t item) const { return std::min(length, begin(item) + size); }
+  template <typename T>
+  T row_total(const std::vector<T>& partial, int64_t r) const {
+    T total = T(0);
+    for (int64_t b = 0; b < per_row; ++b) total += partial[r * per_row + b];
+    return total;
+  }
 };
 
 // log C(l) - log 2 = sum_n c_n l^(2n), c_n = 2 (2^(2n-1) - 1) B_2n / (2n (2n)!)
@@ -129,8 +139,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * D > kParallelGrain)
   for (int64_t item = 0; item < items; ++item) {
-    const int64_t r = item / blocks.per_row;
-    const int64_t j_begin = (item % blocks.per_row) * blocks.size, j_end = std::min(D, j_begin + blocks.size);
+    const int64_t r = blocks.row(item), j_begin = blocks.begin(item), j_end = blocks.end(item);
     alignas(64) T lv_buf[kChunk];
     const T* __restrict th_row = theta + r * D;
     const T* __restrict x_row = x + (r % a.x_rows) * D;
@@ -216,15 +225,10 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     log_prob[r] = row_sum;
     if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad;  // (unscaled: see LogVarGrad)
   }
-  for (int64_t r = 0; partial_sums && r < a.rows; ++r) {  // each row's blocks, in order
-    T row_sum = T(0), row_lv_grad = T(0);
-    for (int64_t b = 0; b < blocks.per_row; ++b) {
-      row_sum += partial[r * blocks.per_row + b];
-      if constexpr (LV_GRAD == LogVarGrad::kPerRow) row_lv_grad += partial_lv[r * blocks.per_row + b];
-    }
-    if constexpr (L == Likelihood::kMeanSquaredError) row_sum /= T(D);
-    log_prob[r] = row_sum;
-    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad;
+  for (int64_t r = 0; partial_sums && r < a.rows; ++r) {
+    const T row_sum = blocks.row_total(partial, r);
+    log_prob[r] = L == Likelihood::kMeanSquaredError ? row_sum / T(D) : row_sum;
+    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = blocks.row_total(partial_lv, r);
   }
   return bad;
 }
@@ -295,8 +299,7 @@ int64_t categorical_impl(const CategoricalArgs& a) {
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) reduction(+ : bad) \
     if (a.rows * P * C > kParallelGrain)
   for (int64_t item = 0; item < items; ++item) {
-    const int64_t r = item / blocks.per_row;
-    const int64_t p_begin = (item % blocks.per_row) * blocks.size, p_end = std::min(P, p_begin + blocks.size);
+    const int64_t r = blocks.row(item), p_begin = blocks.begin(item), p_end = blocks.end(item);
     const TargetT* __restrict target = static_cast<const TargetT*>(a.target) + (r % a.x_rows) * P;
     T row_sum = T(0);
     for (int64_t p = p_begin; p < p_end; ++p) {
@@ -330,11 +333,7 @@ int64_t categorical_impl(const CategoricalArgs& a) {
     }
     (partial_sums ? partial[item] : log_prob[r]) = row_sum;
   }
-  for (int64_t r = 0; partial_sums && r < a.rows; ++r) {  // each row's blocks, in order
-    T row_sum = T(0);
-    for (int64_t b = 0; b < blocks.per_row; ++b) row_sum += partial[r * blocks.per_row + b];
-    log_prob[r] = row_sum;
-  }
+  for (int64_t r = 0; partial_sums && r < a.rows; ++r) log_prob[r] = blocks.row_total(partial, r);
   return bad;
 }
 

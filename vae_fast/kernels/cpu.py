@@ -271,12 +271,7 @@ def categorical_step_log_prob(logits, target, rows, classes, want_grad, expected
     shape) -> log_prob (B,), grad_logits (logits' shape, from the buffer pool when large) | None, num_invalid (int)."""
     n = logits.numel()
     log_prob = logits.new_empty(rows)
-    if not want_grad:
-        grad = None
-    elif n < _POOL_MIN_BYTES // logits.element_size():  # (_new_output's test, inline: this runs every step)
-        grad = torch.empty_like(logits)
-    else:
-        grad = _new_output(logits)
+    grad = _new_output(logits) if want_grad else None
     bad = _C.categorical_step(_DTYPE_CODE[logits.dtype], rows, n // (rows * classes), classes, logits.data_ptr(), n,
                               target.data_ptr(), _TARGET_DTYPE_CODE[target.dtype], n // classes, log_prob.data_ptr(),
                               0 if grad is None else grad.data_ptr(), expected_upstream, torch.get_num_threads())

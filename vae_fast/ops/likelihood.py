@@ -323,9 +323,9 @@ def elementwise_step(theta, x, scale, likelihood: int, reduction: str, expected_
     contiguous block too, in another order, which a row sum does not see; the gradient is allocated like theta),
     ``scale`` is None (Bernoulli, continuous Bernoulli, mean squared error), a float or an int (a fixed Gaussian
     log-variance / Laplace log-scale, passed on as a float) or a plain 0-d CPU tensor of theta's dtype (fixed, or
-    learned as in the LDM / Stable Diffusion autoencoder), and the backend has a step kernel for them. The tests are attribute reads,
-    none repeated, and the functional layer makes none before them (this runs on every call of a training step:
-    each read costs 0.02-0.09 us here, each Python call about 0.1)."""
+    learned as in the LDM / Stable Diffusion autoencoder), and the backend has a step kernel for them. The tests
+    are attribute reads, none repeated, and the functional layer makes none before them (this runs on every call
+    of a training step: each read costs 0.02-0.09 us here, each Python call about 0.1)."""
     try:
         if not (type(theta) is torch.Tensor and type(x) is torch.Tensor and theta.layout is STRIDED
                 and x.layout is STRIDED and x.is_cpu and (shape := theta.shape) == x.shape and shape
