@@ -519,32 +519,41 @@ def test_long_rows_are_summed_in_blocks_the_same_on_any_number_of_threads(dtype)
     x = torch.rand(rows, width, generator=gen, dtype=dtype)
     logits = torch.randn(rows, 100, 256, generator=gen, dtype=dtype)
     target = torch.randint(0, 256, (rows, 100), generator=gen)
-    cases = {  # name -> (call, reference log p, inputs to differentiate)
-        "bernoulli": (lambda t, s: vae_fast.bernoulli_log_prob(t, x), ref.bernoulli_log_prob(theta, x)),
+    # extreme values in the last, short block: saturated logits, a far-off mean, x at the ends of its support
+    theta[:, -4:] = torch.tensor([60.0, -60.0, 25.0, -25.0], dtype=dtype)
+    x[:, -2:] = torch.tensor([0.0, 1.0], dtype=dtype)
+    logits[:, -1, :3] = torch.tensor([80.0, -80.0, 40.0], dtype=dtype)
+    target[:, -1] = 1  # (the -80 logit: log p near -120)
+    cases = {  # name -> (vae_fast call, float64 reference) of (theta or logits, scale)
+        "bernoulli": (lambda t, s: vae_fast.bernoulli_log_prob(t, x), lambda t, s: ref.bernoulli_log_prob(t, f64(x))),
         "continuous bernoulli": (lambda t, s: vae_fast.continuous_bernoulli_log_prob(t, x),
-                                 ref.continuous_bernoulli_log_prob(theta, x)),
-        "mse": (lambda t, s: vae_fast.mse_log_prob(t, x), ref.mean_squared_error_log_prob(theta, x)),
+                                 lambda t, s: ref.continuous_bernoulli_log_prob(t, f64(x))),
+        "mse": (lambda t, s: vae_fast.mse_log_prob(t, x), lambda t, s: ref.mean_squared_error_log_prob(t, f64(x))),
         "gaussian, learned scale": (lambda t, s: vae_fast.gaussian_log_prob(t, x, s),
-                                    ref.gaussian_log_prob(theta, x, torch.tensor(0.3, dtype=dtype))),
+                                    lambda t, s: ref.gaussian_log_prob(t, f64(x), s)),
         "laplace, learned scale": (lambda t, s: vae_fast.laplace_log_prob(t, x, s),
-                                   ref.laplace_log_prob(theta, x, torch.tensor(0.3, dtype=dtype))),
+                                   lambda t, s: ref.laplace_log_prob(t, f64(x), s)),
+        "categorical": (lambda t, s: vae_fast.categorical_log_prob(t, target),
+                        lambda t, s: ref.categorical_log_prob(t, target)),
     }
     threads = torch.get_num_threads()
     try:
-        for name, (call, want) in list(cases.items()) + [("categorical", (None, ref.categorical_log_prob(logits, target)))]:
+        for name, (call, reference) in cases.items():
+            operand = logits if name == "categorical" else theta
+            # float64 reference values and gradients (theta's; the learned scale's, a sum over every block)
+            leaves64 = (f64(operand).requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+            want = reference(*leaves64)
+            want_grads = torch.autograd.grad(-want.mean(), leaves64 if "scale" in name else leaves64[:1])
             results = []
             for num_threads in (1, 2, 3):
                 torch.set_num_threads(num_threads)
-                if name == "categorical":
-                    leaf = logits.clone().requires_grad_()
-                    log_p = vae_fast.categorical_log_prob(leaf, target)
-                    leaves = (leaf,)
-                else:
-                    leaf, scale = theta.clone().requires_grad_(), torch.tensor(0.3, dtype=dtype, requires_grad=True)
-                    log_p = call(leaf, scale)
-                    leaves = (leaf, scale) if "scale" in name else (leaf,)
-                results.append((log_p.detach(), *torch.autograd.grad(-log_p.mean(), leaves)))
+                leaves = (operand.clone().requires_grad_(), torch.tensor(0.3, dtype=dtype, requires_grad=True))
+                log_p = call(*leaves)
+                results.append((log_p.detach(), *torch.autograd.grad(-log_p.mean(), leaves if "scale" in name
+                                                                     else leaves[:1])))
             assert_matches_reference(results[0][0], want, dtype, terms=width, what=name)
+            for got, expected in zip(results[0][1:], want_grads):
+                assert_matches_reference(got, expected, dtype, terms=width, what=f"{name} gradient")
             for other in results[1:]:
                 for got, first in zip(other, results[0]):
                     assert torch.equal(got, first), name
