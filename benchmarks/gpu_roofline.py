@@ -33,6 +33,9 @@ CASES = [
     ("categorical", (64, 3, 32, 32, 256)), ("categorical", (256, 3, 32, 32, 256)),
     ("elbo_loss", (4096, 128, 3072)),
     ("dmol", (16, 3, 32, 32, 10)), ("dmol", (128, 3, 32, 32, 10)),
+    # a few long rows, an SD autoencoder's batch: 4 latents of 4x64x64, 4 images of 3x512x512 (rows are cut
+    # into chunks of kernels/triton ROW_CHUNK elements; one program per row would use 4 SMs)
+    ("latent", (4, 16384)), ("gaussian", (4, 786432)),
 ]
 QUICK = {("latent", (4096, 512)), ("bernoulli", (32768, 3072)), ("categorical", (64, 3, 32, 32, 256))}
 # torch.compile takes tens of seconds per case: compare against it where it matters most

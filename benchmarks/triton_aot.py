@@ -26,7 +26,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
-from vae_fast.kernels.triton import LATENT_CONFIGS, ROW_CONFIGS, dmol_tile, head_tile  # noqa: E402
+from vae_fast.kernels.triton import LATENT_CONFIGS, ROW_CHUNK, ROW_CONFIGS, dmol_tile, head_tile  # noqa: E402
 from vae_fast.kernels.triton.dmol import dmol_kernel  # noqa: E402
 from vae_fast.kernels.triton.latent import latent_backward_kernel, latent_forward_kernel  # noqa: E402
 from vae_fast.kernels.triton.likelihood import (categorical_kernel, elementwise_kernel,  # noqa: E402
@@ -43,22 +43,23 @@ _RGB, _GREY = dmol_tile(3), dmol_tile(1)
 KERNELS = [
     (latent_forward_kernel, {"seed_ptr": "*i64"}, [
         (dict(PARAM=param, HAS_PRIOR=prior, HAS_EPS=False, WANT_KL_PER_DIM=True, WANT_LOG_RATIO=prior,
-              DIM_MULTIPLE_OF_4=not prior, ACC=F32, BLOCK=block), warps)
+              DIM_MULTIPLE_OF_4=not prior, ACC=F32, BLOCK=block, CHUNK=ROW_CHUNK), warps)
         for block, warps in _LATENT for param, prior in ((0, False), (2, True))
     ]),
     (latent_backward_kernel, {"seed_ptr": "*i64"}, [
         (dict(PARAM=param, HAS_PRIOR=prior, HAS_EPS=False, HAS_GRAD_Z=True, HAS_GRAD_KL=True,
-              HAS_GRAD_KL_PER_DIM=prior, WANT_PRIOR_GRAD=prior, DIM_MULTIPLE_OF_4=not prior, ACC=F32, BLOCK=block),
+              HAS_GRAD_KL_PER_DIM=prior, WANT_PRIOR_GRAD=prior, DIM_MULTIPLE_OF_4=not prior, ACC=F32, BLOCK=block,
+              CHUNK=ROW_CHUNK),
          warps)
         for block, warps in _LATENT for param, prior in ((0, False), (2, True))
     ]),
     (elementwise_kernel, {"invalid_ptr": "*i32"}, [
         (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=likelihood in (2, 4), LOGVAR_GRAD_PER_ROW=False,
-              ACC=F32, BLOCK=block), warps)
+              ACC=F32, BLOCK=block, CHUNK=ROW_CHUNK), warps)
         for block, warps in _ROW for likelihood in (0, 1, 2, 3, 4)
     ] + [  # a learned scalar log-variance (the LDM autoencoder's): its gradient summed per row in the kernel
         (dict(LIKELIHOOD=likelihood, WANT_GRAD=True, WANT_LOGVAR_GRAD=True, LOGVAR_GRAD_PER_ROW=True, ACC=F32,
-              BLOCK=_ROW[0][0]), _ROW[0][1])
+              BLOCK=_ROW[0][0], CHUNK=ROW_CHUNK), _ROW[0][1])
         for likelihood in (2, 4)
     ]),
     (categorical_kernel, {"target_ptr": "*i64", "invalid_ptr": "*i32"}, [

@@ -309,3 +309,73 @@ def test_torch_compile_fullgraph(kernel_backend):
     eager.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(grads, (mu.grad, lv.grad))
+
+
+@pytest.fixture
+def triton_short_chunks(monkeypatch):
+    """The Triton backend (interpreter on CPU tensors) with rows cut into chunks of 128 elements (8192 on a GPU),
+    so that interpreter-sized rows take the chunked path."""
+    cases = dict(_backend_cases())
+    if "triton" not in cases:
+        pytest.skip("needs the Triton backend")
+    import vae_fast.kernels.triton as tri
+
+    monkeypatch.setattr(tri, "ROW_CHUNK", 128)
+    with vae_fast.use_backend("triton"):
+        yield cases["triton"]
+
+
+@pytest.mark.parametrize("dim", [424, 423])  # four chunks, the last short; 423: noise not on 4-element groups
+@pytest.mark.parametrize("param", ["logvar", "softplus"])
+def test_triton_long_rows_are_split_into_chunks(triton_short_chunks, dim, param):
+    # a row longer than a chunk is shared by several programs (a few SD-sized conv latents fill the GPU); a row's
+    # KL and log-ratio are its chunks' partial sums: the float64 reference's values and gradients
+    from vae_fast.functional.latent import _latent
+    import vae_fast.kernels.triton as tri
+
+    device = triton_short_chunks
+    assert tri.row_chunks(dim) == (4, 128)
+    mu, s, pm, plv = make_inputs(3, dim, torch.float64, device, prior=True, seed=11)
+    eps = torch.randn(2, 3, dim, dtype=torch.float64).to(device)
+    leaves = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
+    z, kl, kl_dims, log_ratio = _latent(*leaves, param, eps, None, 2, True, want_log_ratio=True)
+    ref_leaves = [f64(t).requires_grad_() for t in (mu, s, pm, plv)]
+    z_ref = ref.reparameterize(ref_leaves[0], ref_leaves[1], f64(eps), param)
+    kl_ref = ref.gaussian_kl(*ref_leaves, param)
+    lv = ref.logvar_from_scale(ref_leaves[1], param)
+    ratio_ref = (ref.gaussian_log_density(z_ref, ref_leaves[0], lv)
+                 - ref.gaussian_log_density(z_ref, ref_leaves[2], ref_leaves[3].expand(3, dim)))
+    assert kl.shape == (3,) and log_ratio.shape == (2, 3)
+    assert_matches_reference(z, z_ref, torch.float64, what="z")
+    assert_matches_reference(kl, kl_ref, torch.float64, terms=dim, what="kl")
+    assert_matches_reference(kl_dims, ref.gaussian_kl(*map(f64, (mu, s, pm, plv)), param, reduce=False), torch.float64)
+    assert_matches_reference(log_ratio, ratio_ref, torch.float64, terms=dim * 100, what="log ratio")
+    weights = torch.randn(z.shape, dtype=torch.float64)
+    kl_weights = torch.arange(1.0, 4.0, dtype=torch.float64)
+    ((z * weights.to(device)).sum() + (kl * kl_weights.to(device)).sum()).backward()
+    ((z_ref * weights).sum() + (kl_ref * kl_weights).sum()).backward()
+    for got, want, name in zip(leaves, ref_leaves, ("mu", "scale", "prior_mu", "prior_logvar")):
+        torch.testing.assert_close(got.grad.cpu(), want.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("dim", [424, 423])
+def test_triton_chunking_draws_the_same_noise(triton_short_chunks, monkeypatch, dim):
+    # an element's noise depends on its index only: the chunked and the whole-row kernels sample the same z and
+    # give the same gradients (the noise recomputed in backward, chunk by chunk)
+    import vae_fast.kernels.triton as tri
+
+    mu, s, _, _ = make_inputs(3, dim, torch.float32, triton_short_chunks, seed=2)
+    results = []
+    for chunk in (128, 8192):
+        monkeypatch.setattr(tri, "ROW_CHUNK", chunk)
+        leaves = [t.clone().requires_grad_() for t in (mu, s)]
+        z, kl = vae_fast.gaussian_sample_kl(*leaves, num_samples=2, generator=torch.Generator().manual_seed(4))
+        (z * torch.linspace(-1, 1, z.numel()).view(z.shape)).sum().backward()
+        results.append((z.detach(), kl.detach(), leaves[0].grad, leaves[1].grad))
+    chunked, whole = results
+    assert torch.equal(chunked[0], whole[0])
+    eps = (f64(chunked[0]) - f64(mu)) / ref.std_from_scale(f64(s), "logvar")
+    torch.testing.assert_close(eps, ref.latent_noise(replay_seed(4), 2, 3, dim), rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-6, atol=1e-5)  # (sums in another order)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=0, atol=0)
+    torch.testing.assert_close(chunked[3], whole[3], rtol=0, atol=0)

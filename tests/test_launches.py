@@ -166,3 +166,21 @@ def test_mse_and_learned_scalar_variances_are_one_kernel_forward(counter):
     # the mean's gradient rescaled (one pass) and the scale's gradient as one dot product (it was a per-element
     # buffer, then B per-row values rescaled and summed: addcmul and sum)
     assert backward == ["addcmul", "dot"]
+
+
+def test_long_rows_add_one_reduction_of_the_chunk_sums(counter, monkeypatch):
+    # rows longer than a chunk (8192 elements on a GPU; 64 here) are split over several programs; their partial
+    # sums take one reduction launch, rows of one chunk none (the tests above)
+    import vae_fast.kernels.triton as tri
+
+    monkeypatch.setattr(tri, "ROW_CHUNK", 64)
+    mu, logvar = torch.randn(2, 200, requires_grad=True), torch.randn(2, 200, requires_grad=True)
+    (z, kl), forward = _count(counter, lambda: vae_fast.gaussian_sample_kl(mu, logvar))
+    assert forward == ["randint", "latent_forward_kernel", "sum"]
+    grads = (torch.ones_like(z), torch.ones_like(kl))
+    _, backward = _count(counter, lambda: torch.autograd.grad((z, kl), (mu, logvar), grads, retain_graph=True),
+                         backward=True)
+    assert backward == ["latent_backward_kernel"]  # (no sums: one program per chunk, nothing to add)
+    logits, x = torch.randn(2, 200, requires_grad=True), torch.rand(2, 200)
+    _, forward = _count(counter, lambda: vae_fast.bernoulli_log_prob(logits, x))
+    assert forward == ["elementwise_kernel", "sum"]

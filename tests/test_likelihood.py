@@ -559,3 +559,50 @@ def test_long_rows_are_summed_in_blocks_the_same_on_any_number_of_threads(dtype)
                     assert torch.equal(got, first), name
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scale_kind", ["scalar", "per_example", "full"])
+def test_triton_long_rows_are_split_into_chunks(monkeypatch, scale_kind):
+    # a row longer than a chunk (8192 elements on a GPU, 128 here) is shared by several programs (a batch of a few
+    # SD-sized images fills the GPU); its log p, its invalid count and a per-row scale gradient are the chunks'
+    # partial sums: the float64 reference's values and gradients, with K = 2 decoder samples sharing one x
+    if not _backend._triton_available():
+        pytest.skip("needs the Triton backend")
+    import vae_fast.kernels.triton as tri
+
+    monkeypatch.setattr(tri, "ROW_CHUNK", 128)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(8)
+    width = 3 * 128 + 40  # four chunks, the last short
+    assert tri.row_chunks(width) == (4, 128)
+    theta = (torch.randn(2, 3, width, generator=gen, dtype=torch.float64) * 3).to(device)
+    x = torch.rand(3, width, generator=gen, dtype=torch.float64).to(device)
+    theta[..., -3:] = torch.tensor([60.0, -60.0, 25.0], dtype=torch.float64)  # extremes in the last chunk
+    scale_shape = {"scalar": (), "per_example": (2, 3, 1), "full": (2, 3, width)}[scale_kind]
+    scale = torch.randn(scale_shape, generator=gen, dtype=torch.float64).to(device)
+    cases = {
+        "bernoulli": (vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob, False),
+        "continuous bernoulli": (vae_fast.continuous_bernoulli_log_prob, ref.continuous_bernoulli_log_prob, False),
+        "mse": (vae_fast.mse_log_prob, ref.mean_squared_error_log_prob, False),
+        "gaussian": (vae_fast.gaussian_log_prob, ref.gaussian_log_prob, True),
+        "laplace": (vae_fast.laplace_log_prob, ref.laplace_log_prob, True),
+    }
+    weights = torch.randn(2, 3, dtype=torch.float64, generator=gen)
+    with vae_fast.use_backend("triton"):
+        for name, (fused, oracle, scaled) in cases.items():
+            if not scaled and scale_kind != "scalar":
+                continue
+            leaves = [theta.clone().requires_grad_(), scale.clone().requires_grad_()]
+            leaves64 = [f64(t).requires_grad_() for t in leaves]
+            got = fused(*leaves[:1], x, *leaves[1:2] if scaled else ())
+            want = oracle(*leaves64[:1], f64(x), *leaves64[1:2] if scaled else (), batch_dims=2)
+            assert_matches_reference(got, want, torch.float64, terms=width, what=name)
+            (got * weights.to(device)).sum().backward()
+            (want * weights).sum().backward()
+            for got_leaf, want_leaf, what in zip(leaves, leaves64, ("theta", "scale")[:1 + scaled]):
+                torch.testing.assert_close(got_leaf.grad.cpu(), want_leaf.grad, rtol=1e-10, atol=1e-10,
+                                           msg=f"{name}: d/d{what}")
+        bad_x = x.clone()
+        bad_x[1, -1] = 1.5  # out of the support, in a row's last chunk
+        with pytest.raises(ValueError, match="x"):
+            vae_fast.bernoulli_log_prob(theta, bad_x)

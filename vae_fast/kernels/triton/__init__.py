@@ -44,6 +44,26 @@ ROW_CONFIGS = [
 ]
 
 
+# Rows longer than this many elements are cut into chunks of it, one program each (grid (rows, chunks)): a few long
+# rows (a batch of 1-8 SD-sized images or conv latents) otherwise ran on as many SMs as rows. A chunk's sums are
+# stored per (row, chunk) and added afterwards in a fixed order (deterministic, no atomics; one reduction launch,
+# for long rows only). A multiple of every config's BLOCK, and so of 4: a chunk starts on a block and a Philox
+# group boundary. Read at each call (tests shrink it to cut interpreter-sized rows).
+ROW_CHUNK = 8192
+
+
+def row_chunks(dim: int) -> tuple[int, int]:
+    """(chunks per row, the kernels' CHUNK) of a row of ``dim`` elements. CHUNK is a compile-time constant:
+    the compiler then bounds each program's loop (a runtime chunk length made ptxas spill 24 B in the latent
+    forward kernel with a prior and the log-ratio on sm_80); with a single chunk CHUNK >= dim covers the row."""
+    return max(1, triton.cdiv(dim, ROW_CHUNK)), ROW_CHUNK
+
+
+def _row_sums(partial: torch.Tensor) -> torch.Tensor:
+    """(..., chunks) partial sums -> (...): a view for one chunk (no launch), else a sum over chunks in order."""
+    return partial.squeeze(-1) if partial.shape[-1] == 1 else partial.sum(-1)
+
+
 class _FixedConfig:
     """Launches a jit function with one fixed config (interpreter mode)."""
 
@@ -98,23 +118,25 @@ def _strided(t, fallback):
 def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samples, want_kl_per_dim,
                    want_log_ratio=False):
     batch, dim = mu.shape
+    chunks, chunk = row_chunks(dim)
     z = mu.new_empty((batch, dim) if num_samples == 1 else (num_samples, batch, dim))
     acc = _acc_dtype(mu.dtype)  # reductions in float32 for half inputs
-    kl = mu.new_empty((batch,), dtype=acc)
+    kl = mu.new_empty((batch, chunks), dtype=acc)
     kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else None
-    log_ratio = mu.new_zeros((num_samples, batch), dtype=acc) if want_log_ratio else None  # accumulated per row block
+    # (accumulated block by block in each program's slot)
+    log_ratio = mu.new_zeros((num_samples, batch, chunks), dtype=acc) if want_log_ratio else None
     if batch == 0:
-        return z, kl, kl_per_dim, log_ratio
-    _latent_forward[(batch,)](
+        return z, _row_sums(kl), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio)
+    _latent_forward[(batch, chunks)](
         mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
         mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
         kl if log_ratio is None else log_ratio,
         batch, dim, num_samples,
         PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
         WANT_KL_PER_DIM=want_kl_per_dim, WANT_LOG_RATIO=want_log_ratio, DIM_MULTIPLE_OF_4=dim % 4 == 0,
-        ACC=_acc(mu.dtype),
+        ACC=_acc(mu.dtype), CHUNK=chunk,
     )
-    return z, kl, kl_per_dim, log_ratio
+    return z, _row_sums(kl), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio)
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
@@ -126,7 +148,8 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
     grad_plv = mu.new_empty(mu.shape) if want_prior_grad else None
     if batch == 0:
         return grad_mu, grad_scale, grad_pm, grad_plv
-    _latent_backward[(batch,)](
+    chunks, chunk = row_chunks(dim)
+    _latent_backward[(batch, chunks)](
         mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
         mu if eps is None else eps, seed,
         mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl,
@@ -135,7 +158,7 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
         batch, dim, num_samples,
         PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None, HAS_GRAD_Z=grad_z is not None,
         HAS_GRAD_KL=grad_kl is not None, HAS_GRAD_KL_PER_DIM=grad_kl_per_dim is not None,
-        WANT_PRIOR_GRAD=want_prior_grad, DIM_MULTIPLE_OF_4=dim % 4 == 0, ACC=_acc(mu.dtype),
+        WANT_PRIOR_GRAD=want_prior_grad, DIM_MULTIPLE_OF_4=dim % 4 == 0, ACC=_acc(mu.dtype), CHUNK=chunk,
     )
     return grad_mu, grad_scale, grad_pm, grad_plv
 
@@ -143,21 +166,23 @@ def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_k
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0,
                          logvar_grad_per_row=False):
     rows, dim = theta.shape
-    log_prob = theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype))
+    chunks, chunk = row_chunks(dim)
+    per_row = bool(logvar_grad_per_row and want_logvar_grad)
+    log_prob = theta.new_empty((rows, chunks), dtype=_acc_dtype(theta.dtype))
     grad = torch.empty_like(theta) if want_grad else None
-    grad_lv = ((theta.new_empty((rows,), dtype=_acc_dtype(theta.dtype)) if logvar_grad_per_row  # (kernels/protocol.py)
+    grad_lv = ((theta.new_empty((rows, chunks), dtype=_acc_dtype(theta.dtype)) if per_row  # (kernels/protocol.py)
                 else torch.empty_like(theta)) if want_logvar_grad else None)
-    invalid = torch.empty((rows,), dtype=torch.int32, device=theta.device)  # every row's program writes its count
+    invalid = torch.empty((rows, chunks), dtype=torch.int32, device=theta.device)  # every program writes its count
     if rows > 0:
-        _elementwise[(rows,)](
+        _elementwise[(rows, chunks)](
             theta, x, *_strided(logvar, theta), log_prob,
             grad if want_grad else theta, grad_lv if want_logvar_grad else theta, invalid,
             _upstream_tensor(expected_upstream, _acc_dtype(theta.dtype), theta.device),
             x.shape[0], dim,
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
-            LOGVAR_GRAD_PER_ROW=bool(logvar_grad_per_row and want_logvar_grad),
+            LOGVAR_GRAD_PER_ROW=per_row, CHUNK=chunk,
         )
-    return log_prob, grad, grad_lv, invalid
+    return _row_sums(log_prob), grad, _row_sums(grad_lv) if per_row else grad_lv, invalid
 
 
 MAX_HEAD_FEATURES = 256  # the fused-head kernel keeps a row block's H features (and d/dh) in registers

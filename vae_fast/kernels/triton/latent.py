@@ -1,12 +1,15 @@
-"""Triton latent kernels: one program per batch row, looping over the latent dim.
+"""Triton latent kernels: one program per (batch row, chunk of the latent dim), looping over its columns
+(a row is one chunk up to ``ROW_CHUNK`` elements of kernels/triton/__init__.py: a conv latent of a few
+large images still spreads over the GPU).
 
 mu and scale are read through their row strides (unit column stride): the halves of a chunked
 encoder output (``moments.chunk(2, dim=1)``) go in without a copy. Outputs are contiguous.
 
 Forward: z = mu + sigma * eps for K samples and the analytic KL (per row, and per
 dim if asked) in one pass. Backward: eps is recomputed from the Philox stream (tl.randn4x)
-— the same Philox stream as csrc/latent.cpp — and never stored. The per-row KL is
-accumulated in registers and stored once, so results are deterministic.
+— the same Philox stream as csrc/latent.cpp — and never stored; the noise of an element depends on
+its index only, not on the chunking. A chunk's KL is accumulated in registers and stored once (a
+row's partial sums are added afterwards in a fixed order), so results are deterministic.
 """
 import triton
 import triton.language as tl
@@ -47,14 +50,22 @@ def latent_forward_kernel(
     batch, dim, samples,
     PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, WANT_KL_PER_DIM: tl.constexpr,
     WANT_LOG_RATIO: tl.constexpr, DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
+    """Program (row, chunk): columns [chunk * CHUNK, min(dim, (chunk + 1) * CHUNK)) of a row (CHUNK >= dim when
+    a row is one chunk; else a multiple of BLOCK, and so of 4); its KL sum goes to slot row * chunks + chunk of
+    kl_ptr, its log-ratio sums to slot (k * batch + row) * chunks + chunk of log_ratio_ptr (zeroed by the caller)."""
     # int64 before multiplying by strides: batch * dim * samples may exceed 2^31
     row = tl.program_id(0).to(tl.int64)
+    chunks = tl.num_programs(1)
+    slot = row * chunks + tl.program_id(1)  # (sample k's log-ratio slot: slot + k * batch * chunks)
+    col_begin = tl.program_id(1) * CHUNK
+    col_end = tl.minimum(col_begin + CHUNK, dim)
     seed = tl.load(seed_ptr)
     kl_acc = tl.zeros([BLOCK], dtype=ACC)
-    for j0 in range(0, dim, BLOCK):
+    for j0 in range(col_begin, col_end, BLOCK):
         cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        mask = cols < dim
+        mask = cols < col_end
         offs = row * dim + cols  # outputs are contiguous; mu and scale rows may be strided
         # 1. load q's parameters (and the prior's, through its broadcast strides)
         mu = tl.load(mu_ptr + row * mu_row_stride + cols, mask=mask, other=0.0).to(ACC)
@@ -83,12 +94,12 @@ def latent_forward_kernel(
             tl.store(z_ptr + flat, z, mask=mask)
             if WANT_LOG_RATIO:
                 # log q(z|x) - log p(z) = sum 1/2 [plv - lv - eps^2 + (z - pmu)^2 e^-plv]; this program
-                # is the row's only writer, so a load-add-store accumulates deterministically
+                # is its slot's only writer, so a load-add-store accumulates deterministically
                 pz = scaled_by(sigma * eps + diff, inv_prior_std)  # (z - prior mean) / prior std
                 term = 0.5 * ((plv - logvar) - eps * eps + pz * pz)
-                ratio_ptr = log_ratio_ptr + k * batch + row
+                ratio_ptr = log_ratio_ptr + slot + k * batch * chunks
                 tl.store(ratio_ptr, tl.load(ratio_ptr) + tl.sum(tl.where(mask, term, 0.0), axis=0))
-    tl.store(kl_ptr + row, tl.sum(kl_acc, axis=0))
+    tl.store(kl_ptr + slot, tl.sum(kl_acc, axis=0))
 
 
 @triton.jit
@@ -102,17 +113,20 @@ def latent_backward_kernel(
     batch, dim, samples,
     PARAM: tl.constexpr, HAS_PRIOR: tl.constexpr, HAS_EPS: tl.constexpr, HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_KL: tl.constexpr, HAS_GRAD_KL_PER_DIM: tl.constexpr, WANT_PRIOR_GRAD: tl.constexpr,
-    DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    DIM_MULTIPLE_OF_4: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Program (row, chunk): the gradients of columns [chunk * CHUNK, min(dim, (chunk + 1) * CHUNK))."""
     row = tl.program_id(0).to(tl.int64)
+    col_begin = tl.program_id(1) * CHUNK
+    col_end = tl.minimum(col_begin + CHUNK, dim)
     seed = tl.load(seed_ptr)
     if HAS_GRAD_KL:
         row_grad_kl = tl.load(grad_kl_ptr + row).to(ACC)
     else:
         row_grad_kl = 0.0
-    for j0 in range(0, dim, BLOCK):
+    for j0 in range(col_begin, col_end, BLOCK):
         cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        mask = cols < dim
+        mask = cols < col_end
         offs = row * dim + cols
         mu = tl.load(mu_ptr + row * mu_row_stride + cols, mask=mask, other=0.0).to(ACC)
         s = tl.load(scale_ptr + row * scale_row_stride + cols, mask=mask, other=0.0).to(ACC)

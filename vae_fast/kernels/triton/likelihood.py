@@ -1,8 +1,9 @@
 """Triton reconstruction kernels with the gradient computed in the forward pass.
 
 Elementwise likelihoods (Bernoulli, continuous Bernoulli, Gaussian, mean squared error, Laplace): one program
-per row of the decoder output; the row's log-likelihood is accumulated in
-registers and stored once, d log p / d theta is written in the same pass.
+per (row, chunk of columns) of the decoder output; the chunk's log-likelihood is accumulated in
+registers and stored once (the row's value when the row is one chunk; partial sums reduced
+afterwards otherwise), d log p / d theta is written in the same pass.
 Categorical: one program per (row, block of pixels); a block of PIXELS x C logits
 is loaded once, log-softmax and its gradient come from that tile, and per-block
 partial sums are reduced afterwards (deterministic, no atomics).
@@ -62,10 +63,16 @@ def elementwise_kernel(
     log_prob_ptr, grad_ptr, grad_logvar_ptr, invalid_ptr, expected_upstream_ptr,
     x_rows, dim,
     LIKELIHOOD: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_LOGVAR_GRAD: tl.constexpr,
-    LOGVAR_GRAD_PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    LOGVAR_GRAD_PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Program (row, chunk) scores columns [chunk * CHUNK, min(dim, (chunk + 1) * CHUNK)) of a row and writes
+    its sums (log p, the invalid count, a per-row logvar gradient) to slot row * chunks + chunk: the row's own
+    values when a row is one chunk (chunks = 1, CHUNK >= dim)."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * dim may exceed 2^31
     x_row = row % x_rows                 # K decoder samples share one x
+    col_begin = tl.program_id(1) * CHUNK
+    col_end = tl.minimum(col_begin + CHUNK, dim)
+    slot = row * tl.num_programs(1) + tl.program_id(1)
     upstream = tl.load(expected_upstream_ptr).to(ACC)  # the expected upstream gradient (ops/likelihood.py)
     if LIKELIHOOD == 3:  # the mean squared error's 1/D, folded into the gradient's factor and applied to the sum
         inv_dim = 1.0 / tl.maximum(dim, 1).to(ACC)
@@ -73,9 +80,9 @@ def elementwise_kernel(
     total = tl.zeros([BLOCK], dtype=ACC)
     lv_total = tl.zeros([BLOCK], dtype=ACC)  # (LOGVAR_GRAD_PER_ROW: a logvar constant along the row gets the row's sum)
     invalid = tl.zeros([BLOCK], dtype=tl.int32)
-    for j0 in range(0, dim, BLOCK):
+    for j0 in range(col_begin, col_end, BLOCK):
         cols = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        mask = cols < dim
+        mask = cols < col_end
         offs = row * dim + cols
         theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + x_row * dim + cols, mask=mask, other=0.0).to(ACC)
@@ -95,12 +102,12 @@ def elementwise_kernel(
             else:
                 tl.store(grad_logvar_ptr + offs, grad_lv * upstream, mask=mask)
     if LIKELIHOOD == 3:
-        tl.store(log_prob_ptr + row, tl.sum(total, axis=0) / tl.maximum(dim, 1).to(ACC))
+        tl.store(log_prob_ptr + slot, tl.sum(total, axis=0) / tl.maximum(dim, 1).to(ACC))
     else:
-        tl.store(log_prob_ptr + row, tl.sum(total, axis=0))
+        tl.store(log_prob_ptr + slot, tl.sum(total, axis=0))
     if WANT_LOGVAR_GRAD and LOGVAR_GRAD_PER_ROW:
-        tl.store(grad_logvar_ptr + row, tl.sum(lv_total, axis=0))  # (unscaled, see kernels/protocol.py)
-    tl.store(invalid_ptr + row, tl.sum(invalid, axis=0))
+        tl.store(grad_logvar_ptr + slot, tl.sum(lv_total, axis=0))  # (unscaled, see kernels/protocol.py)
+    tl.store(invalid_ptr + slot, tl.sum(invalid, axis=0))
 
 
 @triton.jit
