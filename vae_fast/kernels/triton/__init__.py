@@ -59,9 +59,17 @@ def row_chunks(dim: int) -> tuple[int, int]:
     return max(1, triton.cdiv(dim, ROW_CHUNK)), ROW_CHUNK
 
 
-def _row_sums(partial: torch.Tensor) -> torch.Tensor:
-    """(..., chunks) partial sums -> (...): a view for one chunk (no launch), else a sum over chunks in order."""
-    return partial.squeeze(-1) if partial.shape[-1] == 1 else partial.sum(-1)
+def _chunk_sums(t: torch.Tensor, shape: tuple, chunks: int, zeros: bool = False, **kwargs) -> torch.Tensor:
+    """A buffer for per-chunk sums of an output of ``shape``: ``shape`` itself for one chunk a row (the kernels'
+    slot row * 1 + 0 is the row), else ``(*shape, chunks)``, reduced by :func:`_row_sums`."""
+    full = shape if chunks == 1 else (*shape, chunks)
+    return t.new_zeros(full, **kwargs) if zeros else t.new_empty(full, **kwargs)
+
+
+def _row_sums(partial: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The output of a :func:`_chunk_sums` buffer: itself for one chunk a row (no launch; not a view either: an
+    autograd.Function's outputs that are views cannot be modified in place), else its chunks summed in order."""
+    return partial if chunks == 1 else partial.sum(-1)
 
 
 class _FixedConfig:
@@ -121,12 +129,12 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     chunks, chunk = row_chunks(dim)
     z = mu.new_empty((batch, dim) if num_samples == 1 else (num_samples, batch, dim))
     acc = _acc_dtype(mu.dtype)  # reductions in float32 for half inputs
-    kl = mu.new_empty((batch, chunks), dtype=acc)
+    kl = _chunk_sums(mu, (batch,), chunks, dtype=acc)
     kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else None
     # (accumulated block by block in each program's slot)
-    log_ratio = mu.new_zeros((num_samples, batch, chunks), dtype=acc) if want_log_ratio else None
+    log_ratio = _chunk_sums(mu, (num_samples, batch), chunks, zeros=True, dtype=acc) if want_log_ratio else None
     if batch == 0:
-        return z, _row_sums(kl), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio)
+        return z, _row_sums(kl, chunks), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio, chunks)
     _latent_forward[(batch, chunks)](
         mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
         mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
@@ -136,7 +144,7 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         WANT_KL_PER_DIM=want_kl_per_dim, WANT_LOG_RATIO=want_log_ratio, DIM_MULTIPLE_OF_4=dim % 4 == 0,
         ACC=_acc(mu.dtype), CHUNK=chunk,
     )
-    return z, _row_sums(kl), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio)
+    return z, _row_sums(kl, chunks), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio, chunks)
 
 
 def latent_backward(mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param,
@@ -168,11 +176,11 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
     rows, dim = theta.shape
     chunks, chunk = row_chunks(dim)
     per_row = bool(logvar_grad_per_row and want_logvar_grad)
-    log_prob = theta.new_empty((rows, chunks), dtype=_acc_dtype(theta.dtype))
+    log_prob = _chunk_sums(theta, (rows,), chunks, dtype=_acc_dtype(theta.dtype))
     grad = torch.empty_like(theta) if want_grad else None
-    grad_lv = ((theta.new_empty((rows, chunks), dtype=_acc_dtype(theta.dtype)) if per_row  # (kernels/protocol.py)
+    grad_lv = ((_chunk_sums(theta, (rows,), chunks, dtype=_acc_dtype(theta.dtype)) if per_row  # (kernels/protocol.py)
                 else torch.empty_like(theta)) if want_logvar_grad else None)
-    invalid = torch.empty((rows, chunks), dtype=torch.int32, device=theta.device)  # every program writes its count
+    invalid = _chunk_sums(theta, (rows,), chunks, dtype=torch.int32)  # every program writes its count
     if rows > 0:
         _elementwise[(rows, chunks)](
             theta, x, *_strided(logvar, theta), log_prob,
@@ -182,7 +190,7 @@ def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_gr
             LIKELIHOOD=likelihood, WANT_GRAD=want_grad, WANT_LOGVAR_GRAD=want_logvar_grad, ACC=_acc(theta.dtype),
             LOGVAR_GRAD_PER_ROW=per_row, CHUNK=chunk,
         )
-    return _row_sums(log_prob), grad, _row_sums(grad_lv) if per_row else grad_lv, invalid
+    return _row_sums(log_prob, chunks), grad, _row_sums(grad_lv, chunks) if per_row else grad_lv, invalid
 
 
 MAX_HEAD_FEATURES = 256  # the fused-head kernel keeps a row block's H features (and d/dh) in registers
