@@ -94,6 +94,40 @@ def test_every_op_backpropagates_any_number_of_times(backend):
         torch.testing.assert_close(a, b)
 
 
+def test_outputs_can_be_modified_in_place_like_a_torch_ops(backend):
+    # an autograd.Function output that is a view (say a kernel's (B, 1) buffer squeezed) raises on an in-place op,
+    # which a torch op's output allows; the gradient then follows the modified value
+    mu = torch.randn(4, 3, dtype=F64, device=backend, requires_grad=True)
+    logvar = torch.randn(4, 3, dtype=F64, device=backend, requires_grad=True)
+    logits, target = _categorical_args(backend)
+    logits.requires_grad_()
+    noise = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (the same noise for both calls)
+    outputs = {  # name -> (a function giving one output, the leaves it depends on)
+        "z": (lambda: vae_fast.gaussian_sample_kl(mu, logvar, generator=noise())[0], (mu, logvar)),
+        "kl": (lambda: vae_fast.gaussian_sample_kl(mu, logvar, generator=noise())[1], (mu, logvar)),
+        "kl per dim": (lambda: vae_fast.gaussian_kl(mu, logvar, reduce=False), (mu, logvar)),
+        "z of a conv latent": (lambda: vae_fast.gaussian_sample_kl(mu.view(4, 3, 1, 1), logvar.view(4, 3, 1, 1),
+                                                                  dim=(1, 2, 3), generator=noise())[0], (mu, logvar)),
+        "categorical": (lambda: vae_fast.categorical_log_prob(logits, target), (logits,)),
+        "categorical, K = 2 samples": (lambda: vae_fast.categorical_log_prob(logits.expand(2, *logits.shape), target),
+                                       (logits,)),
+    }
+    for name, fn, theta, x in _elementwise_cases(backend):
+        theta.requires_grad_()
+        outputs[name] = (lambda fn=fn, theta=theta, x=x: fn(theta, x), (theta,))
+        outputs[f"{name}, K = 2 samples"] = (lambda fn=fn, theta=theta, x=x: fn(theta.expand(2, *theta.shape), x),
+                                             (theta,))
+    for name, (output, leaves) in outputs.items():
+        plain = output()
+        want = torch.autograd.grad(3.0 * plain.sum(), leaves)
+        modified = output()
+        modified.mul_(3.0)
+        got = torch.autograd.grad(modified.sum(), leaves)
+        torch.testing.assert_close(modified.detach(), 3.0 * plain.detach(), msg=name)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_activation_checkpointing_recomputes_the_same_values_and_gradients(backend, reentrant):
     # torch.utils.checkpoint (diffusers' gradient checkpointing, NVAE's) reruns the forward pass in backward with the

@@ -51,8 +51,8 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
         log_q = ref.gaussian_log_density(z, mu64, ref.logvar_from_scale(s64, name))
         log_ratio = log_q - ref.gaussian_log_density(z, pm, plv)
     acc = _acc(mu.dtype)
-    if num_samples == 1:
-        z = z.reshape(mu.shape)
+    if num_samples == 1:  # (a copy, not a view: an autograd.Function's view outputs cannot be modified in place)
+        z = z.reshape(mu.shape).clone()
     return z.to(mu.dtype), kl_dims.sum(-1).to(acc), None if kl_per_dim is None else kl_per_dim.to(acc), \
         None if log_ratio is None else log_ratio.to(acc)
 

@@ -110,7 +110,7 @@ def _elementwise_kernel(theta, x, logvar, likelihood, lead_ndim, want_grad, want
     if grad_lv is not None:
         lv_grad_shape = _logvar_grad_shape(shape, lead_ndim, logvar.shape)
         grad_lv = grad_lv.view(lv_grad_shape) if lv_per_row else grad_lv.view(shape).sum_to_size(lv_grad_shape)
-    return (log_prob if lead_ndim == 1 else log_prob.view(shape[:lead_ndim])), grad, grad_lv, bad
+    return (log_prob if lead_ndim == 1 else with_shape(log_prob, shape[:lead_ndim])), grad, grad_lv, bad
 
 
 def _elementwise_fake(theta, x, logvar, likelihood, lead_ndim, want_grad, want_logvar_grad, expected_upstream=1.0):
@@ -387,7 +387,7 @@ def _categorical_kernel(logits, target, lead_ndim, want_grad, expected_upstream=
         target = target.to(torch.int64)
     log_prob, grad, bad = kernels_for(logits3).categorical_log_prob(
         logits3, target.reshape(target.shape[0], pixels).contiguous(), want_grad, expected_upstream)
-    return log_prob.view(lead_shape), None if grad is None else with_shape(grad, logits.shape), bad
+    return with_shape(log_prob, lead_shape), None if grad is None else with_shape(grad, logits.shape), bad
 
 
 def _categorical_fake(logits, target, lead_ndim, want_grad, expected_upstream=1.0):
