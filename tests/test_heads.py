@@ -287,6 +287,15 @@ def test_triton_head_is_one_kernel_with_the_output_tiles_in_registers(monkeypatc
         launches.clear()
         _check(likelihood, -1, 2, device, None)  # K samples share x (row r scored against r % (B P))
         assert len(launches) == 1
+        # deterministic algorithms asked for: the chunked path (the kernel's d/dW atomics add in no fixed order)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            launches.clear()
+            _check(likelihood, -1, 1, device, None)
+            assert launches == []
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
 
 
 def test_elbo_with_a_fused_head_compiles_fullgraph():

@@ -202,9 +202,10 @@ def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
 def _fused_kernel_path(backend, h, logvar, likelihood, want_logvar_grad):
     """Whether the backend's one-kernel head (Triton: output tiles in registers) serves this call: an
     elementwise likelihood with a fixed scalar scale, or the categorical; rows of h that flatten without
-    a copy; H small."""
+    a copy; H small; not under ``torch.use_deterministic_algorithms(True)`` (the kernel adds d/dW and d/db up
+    with float32 atomics, in no fixed order: the chunked path's GEMMs and row kernels are deterministic)."""
     kernel = getattr(backend, "linear_elementwise_log_prob", None)
-    return (kernel is not None and likelihood != DMOL
+    return (kernel is not None and likelihood != DMOL and not torch.are_deterministic_algorithms_enabled()
             and h.shape[2] <= getattr(backend, "MAX_HEAD_FEATURES", 0)
             and (logvar is None or (logvar.numel() == 1 and not want_logvar_grad))
             and (h.shape[0] <= 1 or h.shape[1] <= 1 or h.stride(0) == h.shape[1] * h.stride(1)))
