@@ -221,6 +221,48 @@ def test_a_default_device_does_not_leak_into_cpu_calls():
     assert devices == ["cpu"] * 5
 
 
+def test_batched_gradients_match_one_backward_per_row(backend):
+    # torch.autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) run backward once under torch's
+    # (legacy) vmap: the upstream gradients arrive batched, tensors without storage that no kernel can read
+    # (a RuntimeError before); each result must equal the loop of plain backward passes
+    mu = torch.randn(4, 3, dtype=F64, device=backend, requires_grad=True)
+    logvar = torch.randn(4, 3, dtype=F64, device=backend, requires_grad=True)
+    logits, target = _categorical_args(backend)
+    x_mix, params = _dmol_args(backend)
+    h = torch.randn(4, 2, 5, dtype=F64, device=backend, requires_grad=True)
+    weight = torch.randn(6, 5, dtype=F64, device=backend, requires_grad=True)
+    x_head = torch.rand(4, 2, 6, dtype=F64, device=backend)
+    noise = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cases = {  # name -> (a function of the leaves giving a (rows,) output, the leaves)
+        "kl": (lambda m, v: vae_fast.gaussian_kl(m, v), (mu, logvar)),
+        "z": (lambda m, v: vae_fast.gaussian_sample_kl(m, v, generator=noise())[0][:, 0], (mu, logvar)),
+        "kl with a prior": (lambda m, v: vae_fast.gaussian_kl(m, v, m.detach().flip(0), v.detach() * 0.5),
+                            (mu, logvar)),
+        "categorical": (lambda l: vae_fast.categorical_log_prob(l, target), (logits.requires_grad_(),)),
+        "mixture": (lambda p: vae_fast.dmol_packed_log_prob(x_mix, p), (params.requires_grad_(),)),
+        "gaussian, learned scalar logvar": (lambda t, lv: vae_fast.gaussian_log_prob(t, x_head[:, 0], lv),
+                                            (x_head[:, 1].clone().requires_grad_(),
+                                             torch.tensor(0.3, dtype=F64, device=backend, requires_grad=True))),
+        "bernoulli head": (lambda hh, w: vae_fast.linear_log_prob(hh, w, None, x_head, likelihood="bernoulli"),
+                           (h, weight)),
+        "elbo": (lambda m, v: vae_fast.elbo(torch.rand(4, 6, dtype=F64, generator=torch.Generator().manual_seed(1))
+                                            .to(backend), m, v, lambda z: z.repeat(1, 2), generator=noise()).elbo,
+                 (mu, logvar)),
+    }
+    for name, fn, theta, x in _elementwise_cases(backend):
+        cases[name] = (lambda t, fn=fn, x=x: fn(t, x), (theta.requires_grad_(),))
+    for name, (fn, leaves) in cases.items():
+        out = fn(*leaves)
+        basis = torch.eye(out.numel(), dtype=out.dtype, device=backend).view(-1, *out.shape)
+        batched = torch.autograd.grad(out, leaves, basis, is_grads_batched=True, retain_graph=True)
+        rows = [torch.autograd.grad(fn(*leaves), leaves, e) for e in basis]
+        for i, got in enumerate(batched):
+            torch.testing.assert_close(got, torch.stack([r[i] for r in rows]), msg=name)
+    jacobian = torch.autograd.functional.jacobian(lambda t: vae_fast.bernoulli_log_prob(t, x_head[:, 0]), h[:, 0, :5]
+                                                  .detach().repeat(1, 2)[:, :6], vectorize=True)
+    assert jacobian.shape == (4, 4, 6)
+
+
 def test_gradcheck_and_gradgradcheck_with_default_settings(backend):
     for name, fn, theta, x in _elementwise_cases(backend):
         theta = theta.requires_grad_()

@@ -90,6 +90,19 @@ def is_plain(t: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+# torch.autograd.grad(..., is_grads_batched=True) (and autograd.functional.jacobian(vectorize=True)) runs backward
+# once under torch's legacy vmap: the upstream gradients are batched tensors without storage, which is_plain does
+# not tell apart (checked in backward only, where they can arrive). Ops given one go through the dispatcher, whose
+# fallback for them runs the op once per batch entry.
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def is_legacy_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a legacy-vmap batched tensor (never while torch.compile traces: dynamo cannot trace the
+    test, and traced graphs are batched by functorch, which the ops' vmap rules serve)."""
+    return not torch.compiler.is_compiling() and _legacy_batched(t)
+
+
 class DeferredChecks:
     """Support checks of device tensors read without a host sync.
 

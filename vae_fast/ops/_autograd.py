@@ -27,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from .. import config
-from .._validation import is_plain
+from .._validation import is_legacy_batched, is_plain
 
 # Below this many elements a host check of the upstream gradient by torch ops (a reduction and two
 # reads, about 4 us) costs more than the scaling pass it saves (a new buffer and a pass: 30 us at
@@ -75,6 +75,8 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     """d loss / d input from a gradient saved in forward as ``expected * d log p / d input``
     (rows along ``grad_out``'s dims): see the module docstring."""
     expected = ctx.expected_upstream
+    if is_legacy_batched(grad_out):  # (is_grads_batched: out of place, no host read; see _validation)
+        return saved * row_factor((grad_out if expected == 1.0 else grad_out / expected).to(saved.dtype), saved.dim())
     if _upstream_is_expected(saved, grad_out, expected):
         return saved
     if not ctx.inplace_backward and grad_out.dtype == saved.dtype and expected != 1.0:

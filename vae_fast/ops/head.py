@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import is_plain
+from .._validation import is_legacy_batched, is_plain
 from ._autograd import SKIP_CHECK_ULPS, fast_apply, mark_non_differentiable, no_forward_ad
 from ._library import acc_dtype, call, kernels_for, register_op
 from .codes import HEAD_CATEGORICAL, HEAD_DMOL
@@ -266,7 +266,7 @@ def _upstream_factor(grad_out: torch.Tensor, expected: float):
     """1.0 if grad_out is the expected upstream (to a few ulps), c if it is c times it in every row,
     None otherwise (then backward recomputes with per-row weights). A host read of N values; under
     torch.compile or for non-plain tensors None (the recompute is always correct)."""
-    if torch.compiler.is_compiling() or not is_plain(grad_out) or grad_out.numel() == 0:
+    if torch.compiler.is_compiling() or not is_plain(grad_out) or is_legacy_batched(grad_out) or grad_out.numel() == 0:
         return None
     first = float(grad_out.reshape(-1)[0])
     tolerance = SKIP_CHECK_ULPS * torch.finfo(grad_out.dtype).eps * max(abs(first), abs(expected))
@@ -313,9 +313,11 @@ class LinearLogProbFunction(torch.autograd.Function):
         factor = _upstream_factor(grad_out, ctx.expected_upstream)
         if factor is None:  # per-row upstream: one more chunked pass with those weights
             weights = grad_out.reshape(-1).to(acc_dtype(h.dtype))
-            _, *grads, _ = call(torch.ops.vae_fast.linear_log_prob.default, _head_kernel, h, weight, bias, x, logvar,
-                                ctx.likelihood, ctx.chunk_elements, 1.0, weights, True, ctx.want_logvar_grad,
-                                *ctx.mixture)
+            op = torch.ops.vae_fast.linear_log_prob.default
+            args = (h, weight, bias, x, logvar, ctx.likelihood, ctx.chunk_elements, 1.0, weights, True,
+                    ctx.want_logvar_grad, *ctx.mixture)
+            # (is_grads_batched: batched weights go through the dispatcher, see _validation.is_legacy_batched)
+            _, *grads, _ = op(*args) if is_legacy_batched(weights) else call(op, _head_kernel, *args)
             grads = [_present(g) for g in grads]
         elif factor != 1.0:
             grads = [None if g is None else g * factor for g in grads]

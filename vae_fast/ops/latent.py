@@ -18,6 +18,7 @@ import threading
 
 import torch
 
+from .._validation import is_legacy_batched
 from ._autograd import _dispatch_modes, eager_function_apply, fast_apply, save_for_jvp, tangent_sum
 from ._library import acc_dtype, call, kernels_for, optional_contiguous, present, register_op, step_kernels_for
 from .codes import ScaleParam
@@ -88,10 +89,13 @@ def latent_gradients(saved, param, num_samples, needs_input_grad, grad_z, grad_k
     Prior gradients come back at (B, Z) and are summed to the prior's own shape."""
     mu, scale, prior_mu, prior_logvar, eps, seed = saved
     want_prior = prior_mu is not None and (needs_input_grad[2] or needs_input_grad[3])
-    grad_mu, grad_scale, grad_pm, grad_plv = call(
-        torch.ops.vae_fast.latent_backward.default, _backward_kernel, mu, scale, prior_mu, prior_logvar, eps, seed,
-        grad_z, grad_kl, grad_kl_per_dim, param, num_samples, want_prior,
-    )
+    op = torch.ops.vae_fast.latent_backward.default
+    args = (mu, scale, prior_mu, prior_logvar, eps, seed, grad_z, grad_kl, grad_kl_per_dim, param, num_samples,
+            want_prior)
+    if any(g is not None and is_legacy_batched(g) for g in (grad_z, grad_kl, grad_kl_per_dim)):
+        grad_mu, grad_scale, grad_pm, grad_plv = op(*args)  # (is_grads_batched: see _validation.is_legacy_batched)
+    else:
+        grad_mu, grad_scale, grad_pm, grad_plv = call(op, _backward_kernel, *args)
     grad_pm = grad_pm.sum_to_size(prior_mu.shape) if want_prior and needs_input_grad[2] else None
     grad_plv = grad_plv.sum_to_size(prior_logvar.shape) if want_prior and needs_input_grad[3] else None
     return (grad_mu if needs_input_grad[0] else None, grad_scale if needs_input_grad[1] else None, grad_pm, grad_plv)
