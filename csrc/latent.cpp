@@ -16,6 +16,7 @@
 // Compiled once per instruction set (see CMakeLists.txt); VF_ISA names the namespace.
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 #include "vf_math.h"
@@ -78,17 +79,33 @@ inline T half_variance_ratio(T sigma, T d) {
   }
 }
 
+// Rows longer than this many tiles (8208 elements) are cut into column blocks of it, each a work item of its
+// own: a batch of one or two large conv latents (an SD autoencoder's 4x64x64) still spreads over every thread.
+constexpr int64_t kTilesPerColumnBlock = 27;
+
 // The kernels walk the (batch, dim) plane in tiles that are contiguous in memory and
 // in the noise stream: several whole rows when dim is small (so that even dim = 32
 // fills the vector loops), or column slices of one row when dim is large. Threads
-// split the rows; tiles depend only on (batch, dim), never on the thread count, so
-// results are bit-identical for any number of threads.
+// split the work items: blocks of rows, or for long rows column blocks of one row (whose
+// sums are added up in order afterwards). Tiles and work items depend only on (batch, dim),
+// never on the thread count, so results are bit-identical for any number of threads.
 struct Tiling {
-  int64_t batch, dim, rows_per_block, cols_per_tile;
+  int64_t batch, dim, rows_per_block, cols_per_tile, cols_per_block, col_blocks;
   Tiling(int64_t b, int64_t d)
       : batch(b), dim(d), rows_per_block(d == 0 ? 1 : std::max<int64_t>(1, kChunk / d)),
-        cols_per_tile(std::min(d, kChunk)) {}
-  int64_t blocks() const { return (batch + rows_per_block - 1) / rows_per_block; }
+        cols_per_tile(std::min(d, kChunk)),
+        cols_per_block(d > kTilesPerColumnBlock * kChunk ? kTilesPerColumnBlock * kChunk : std::max<int64_t>(d, 1)),
+        col_blocks((std::max<int64_t>(d, 1) + cols_per_block - 1) / cols_per_block) {}
+  // work items: row blocks times column blocks (one column block per row unless rows are long; then one row a block)
+  int64_t blocks() const { return (batch + rows_per_block - 1) / rows_per_block * col_blocks; }
+  int64_t first_row(int64_t item) const { return item / col_blocks * rows_per_block; }
+  // the sum of a row's column blocks' partial sums (partial[row * col_blocks + block]), in order
+  template <typename T>
+  T row_total(const std::vector<T>& partial, int64_t row) const {
+    T total = T(0);
+    for (int64_t b = 0; b < col_blocks; ++b) total += partial[row * col_blocks + b];
+    return total;
+  }
 };
 
 struct Tile {
@@ -135,13 +152,15 @@ inline const T* noise_tile(const LatentArgs& a, int64_t k, int64_t start, int64_
   }
 }
 
-// Runs body(tile) for every tile of a row block, in column order.
+// Runs body(tile) for every tile of a work item, in column order.
 template <typename Body>
-inline void for_each_tile(const Tiling& tiling, int64_t block, Body&& body) {
-  const int64_t row0 = block * tiling.rows_per_block;
+inline void for_each_tile(const Tiling& tiling, int64_t item, Body&& body) {
+  const int64_t row0 = tiling.first_row(item);
   const int64_t rows = std::min(tiling.rows_per_block, tiling.batch - row0);
-  for (int64_t col0 = 0; col0 < tiling.dim; col0 += tiling.cols_per_tile)
-    body(Tile{row0, rows, col0, std::min(tiling.cols_per_tile, tiling.dim - col0)});
+  const int64_t col_begin = item % tiling.col_blocks * tiling.cols_per_block;
+  const int64_t col_end = std::min(tiling.dim, col_begin + tiling.cols_per_block);
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += tiling.cols_per_tile)
+    body(Tile{row0, rows, col0, std::min(tiling.cols_per_tile, col_end - col0)});
 }
 
 // Requests the next tile's inputs (the n elements after p) while this tile's noise, pure
@@ -163,8 +182,16 @@ void forward_impl(const LatentArgs& a) {
   T* __restrict log_ratio_out = static_cast<T*>(a.log_ratio);
   const int64_t Z = a.dim, K = a.samples;
   const Tiling tiling(a.batch, Z);
+  // a work item's sums go to slot row * col_blocks + column block: the outputs themselves for rows of one block,
+  // else partial buffers whose slots are added up per row, in order, after the parallel loop
+  const int64_t col_blocks = tiling.col_blocks;
+  std::vector<T> kl_partial(col_blocks > 1 ? a.batch * col_blocks : 0);
+  std::vector<T> ratio_partial(col_blocks > 1 && log_ratio_out != nullptr ? K * a.batch * col_blocks : 0, T(0));
+  T* kl_slots = col_blocks > 1 ? kl_partial.data() : kl_out;
+  T* ratio_slots = col_blocks > 1 ? ratio_partial.data() : log_ratio_out;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.batch * Z * (K + 1) > kParallelGrain)
   for (int64_t block = 0; block < tiling.blocks(); ++block) {
+    const int64_t col_block = block % col_blocks;
     alignas(64) T sigma[kChunk], kl[kChunk], prior_mu[kChunk], prior_logvar[kChunk], eps_buf[kChunk];
     alignas(64) T ratio_base[kChunk], ratio_term[kChunk];
     alignas(64) T row_kl[kChunk], mu_buf[kChunk], scale_buf[kChunk];
@@ -213,7 +240,7 @@ void forward_impl(const LatentArgs& a) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) z_t[i] = mu_t[i] + sigma[i] * eps[i];
         if (log_ratio_out != nullptr) {
-          T* __restrict ratio_row = log_ratio_out + k * a.batch + tile.row0;
+          T* __restrict ratio_row = ratio_slots + (k * a.batch + tile.row0) * col_blocks + col_block;
           for (int64_t r = 0; r < tile.rows; ++r) {
             T sum = T(0);
             const int64_t o = r * tile.cols;
@@ -223,14 +250,19 @@ void forward_impl(const LatentArgs& a) {
               const T pz = HAS_PRIOR ? scaled_by(z_t[o + c] - prior_mu[o + c], ratio_term[o + c]) : z_t[o + c];
               sum += ratio_base[o + c] + T(0.5) * (pz * pz - e * e);
             }
-            ratio_row[r] += sum;
+            ratio_row[r * col_blocks] += sum;
           }
         }
       }
     });
-    const int64_t row0 = block * tiling.rows_per_block;
+    const int64_t row0 = tiling.first_row(block);
     const int64_t rows = std::min(tiling.rows_per_block, a.batch - row0);
-    std::copy(row_kl, row_kl + rows, kl_out + row0);
+    for (int64_t r = 0; r < rows; ++r) kl_slots[(row0 + r) * col_blocks + col_block] = row_kl[r];
+  }
+  if (col_blocks > 1) {
+    for (int64_t r = 0; r < a.batch; ++r) kl_out[r] = tiling.row_total(kl_partial, r);
+    for (int64_t i = 0; log_ratio_out != nullptr && i < K * a.batch; ++i)  // (slot i: sample i / batch's row)
+      log_ratio_out[i] += tiling.row_total(ratio_partial, i);
   }
 }
 

@@ -379,3 +379,56 @@ def test_triton_chunking_draws_the_same_noise(triton_short_chunks, monkeypatch, 
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-6, atol=1e-5)  # (sums in another order)
     torch.testing.assert_close(chunked[2], whole[2], rtol=0, atol=0)
     torch.testing.assert_close(chunked[3], whole[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_long_rows_are_split_over_threads_and_summed_in_order(dtype):
+    # rows longer than a C++ column block (27 tiles of 304 = 8208 elements) are cut into blocks that the threads
+    # share (batch 1 ran on one thread); a row's KL and log-ratio are its blocks' sums added in order: the float64
+    # reference's values and gradients, bit for bit the same on 1, 2 or 3 threads
+    if _backend._cpu_ext is None:
+        pytest.skip("needs the C++ extension")
+    from vae_fast.functional.latent import _latent
+
+    dim = 3 * 8208 + 100  # four blocks, the last short
+    mu, s, pm, plv = make_inputs(2, dim, dtype, "cpu", prior=True, seed=12)
+    eps = torch.randn(2, 2, dim, dtype=torch.float64).to(dtype)
+    s[:, -3:] = torch.tensor([30.0, -30.0, 8.0], dtype=dtype)  # extremes in the last block
+    mu[:, -2:] = torch.tensor([40.0, -40.0], dtype=dtype)
+    leaves64 = [f64(t).requires_grad_() for t in (mu, s, pm, plv)]
+    z_ref = ref.reparameterize(leaves64[0], leaves64[1], f64(eps), "softplus")
+    kl_ref = ref.gaussian_kl(*leaves64, "softplus")
+    lv = ref.logvar_from_scale(leaves64[1], "softplus")
+    # log q(z|x) from eps itself: (z - mu)^2 / sigma^2 cancels catastrophically where sigma is e^-30
+    log_q = -0.5 * (math.log(2 * math.pi) + lv + f64(eps) ** 2).sum(-1)
+    ratio_ref = log_q - ref.gaussian_log_density(z_ref, leaves64[2], leaves64[3].expand(2, dim))
+    weights = torch.randn(2, 2, dim, dtype=torch.float64)
+    ((z_ref * weights).sum() + (kl_ref * torch.tensor([1.0, -2.0], dtype=torch.float64)).sum()).backward()
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with vae_fast.use_backend("cpu"):
+                leaves = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
+                z, kl, _, log_ratio = _latent(*leaves, "softplus", eps, None, 2, False, want_log_ratio=True)
+                ((z * weights.to(dtype)).sum() + (kl * torch.tensor([1.0, -2.0], dtype=kl.dtype)).sum()).backward()
+                # and with in-kernel noise (a batch of one long row)
+                z1, kl1 = vae_fast.gaussian_sample_kl(mu[:1], s[:1], generator=torch.Generator().manual_seed(3))
+                results.append((z, kl, log_ratio, *(t.grad for t in leaves), z1, kl1))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    z, kl, log_ratio, *grads, z1, kl1 = results[0]
+    assert_matches_reference(z, z_ref, dtype, what="z")
+    assert_matches_reference(kl, kl_ref, dtype, terms=dim, what="kl")
+    assert_matches_reference(log_ratio, ratio_ref, dtype, terms=dim * 100, what="log ratio")
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for got, want, name in zip(grads, leaves64, ("mu", "scale", "prior_mu", "prior_logvar")):
+        torch.testing.assert_close(got.double(), want.grad, **tolerance, msg=name)
+    assert_matches_reference(kl1, ref.gaussian_kl(f64(mu[:1]), f64(s[:1]), None, None, "logvar"), dtype, terms=dim)
+    noise = ref.latent_noise(replay_seed(3), 1, 1, dim)[0]
+    torch.testing.assert_close(f64(z1), f64(mu[:1]) + ref.std_from_scale(f64(s[:1]), "logvar") * noise,
+                               rtol=1e-6, atol=1e-5)  # (the noise is drawn in float32)
