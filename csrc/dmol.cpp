@@ -166,7 +166,7 @@ int64_t dmol_impl(const DmolArgs& a) {
       for (int64_t c = 0; c < C; ++c) {
         const T* __restrict xc = x_row + c * P;
 #pragma omp simd reduction(+ : tile_bad)
-        for (int64_t i = 0; i < n; ++i) tile_bad += (xc[i] < T(-1) || xc[i] > T(1)) ? 1 : 0;
+        for (int64_t i = 0; i < n; ++i) tile_bad += (xc[i] >= T(-1) && xc[i] <= T(1)) ? 0 : 1;  // (NaN too)
       }
       bad += tile_bad;
 

@@ -197,7 +197,7 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
           value = -diff * diff;
           grad = T(2) * diff;
         } else {
-          row_bad += (xi < T(0) || xi > T(1)) ? 1 : 0;
+          row_bad += (xi >= T(0) && xi <= T(1)) ? 0 : 1;  // x outside [0, 1], NaN included (a ValueError upstream)
           const T t = vexp(-std::fabs(ti));
           const T inv_one_plus_t = T(1) / (T(1) + t);
           const T softplus = (ti > T(0) ? ti : T(0)) + log1p_unit(t);
@@ -214,6 +214,12 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
         row_sum += value;
         if constexpr (WANT_GRAD) g[i] = grad * grad_factor;
       }
+    }
+    // The other likelihoods' support is every number but NaN, and a NaN x makes its element's value, so the sum,
+    // NaN: only such a sum sends the block's x through a NaN count (no test per element on the usual path)
+    if constexpr (L == Likelihood::kGaussian || L == Likelihood::kLaplace || L == Likelihood::kMeanSquaredError) {
+      if (row_sum != row_sum)
+        for (int64_t j = j_begin; j < j_end; ++j) row_bad += x_row[j] != x_row[j] ? 1 : 0;
     }
     bad += row_bad;
     if (partial_sums) {

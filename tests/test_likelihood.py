@@ -246,6 +246,40 @@ def test_out_of_support_targets_raise_value_error_naming_x(backend):
         vae_fast.bernoulli_log_prob(logits, x_bad)  # the context ended: checked again
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_in_x_raises_value_error_naming_x(backend, dtype):
+    # data with a NaN is outside every likelihood's support (as torch.distributions' validation says), not a NaN
+    # log p to find later: the kernels count it with the support check they already make, on every path (the
+    # per-step call, samples, a learned scale, a fused head, elbo); the Triton mixture kernel returned 0.0 for it
+    theta, x = make((3, 8), dtype, backend)
+    x_nan = x.clone()
+    x_nan[2, 7] = float("nan")  # the last element: any vector remainder is checked too
+    images = torch.zeros(2, 3, 2, 2, dtype=dtype, device=backend)
+    images[1, 2, 1, 1] = float("nan")
+    learned = torch.zeros((), dtype=dtype, device=backend, requires_grad=True)
+    calls = {
+        r"\[0, 1\] for the bernoulli": lambda xx: vae_fast.bernoulli_log_prob(theta, xx),
+        r"\[0, 1\] for the continuous_bernoulli": lambda xx: vae_fast.continuous_bernoulli_log_prob(theta, xx),
+        "NaN for the gaussian": lambda xx: vae_fast.gaussian_log_prob(theta, xx),
+        "NaN for the gaussian ": lambda xx: vae_fast.gaussian_log_prob(theta.expand(2, 3, 8), xx, learned),
+        "NaN for the laplace": lambda xx: vae_fast.laplace_log_prob(theta, xx, learned),
+        "NaN for the mean_squared_error": lambda xx: vae_fast.mse_log_prob(theta, xx),
+        "NaN for the gaussian  ": lambda xx: vae_fast.linear_log_prob(theta.view(3, 2, 4), torch.ones(4, 4, dtype=dtype,
+                                                                      device=backend), None, xx.view(3, 2, 4),
+                                                                      likelihood="gaussian"),
+        "NaN for the gaussian   ": lambda xx: vae_fast.elbo(xx, theta[:, :2], theta[:, 2:4], lambda z: z.repeat(1, 4),
+                                                           likelihood="gaussian"),
+    }
+    for message, call in calls.items():
+        call(x)  # (finite x: no error)
+        with pytest.raises(ValueError, match="x must (lie in|not hold) " + message.strip()):
+            call(x_nan)
+    with pytest.raises(ValueError, match=r"x must lie in \[-1, 1\]"):
+        vae_fast.dmol_packed_log_prob(images, torch.zeros(2, 30, 2, 2, dtype=dtype, device=backend))
+    with vae_fast.validate_args(False):  # the opt-out: NaN in, NaN out
+        assert vae_fast.gaussian_log_prob(theta, x_nan)[2].isnan()
+
+
 def test_default_backward_runs_any_number_of_times_and_inplace_is_opt_in(kernel_backend):
     logits = torch.randn(3, 8, dtype=torch.float64, device=kernel_backend, requires_grad=True)
     x = torch.rand(3, 8, dtype=torch.float64, device=kernel_backend)

@@ -144,7 +144,9 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         None, bool(want_grads), want_lv)
     if likelihood in ("bernoulli", "continuous_bernoulli"):
         raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {likelihood} likelihood")
-    elif categorical:
+    elif not categorical:
+        raise_if_invalid(num_invalid, f"x must not hold NaN for the {likelihood} likelihood")
+    else:
         raise_if_invalid(num_invalid, f"x holds class indices outside [0, {out_features})")
     return reduce(log_prob.view(h_last.shape[:lead]), reduction)
 

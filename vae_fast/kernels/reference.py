@@ -96,9 +96,10 @@ def _x_rows(x, rows):
 
 
 def _num_invalid(x, likelihood):
+    """x outside the support: [0, 1] for the Bernoulli family, NaN for every likelihood."""
     if likelihood in (2, 3, 4):
-        return torch.zeros((), dtype=torch.int64, device="cpu")  # (the other branch's count is on the CPU too)
-    return ((x < 0) | (x > 1)).sum().cpu()
+        return x.isnan().sum().cpu()
+    return (~((x >= 0) & (x <= 1))).sum().cpu()
 
 
 def elementwise_log_prob(theta, x, logvar, likelihood, want_grad, want_logvar_grad, expected_upstream=1.0,
@@ -148,5 +149,5 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             values = torch.autograd.grad(log_prob.sum() * expected_upstream, wanted) if log_prob.numel() else [torch.zeros_like(t) for t in wanted]
             for target, value in zip([g for g in grads if g is not None], values):
                 target.copy_(value)
-    bad = ((x < -1) | (x > 1)).sum().cpu()
+    bad = (~((x >= -1) & (x <= 1))).sum().cpu()  # (NaN too)
     return log_prob.detach().to(_acc(means.dtype)), bad

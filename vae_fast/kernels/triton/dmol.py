@@ -92,7 +92,7 @@ def dmol_kernel(
     invalid = tl.zeros([PIX], dtype=tl.int32)
     for c in tl.static_range(CHANNELS):
         xc = tl.load(x_base + c * pixels + pix, mask=pix_mask, other=0.0).to(ACC)
-        invalid += tl.where(pix_mask & ((xc < -1.0) | (xc > 1.0)), 1, 0)
+        invalid += tl.where(pix_mask & ~((xc >= -1.0) & (xc <= 1.0)), 1, 0)  # (NaN too)
         mean, _a, _b = _channel_mean(mean_ptr, m_rs, m_cs, m_ms, coef_ptr, c_rs, c_cs, c_ms, row, mix, pix, tile,
                                      x_red, x_green, c, HAS_COEFFS, COEFF_TANH, ACC)
         ls = tl.load(ls_ptr + row * s_rs + c * s_cs + mix[:, None] * s_ms + pix[None, :], mask=tile, other=0.0).to(ACC)

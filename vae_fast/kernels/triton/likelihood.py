@@ -18,7 +18,8 @@ from ._math import LN2, LOG_2PI, continuous_bernoulli_log_norm, log1p_nonneg
 def elementwise_terms(theta, x, lv, LIKELIHOOD: tl.constexpr):
     """(log p, d log p / d theta, d log p / d lv, out-of-support flag) per element for the
     elementwise likelihoods (codes of ops/codes.py); lv is the Gaussian's log-variance or the
-    Laplace's log-scale (ignored otherwise). Shared by the row kernel and the fused-head kernel."""
+    Laplace's log-scale (ignored otherwise). Shared by the row kernel and the fused-head kernel.
+    Out of the support: x outside [0, 1] for the Bernoulli family, NaN for every likelihood."""
     if LIKELIHOOD == 2:  # Gaussian: theta is the mean (0 * inf -> 0 where x = mean, as in C++)
         diff = x - theta
         inv_var = tl.exp(-lv)
@@ -42,7 +43,7 @@ def elementwise_terms(theta, x, lv, LIKELIHOOD: tl.constexpr):
         grad_lv = diff * 0.0
         bad = x != x
     else:  # Bernoulli family: theta is the logit; sigmoid and softplus share t = exp(-|l|)
-        bad = (x < 0.0) | (x > 1.0)
+        bad = ~((x >= 0.0) & (x <= 1.0))  # (NaN too)
         t = tl.exp(-tl.abs(theta))
         inv_one_plus_t = 1.0 / (1.0 + t)
         softplus = tl.maximum(theta, 0.0) + log1p_nonneg(t)
@@ -91,8 +92,7 @@ def elementwise_kernel(
         else:
             lv = theta * 0.0
         value, grad, grad_lv, bad = elementwise_terms(theta, x, lv, LIKELIHOOD)
-        if LIKELIHOOD == 0 or LIKELIHOOD == 1:
-            invalid += tl.where(mask & bad, 1, 0)
+        invalid += tl.where(mask & bad, 1, 0)
         total += tl.where(mask, value, 0.0)
         if WANT_GRAD:
             tl.store(grad_ptr + offs, grad * upstream, mask=mask)
@@ -188,8 +188,7 @@ def linear_elementwise_kernel(
         x = tl.load(x_ptr + x_row[:, None] * out_features + ocols[None, :], mask=tile_mask, other=0.0).to(ACC)
         value, grad, _, bad = elementwise_terms(theta, x, theta * 0.0 + log_scale, LIKELIHOOD)
         log_prob += tl.sum(tl.where(tile_mask, value, 0.0), axis=1)
-        if LIKELIHOOD == 0 or LIKELIHOOD == 1:  # x outside [0, 1]
-            invalid += tl.sum(tl.where(tile_mask & bad, 1, 0), axis=1)
+        invalid += tl.sum(tl.where(tile_mask & bad, 1, 0), axis=1)  # (x outside the support)
         if WANT_GRAD:
             g = tl.where(tile_mask, grad * factor[:, None], 0.0)
             grad_h += head_tile_gradients(g, h, w, ocols, o_mask, hcols, h_mask, grad_w_ptr, grad_b_ptr, features,
