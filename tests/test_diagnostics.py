@@ -192,6 +192,36 @@ def test_dreg_gradients_weight_each_samples_path_by_its_squared_weight():
                                                        eps=eps, num_samples=4, objective="iwae", reduction="sum").loss)
 
 
+def test_dreg_with_a_conv_latent_half_precision_and_torch_compile():
+    # the weights the gradient hook applies are (K, B, 1, ...) against z: a conv latent (K, B, C, H, W) raised a
+    # shape error in backward (or, had its dims lined up, broadcast silently wrong); a bfloat16 latent's hook changed
+    # the gradient's dtype (RuntimeError); torch.compile(fullgraph=True) failed tracing the hook's late-filled list
+    x, mu, lv, weight, eps = iwae_setup(seed=7)
+    batch, latent = mu.shape
+    conv = (2, latent // 2, 1) if latent % 2 == 0 else (latent, 1, 1)
+
+    def dreg(m, v, w, noise):
+        return vae_fast.elbo(x, m, v, lambda z: z.flatten(-3) @ w if z.dim() > 3 else z @ w, eps=noise,
+                             likelihood="continuous_bernoulli", num_samples=4, objective="iwae_dreg").loss
+
+    flat = [t.clone().requires_grad_() for t in (mu, lv, weight)]
+    want = torch.autograd.grad(dreg(*flat, eps), flat)
+    as_conv = [t.clone().view(batch, *conv).requires_grad_() for t in (mu, lv)] + [weight.clone().requires_grad_()]
+    got = torch.autograd.grad(dreg(*as_conv, eps.view(4, batch, *conv)), as_conv)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-12, atol=1e-12)
+    half = [t.detach().to(torch.bfloat16).requires_grad_() for t in (mu, lv)]
+    grads = torch.autograd.grad(vae_fast.elbo(x.float(), *half, lambda z: z.float() @ weight.float(),
+                                              eps=eps.to(torch.bfloat16), num_samples=4, objective="iwae_dreg").loss,
+                                half)
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+    compiled = torch.compile(dreg, fullgraph=True)
+    for _ in range(2):  # (the second call reuses the compiled graph: the weights are filled afresh)
+        got = torch.autograd.grad(compiled(*flat, eps), flat)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_objective_arguments():
     x, mu, lv, weight, _ = iwae_setup()
     with pytest.raises(ValueError, match="objective must be one of"):

@@ -239,8 +239,11 @@ def elbo(
                                      dim=latent_kl_dims(mu))
     if objective == "iwae_dreg" and z.requires_grad:
         z_for_decoder = z.view(num_samples, *mu.shape) if num_samples == 1 else z
-        dreg_weights = []  # filled below, once the importance weights are known
-        z_for_decoder.register_hook(lambda grad: grad * dreg_weights[0])
+        # each sample's normalised importance weight, (K, B, 1, ...) against z's (K, B, *latent), in z's dtype:
+        # filled in place below, once known, and read by the hook in backward (a tensor rather than a list that the
+        # hook indexes: torch.compile(fullgraph=True) traces this one)
+        dreg_weights = z.new_zeros((num_samples, mu.shape[0]) + (1,) * (mu.dim() - 1))
+        z_for_decoder.register_hook(lambda grad: grad * dreg_weights)
     else:
         z_for_decoder = z
     # (a view only where the shape differs: every view is one more autograd node per step)
@@ -263,7 +266,7 @@ def elbo(
                                         stop_q_params=objective == "iwae_dreg")
         if objective == "iwae_dreg" and z.requires_grad:
             normalised = torch.softmax(log_w.detach(), dim=0)  # (K, B)
-            dreg_weights.append(normalised.unsqueeze(-1))
+            dreg_weights.copy_(normalised.view(dreg_weights.shape))
         iwae_loss = -(torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0]))
     if num_samples > 1:
         log_lik = log_lik.mean(0)
