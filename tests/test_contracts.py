@@ -6,6 +6,7 @@ meta and fake tensors, gradients w.r.t. x, the learned-variance requires_grad pa
 hygiene, thread-safe settings, the deferred CUDA support check, and the codes shared with the C++ kernels.
 Each runs on the reference, C++ and Triton (interpreter on CPU) backends where it applies.
 """
+import contextlib
 import inspect
 import math
 import re
@@ -542,6 +543,42 @@ def test_compiled_graphs_call_the_traced_twins_of_the_ops():
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, torch.autograd.grad(want, (mu, lv))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["inputs without grad", "no_grad", "inference_mode"])
+def test_compiled_evaluation_without_gradients(mode):
+    # evaluation of a compiled model: no input requires grad, or grad mode is off. Dynamo then inlines each
+    # autograd.Function's forward and drops the ctx it prepends only if every forward parameter is passed: the fused
+    # head (called with its trailing defaults left out) raised an InternalTorchDynamoError
+    gen = torch.Generator().manual_seed(3)
+    mu, lv = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    x = torch.rand(4, 6, generator=gen)
+    h, weight = torch.randn(4, 2, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    target = torch.randint(0, 6, (4, 2), generator=gen)
+    images, features = torch.rand(4, 3, 2, 2, generator=gen) * 2 - 1, torch.randn(4, 5, 2, 2, generator=gen)
+    mixture_weight = torch.randn(30, 5, generator=gen)
+    eps = torch.randn(4, 3, generator=gen)
+    calls = {
+        "latent": lambda: vae_fast.gaussian_sample_kl(mu, lv, eps=eps),
+        "kl": lambda: vae_fast.gaussian_kl(mu, lv, mu * 0.5, lv * 0.5),
+        "bernoulli": lambda: vae_fast.bernoulli_log_prob(x - 0.5, x),
+        "gaussian, learned logvar": lambda: vae_fast.gaussian_log_prob(x, x * 0.9, torch.tensor(0.1)),
+        "categorical": lambda: vae_fast.categorical_log_prob(h @ weight.t(), target),
+        "mixture": lambda: vae_fast.dmol_packed_log_prob(images, torch.einsum("oc,bchw->bohw", mixture_weight, features)),
+        "elbo": lambda: vae_fast.elbo(x, mu, lv, lambda z: z.repeat(1, 2), eps=eps).loss,
+        "bernoulli head": lambda: vae_fast.linear_log_prob(h, weight, None, x.view(4, 1, 6).expand(4, 2, 6).round(),
+                                                           likelihood="bernoulli"),
+        "categorical head": lambda: vae_fast.linear_log_prob(h, weight, None, target, likelihood="categorical"),
+        "mixture head": lambda: vae_fast.linear_log_prob(features, mixture_weight, None, images, likelihood="dmol",
+                                                         channel_dim=1),
+    }
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    for name, call in calls.items():
+        torch._dynamo.reset()
+        with context():
+            got, want = torch.compile(call, fullgraph=True)(), call()
+        for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_torch_compile_of_torch_func_transforms():

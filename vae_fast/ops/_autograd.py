@@ -21,6 +21,7 @@ by the upstream gradient the caller most likely sends (``expected_upstream``). B
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -410,9 +411,18 @@ def fast_apply(function, kernel, eager_outputs: tuple[int, ...] | None = None, j
         f"{function.__name__}WithJvp", (function,),
         {"jvp": staticmethod(jvp), "__doc__": f":class:`{function.__qualname__}` with its forward-mode AD rule."})
 
+    # function.forward's trailing defaults: the non-eager calls pass every parameter, because dynamo, tracing an apply
+    # in which no input requires grad, drops the ctx it prepends only when the call has one argument per parameter
+    # (torch/_dynamo/variables/misc.py); with fewer, ctx became the first tensor (an InternalTorchDynamoError)
+    parameters = list(inspect.signature(function.forward).parameters.values())
+    defaults = tuple(p.default for p in parameters if p.default is not inspect.Parameter.empty)
+
     def apply(first, *args):
         if eager_call(first):
             return eager_apply(first, *args)
+        missing = len(parameters) - 1 - len(args)
+        if 0 < missing <= len(defaults):
+            args = (*args, *defaults[len(defaults) - missing:])
         if not torch.compiler.is_compiling() and (_transforms_active() or FORWARD_AD._current_level >= 0):
             return with_jvp.apply(first, *args)
         return function.apply(first, *args)
