@@ -315,6 +315,33 @@ def test_elbo_with_a_fused_head_compiles_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_training_of_a_1x1_conv_head(dynamic):
+    # a channels-first h gets a channels-first d/dh, and inductor (unlike aot_eager above) asserts each op output's
+    # strides: a compiled backward (which recomputes with the upstream as row weights) raised an assert_size_stride
+    # error, having planned for a contiguous h, and under dynamic shapes the fake kernel's contiguous d/dh did not
+    # match the kernel's. Values and gradients equal eager, for the mixture and a Bernoulli head
+    gen = torch.Generator().manual_seed(9)
+    features = torch.randn(4, 5, 2, 3, generator=gen, requires_grad=True)
+    images = torch.rand(4, 3, 2, 3, generator=gen) * 2 - 1
+    cases = {"dmol": (torch.randn(30, 5, generator=gen), images),
+             "bernoulli": (torch.randn(3, 5, generator=gen), (images > 0).float())}
+    for likelihood, (weight, x) in cases.items():
+        weight.requires_grad_()
+
+        def loss(h, w, likelihood=likelihood, x=x):
+            return -vae_fast.linear_log_prob(h, w, None, x, likelihood=likelihood, channel_dim=1).mean()
+
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+        for _ in range(2):
+            got = compiled(features, weight)
+            want = loss(features, weight)
+            torch.testing.assert_close(got, want, msg=likelihood)
+            for a, b in zip(torch.autograd.grad(got, (features, weight)), torch.autograd.grad(want, (features, weight))):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=likelihood)
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "categorical"])
 def test_gradcheck_vmap_and_clear_higher_order_errors(backend, likelihood):
     """The op's contracts with default settings: gradcheck in float64 (chunked), torch.func.vmap over a

@@ -75,6 +75,21 @@ def _x_rows(x, n0: int, n1: int, p0: int, p1: int):
     return x[index, p0:p1]
 
 
+def _new_grad_h(h: torch.Tensor) -> torch.Tensor:
+    """d/dh (N, P, H) in h's memory layout (channels-first for a 1x1 conv head: autograd returns it as is); the fake
+    kernel allocates it the same way, so that compiled graphs see the strides the kernels give."""
+    if h.stride(1) == 1 and h.stride(2) != 1:
+        return h.new_empty((h.shape[0], h.shape[2], h.shape[1])).transpose(1, 2)
+    return h.new_empty(h.shape)
+
+
+def _traceable_layout(h: torch.Tensor) -> torch.Tensor:
+    """h as the op gets it: itself, or contiguous while torch.compile traces. d/dh takes h's layout, and a compiled
+    backward handed the kernel a channels-first h where inductor had planned the op's outputs for a contiguous one
+    (an assert_size_stride error); a contiguous h has one layout everywhere."""
+    return h.contiguous() if torch.compiler.is_compiling() else h
+
+
 class _Head:
     """What every chunk of one call reads and accumulates into (one object, so that each chunk's
     buffers are locals of its function and are freed before the next chunk allocates its own)."""
@@ -92,9 +107,7 @@ class _Head:
         self.invalid = torch.zeros((), dtype=torch.int64, device=h.device)
         self.grad_h = self.grad_w = self.grad_b = self.grad_lv = None
         if want_grads:
-            # grad_h in h's memory layout (channels-first for a 1x1 conv head): autograd returns it as is
-            self.grad_h = (h.new_empty((num_examples, features, positions)).transpose(1, 2)
-                           if h.stride(1) == 1 and h.stride(2) != 1 else h.new_empty(h.shape))
+            self.grad_h = _new_grad_h(h)
             self.grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)  # float32 accumulation
             if bias is not None:
                 self.grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device)
@@ -222,8 +235,10 @@ def _fused_kernel_head(backend, h, weight, bias, x, logvar, likelihood, expected
     log_prob = log_prob.view(num_examples, positions).sum(1)
     if not want_grads:
         return log_prob, None, None, None, None, invalid
-    return (log_prob, grad_h.view(h.shape).to(h.dtype), grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype), None, invalid)
+    grad_h = grad_h.view(h.shape).to(h.dtype)
+    if grad_h.stride() != (layout := _new_grad_h(h)).stride():  # (one example or position of a channels-first h)
+        grad_h = layout.copy_(grad_h)
+    return (log_prob, grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype), None, invalid)
 
 
 def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
@@ -250,7 +265,7 @@ def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expecte
 def _head_fake(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
                want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
     empty = h.new_empty(0)
-    return (h.new_empty((h.shape[0],), dtype=acc_dtype(h.dtype)), h.new_empty(h.shape) if want_grads else empty,
+    return (h.new_empty((h.shape[0],), dtype=acc_dtype(h.dtype)), _new_grad_h(h) if want_grads else empty,
             weight.new_empty(weight.shape) if want_grads else empty,
             bias.new_empty(bias.shape) if want_grads and bias is not None else empty,
             logvar.new_empty(logvar.shape) if want_grads and want_logvar_grad and logvar is not None else empty,
@@ -284,6 +299,7 @@ class LinearLogProbFunction(torch.autograd.Function):
     @staticmethod
     def forward(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
                 want_grads=True, want_logvar_grad=False, num_mixtures=0, num_bits=8, log_scale_min=-7.0):
+        h = _traceable_layout(h)
         return call(torch.ops.vae_fast.linear_log_prob.default, _head_kernel, h, weight, bias, x, logvar, likelihood,
                     chunk_elements, expected_upstream, row_weights, want_grads, want_logvar_grad, num_mixtures,
                     num_bits, log_scale_min)
@@ -304,8 +320,11 @@ class LinearLogProbFunction(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 14
         if torch.is_grad_enabled():
-            raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported; "
-                               "use the unfused head (F.linear + the likelihood) for higher derivatives")
+            raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported"
+                               + (" (torch.func's grad / jacrev / vmap(grad) run backward that way, even for a first "
+                                  "derivative)" if torch._C._are_functorch_transforms_active() else "")
+                               + "; use the unfused head (F.linear + the likelihood) for higher derivatives"
+                               + (" and under torch.func" if torch._C._are_functorch_transforms_active() else ""))
         h, weight, bias, x, logvar, *grads = ctx.saved_tensors
         grads = [_present(g) for g in grads]
         if grads[0] is None:
@@ -314,7 +333,7 @@ class LinearLogProbFunction(torch.autograd.Function):
         if factor is None:  # per-row upstream: one more chunked pass with those weights
             weights = grad_out.reshape(-1).to(acc_dtype(h.dtype))
             op = torch.ops.vae_fast.linear_log_prob.default
-            args = (h, weight, bias, x, logvar, ctx.likelihood, ctx.chunk_elements, 1.0, weights, True,
+            args = (_traceable_layout(h), weight, bias, x, logvar, ctx.likelihood, ctx.chunk_elements, 1.0, weights, True,
                     ctx.want_logvar_grad, *ctx.mixture)
             # (is_grads_batched: batched weights go through the dispatcher, see _validation.is_legacy_batched)
             _, *grads, _ = op(*args) if is_legacy_batched(weights) else call(op, _head_kernel, *args)
