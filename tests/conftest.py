@@ -65,6 +65,18 @@ TOLERANCES = {
 }
 
 
+def thread_counts(counts=(1, 2, 3)):
+    """Yields each of ``counts`` with torch's intra-op thread count (the C++ kernels' OpenMP team) set to it; the
+    previous count is restored when the loop ends, however it ends."""
+    previous = torch.get_num_threads()
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            yield count
+    finally:
+        torch.set_num_threads(previous)
+
+
 def assert_matches_reference(actual, expected, dtype, terms=1, what=""):
     rtol, atol = TOLERANCES[dtype]
     actual = actual.detach().double().cpu()

@@ -10,7 +10,7 @@ import vae_fast
 from vae_fast import _backend
 from vae_fast import reference as ref
 
-from .conftest import assert_matches_reference
+from .conftest import assert_matches_reference, thread_counts
 
 
 def f64(t):
@@ -320,15 +320,10 @@ def test_thread_count_does_not_change_results():
         pytest.skip("no C++ extension")
     params, x, mixtures = _bench_inputs("cpu")
     results = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with vae_fast.use_backend("cpu"):
-                out = vae_fast.dmol_packed_log_prob(x, params, mixtures)
-                (grad,) = torch.autograd.grad(out.sum(), params)
-            results.append((out, grad))
-    finally:
-        torch.set_num_threads(old)
+    for _ in thread_counts():
+        with vae_fast.use_backend("cpu"):
+            out = vae_fast.dmol_packed_log_prob(x, params, mixtures)
+            (grad,) = torch.autograd.grad(out.sum(), params)
+        results.append((out, grad))
     for out, grad in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])

@@ -8,7 +8,7 @@ import vae_fast
 from vae_fast import reference as ref
 from vae_fast import _backend
 
-from .conftest import assert_matches_reference
+from .conftest import assert_matches_reference, thread_counts
 
 PARAMS = ["logvar", "logstd", "softplus"]
 
@@ -145,17 +145,12 @@ def test_bit_identical_for_any_thread_count():
     mu = torch.randn(300, 700)
     lv = torch.randn(300, 700)
     results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with vae_fast.use_backend("cpu"):
-                leaf = mu.clone().requires_grad_()
-                z, kl = vae_fast.gaussian_sample_kl(leaf, lv, generator=torch.Generator().manual_seed(1), num_samples=2)
-                (z.sum() + kl.sum()).backward()
-                results.append((z, kl, leaf.grad))
-    finally:
-        torch.set_num_threads(previous)
+    for _ in thread_counts():
+        with vae_fast.use_backend("cpu"):
+            leaf = mu.clone().requires_grad_()
+            z, kl = vae_fast.gaussian_sample_kl(leaf, lv, generator=torch.Generator().manual_seed(1), num_samples=2)
+            (z.sum() + kl.sum()).backward()
+            results.append((z, kl, leaf.grad))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -405,19 +400,14 @@ def test_cpu_long_rows_are_split_over_threads_and_summed_in_order(dtype):
     weights = torch.randn(2, 2, dim, dtype=torch.float64)
     ((z_ref * weights).sum() + (kl_ref * torch.tensor([1.0, -2.0], dtype=torch.float64)).sum()).backward()
     results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with vae_fast.use_backend("cpu"):
-                leaves = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
-                z, kl, _, log_ratio = _latent(*leaves, "softplus", eps, None, 2, False, want_log_ratio=True)
-                ((z * weights.to(dtype)).sum() + (kl * torch.tensor([1.0, -2.0], dtype=kl.dtype)).sum()).backward()
-                # and with in-kernel noise (a batch of one long row)
-                z1, kl1 = vae_fast.gaussian_sample_kl(mu[:1], s[:1], generator=torch.Generator().manual_seed(3))
-                results.append((z, kl, log_ratio, *(t.grad for t in leaves), z1, kl1))
-    finally:
-        torch.set_num_threads(previous)
+    for _ in thread_counts():
+        with vae_fast.use_backend("cpu"):
+            leaves = [t.clone().requires_grad_() for t in (mu, s, pm, plv)]
+            z, kl, _, log_ratio = _latent(*leaves, "softplus", eps, None, 2, False, want_log_ratio=True)
+            ((z * weights.to(dtype)).sum() + (kl * torch.tensor([1.0, -2.0], dtype=kl.dtype)).sum()).backward()
+            # and with in-kernel noise (a batch of one long row)
+            z1, kl1 = vae_fast.gaussian_sample_kl(mu[:1], s[:1], generator=torch.Generator().manual_seed(3))
+            results.append((z, kl, log_ratio, *(t.grad for t in leaves), z1, kl1))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)

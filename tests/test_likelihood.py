@@ -11,7 +11,7 @@ import vae_fast
 from vae_fast import _backend
 from vae_fast import reference as ref
 
-from .conftest import assert_matches_reference
+from .conftest import assert_matches_reference, thread_counts
 
 ELEMENTWISE = {
     "bernoulli": (vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob),
@@ -487,7 +487,8 @@ def test_triton_row_rescale_skips_rows_whose_factor_is_one(dtype):
 # ------------------------------------------------------------------ channels-last decoder outputs
 
 F64 = torch.float64
-_CHANNELS_LAST_LIKELIHOODS = {
+# name -> (vae_fast function, float64 reference, whether it takes a scale (logvar / log_scale))
+_SCALED_LIKELIHOODS = {
     "bernoulli": (vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob, False),
     "continuous_bernoulli": (vae_fast.continuous_bernoulli_log_prob, ref.continuous_bernoulli_log_prob, False),
     "mse": (vae_fast.mse_log_prob, ref.mean_squared_error_log_prob, False),
@@ -503,14 +504,14 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 _SCALES = ["none", "float", "learned scalar", "per example", "per pixel", "per channel", "channels-last head"]
 
 
-@pytest.mark.parametrize("name,scale", [(name, scale) for name, (_, _, has_scale) in _CHANNELS_LAST_LIKELIHOODS.items()
+@pytest.mark.parametrize("name,scale", [(name, scale) for name, (_, _, has_scale) in _SCALED_LIKELIHOODS.items()
                                         for scale in (_SCALES if has_scale else ["none"])])
 @pytest.mark.parametrize("spatial", [(3, 2), (2, 3, 2)], ids=["2d", "3d"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_channels_last_decoder_outputs(backend, name, scale, spatial, dtype):
     """A conv decoder run in torch.channels_last: values and every gradient as the float64 reference's (autograd
     through it), theta's gradient channels-last like theta (as torch's elementwise ops give it)."""
-    fused, oracle, _ = _CHANNELS_LAST_LIKELIHOODS[name]
+    fused, oracle, _ = _SCALED_LIKELIHOODS[name]
     gen = torch.Generator().manual_seed(7)
     shape = (3, 4, *spatial)
     theta = _channels_last(torch.randn(shape, generator=gen, dtype=F64) * 2).to(backend, dtype).requires_grad_()
@@ -570,29 +571,24 @@ def test_long_rows_are_summed_in_blocks_the_same_on_any_number_of_threads(dtype)
         "categorical": (lambda t, s: vae_fast.categorical_log_prob(t, target),
                         lambda t, s: ref.categorical_log_prob(t, target)),
     }
-    threads = torch.get_num_threads()
-    try:
-        for name, (call, reference) in cases.items():
-            operand = logits if name == "categorical" else theta
-            # float64 reference values and gradients (theta's; the learned scale's, a sum over every block)
-            leaves64 = (f64(operand).requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
-            want = reference(*leaves64)
-            want_grads = torch.autograd.grad(-want.mean(), leaves64 if "scale" in name else leaves64[:1])
-            results = []
-            for num_threads in (1, 2, 3):
-                torch.set_num_threads(num_threads)
-                leaves = (operand.clone().requires_grad_(), torch.tensor(0.3, dtype=dtype, requires_grad=True))
-                log_p = call(*leaves)
-                results.append((log_p.detach(), *torch.autograd.grad(-log_p.mean(), leaves if "scale" in name
-                                                                     else leaves[:1])))
-            assert_matches_reference(results[0][0], want, dtype, terms=width, what=name)
-            for got, expected in zip(results[0][1:], want_grads):
-                assert_matches_reference(got, expected, dtype, terms=width, what=f"{name} gradient")
-            for other in results[1:]:
-                for got, first in zip(other, results[0]):
-                    assert torch.equal(got, first), name
-    finally:
-        torch.set_num_threads(threads)
+    for name, (call, reference) in cases.items():
+        operand = logits if name == "categorical" else theta
+        # float64 reference values and gradients (theta's; the learned scale's, a sum over every block)
+        leaves64 = (f64(operand).requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+        want = reference(*leaves64)
+        want_grads = torch.autograd.grad(-want.mean(), leaves64 if "scale" in name else leaves64[:1])
+        results = []
+        for _ in thread_counts():
+            leaves = (operand.clone().requires_grad_(), torch.tensor(0.3, dtype=dtype, requires_grad=True))
+            log_p = call(*leaves)
+            results.append((log_p.detach(), *torch.autograd.grad(-log_p.mean(), leaves if "scale" in name
+                                                                 else leaves[:1])))
+        assert_matches_reference(results[0][0], want, dtype, terms=width, what=name)
+        for got, expected in zip(results[0][1:], want_grads):
+            assert_matches_reference(got, expected, dtype, terms=width, what=f"{name} gradient")
+        for other in results[1:]:
+            for got, first in zip(other, results[0]):
+                assert torch.equal(got, first), name
 
 
 @pytest.mark.parametrize("scale_kind", ["scalar", "per_example", "full"])
@@ -614,16 +610,9 @@ def test_triton_long_rows_are_split_into_chunks(monkeypatch, scale_kind):
     theta[..., -3:] = torch.tensor([60.0, -60.0, 25.0], dtype=torch.float64)  # extremes in the last chunk
     scale_shape = {"scalar": (), "per_example": (2, 3, 1), "full": (2, 3, width)}[scale_kind]
     scale = torch.randn(scale_shape, generator=gen, dtype=torch.float64).to(device)
-    cases = {
-        "bernoulli": (vae_fast.bernoulli_log_prob, ref.bernoulli_log_prob, False),
-        "continuous bernoulli": (vae_fast.continuous_bernoulli_log_prob, ref.continuous_bernoulli_log_prob, False),
-        "mse": (vae_fast.mse_log_prob, ref.mean_squared_error_log_prob, False),
-        "gaussian": (vae_fast.gaussian_log_prob, ref.gaussian_log_prob, True),
-        "laplace": (vae_fast.laplace_log_prob, ref.laplace_log_prob, True),
-    }
     weights = torch.randn(2, 3, dtype=torch.float64, generator=gen)
     with vae_fast.use_backend("triton"):
-        for name, (fused, oracle, scaled) in cases.items():
+        for name, (fused, oracle, scaled) in _SCALED_LIKELIHOODS.items():
             if not scaled and scale_kind != "scalar":
                 continue
             leaves = [theta.clone().requires_grad_(), scale.clone().requires_grad_()]
