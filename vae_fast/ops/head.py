@@ -104,7 +104,7 @@ class _Head:
         num_examples, positions, features = h.shape
         self.acc = acc = acc_dtype(h.dtype)
         self.log_prob = h.new_zeros((num_examples,), dtype=acc)
-        self.invalid = torch.zeros((), dtype=torch.int64, device=h.device)
+        self.invalid = 0  # out-of-support counts: an int (C++ kernels), or a 0-d tensor once a kernel gave counts
         self.grad_h = self.grad_w = self.grad_b = self.grad_lv = None
         if want_grads:
             self.grad_h = _new_grad_h(h)
@@ -157,7 +157,7 @@ def _elementwise_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
             out.view(n, p * out_features), xb.to(out.dtype).reshape(n, p * out_features).contiguous(), lv,
             head.likelihood, head.want_grads, head.grad_lv is not None, head.upstream)
     del out
-    head.log_prob[n0:n1] += lp.to(head.acc)
+    head.log_prob[n0:n1].add_(lp)  # (add_ on the slice: `+=` would write it back through __setitem__, a copy)
     if not head.want_grads:
         return bad
     g = head.weighted(g.view(n, p, out_features), n0, n1)
@@ -198,7 +198,7 @@ def _dmol_chunk(head: _Head, hb, xb, n0, n1, p0, p1):
         xb.transpose(1, 2).to(out.dtype).contiguous(), *packed_views(out, num_mixtures, channels), num_bits,
         log_scale_min, True, None if grad is None else packed_views(grad, num_mixtures, channels), head.upstream)
     del out
-    head.log_prob[n0:n1] += lp.to(head.acc)
+    head.log_prob[n0:n1].add_(lp)  # (add_ on the slice: `+=` would write it back through __setitem__, a copy)
     if grad is not None:
         grad = head.weighted(grad, n0, n1)
         target = head.grad_h.transpose(1, 2)[n0:n1, :, p0:p1]  # (n, H, p)
@@ -256,10 +256,10 @@ def _head_kernel(h, weight, bias, x, logvar, likelihood, chunk_elements, expecte
     num_examples, positions, _ = h.shape
     for n0, n1, p0, p1 in _chunks(num_examples, positions, weight.shape[0], chunk_elements):
         bad = chunk(head, h[n0:n1, p0:p1], _x_rows(x, n0, n1, p0, p1), n0, n1, p0, p1)
-        head.invalid += bad if isinstance(bad, int) else bad.sum()  # (an int, or counts per row / block)
+        head.invalid = head.invalid + (bad if isinstance(bad, int) else bad.sum())  # (an int, or per-row counts)
     return (head.log_prob, head.grad_h, None if head.grad_w is None else head.grad_w.to(weight.dtype),
             None if head.grad_b is None else head.grad_b.to(bias.dtype),
-            None if head.grad_lv is None else head.grad_lv.to(logvar.dtype), head.invalid)
+            None if head.grad_lv is None else head.grad_lv.to(logvar.dtype), head.invalid)  # (an int or a tensor)
 
 
 def _head_fake(h, weight, bias, x, logvar, likelihood, chunk_elements, expected_upstream=1.0, row_weights=None,
