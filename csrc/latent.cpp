@@ -99,13 +99,6 @@ struct Tiling {
   // work items: row blocks times column blocks (one column block per row unless rows are long; then one row a block)
   int64_t blocks() const { return (batch + rows_per_block - 1) / rows_per_block * col_blocks; }
   int64_t first_row(int64_t item) const { return item / col_blocks * rows_per_block; }
-  // the sum of a row's column blocks' partial sums (partial[row * col_blocks + block]), in order
-  template <typename T>
-  T row_total(const std::vector<T>& partial, int64_t row) const {
-    T total = T(0);
-    for (int64_t b = 0; b < col_blocks; ++b) total += partial[row * col_blocks + b];
-    return total;
-  }
 };
 
 struct Tile {
@@ -183,7 +176,7 @@ void forward_impl(const LatentArgs& a) {
   const int64_t Z = a.dim, K = a.samples;
   const Tiling tiling(a.batch, Z);
   // a work item's sums go to slot row * col_blocks + column block: the outputs themselves for rows of one block,
-  // else partial buffers whose slots are added up per row, in order, after the parallel loop
+  // else partial buffers whose slots are added up per row, in order (row_total), after the parallel loop
   const int64_t col_blocks = tiling.col_blocks;
   std::vector<T> kl_partial(col_blocks > 1 ? a.batch * col_blocks : 0);
   std::vector<T> ratio_partial(col_blocks > 1 && log_ratio_out != nullptr ? K * a.batch * col_blocks : 0, T(0));
@@ -260,9 +253,9 @@ void forward_impl(const LatentArgs& a) {
     for (int64_t r = 0; r < rows; ++r) kl_slots[(row0 + r) * col_blocks + col_block] = row_kl[r];
   }
   if (col_blocks > 1) {
-    for (int64_t r = 0; r < a.batch; ++r) kl_out[r] = tiling.row_total(kl_partial, r);
+    for (int64_t r = 0; r < a.batch; ++r) kl_out[r] = row_total(kl_partial, r, col_blocks);
     for (int64_t i = 0; log_ratio_out != nullptr && i < K * a.batch; ++i)  // (slot i: sample i / batch's row)
-      log_ratio_out[i] += tiling.row_total(ratio_partial, i);
+      log_ratio_out[i] += row_total(ratio_partial, i, col_blocks);
   }
 }
 

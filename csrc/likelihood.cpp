@@ -36,7 +36,7 @@ constexpr int64_t kBlockElements = 16 * kChunk;
 
 // A row's blocks (of row elements for the elementwise kernels, of pixels for the categorical one): work item i is
 // block i % per_row of row i / per_row, covering [begin(i), end(i)); with more than one block a row, each item's
-// sums go to partial buffers, which row_total adds up in order.
+// sums go to partial buffers, which row_total (vf_math.h) adds up in order.
 struct RowBlocks {
   int64_t length, size, per_row;
   RowBlocks(int64_t length, int64_t block) : length(length), size(std::max<int64_t>(block, 1)),
@@ -44,12 +44,6 @@ struct RowBlocks {
   int64_t row(int64_t item) const { return item / per_row; }
   int64_t begin(int64_t item) const { return (item % per_row) * size; }
   int64_t end(int64_t item) const { return std::min(length, begin(item) + size); }
-  template <typename T>
-  T row_total(const std::vector<T>& partial, int64_t r) const {
-    T total = T(0);
-    for (int64_t b = 0; b < per_row; ++b) total += partial[r * per_row + b];
-    return total;
-  }
 };
 
 // log C(l) - log 2 = sum_n c_n l^(2n), c_n = 2 (2^(2n-1) - 1) B_2n / (2n (2n)!)
@@ -232,9 +226,9 @@ int64_t elementwise_impl(const ElementwiseLikelihoodArgs& a) {
     if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_lv_grad;  // (unscaled: see LogVarGrad)
   }
   for (int64_t r = 0; partial_sums && r < a.rows; ++r) {
-    const T row_sum = blocks.row_total(partial, r);
+    const T row_sum = row_total(partial, r, blocks.per_row);
     log_prob[r] = L == Likelihood::kMeanSquaredError ? row_sum / T(D) : row_sum;
-    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = blocks.row_total(partial_lv, r);
+    if constexpr (LV_GRAD == LogVarGrad::kPerRow) grad_logvar[r] = row_total(partial_lv, r, blocks.per_row);
   }
   return bad;
 }
@@ -339,7 +333,7 @@ int64_t categorical_impl(const CategoricalArgs& a) {
     }
     (partial_sums ? partial[item] : log_prob[r]) = row_sum;
   }
-  for (int64_t r = 0; partial_sums && r < a.rows; ++r) log_prob[r] = blocks.row_total(partial, r);
+  for (int64_t r = 0; partial_sums && r < a.rows; ++r) log_prob[r] = row_total(partial, r, blocks.per_row);
   return bad;
 }
 

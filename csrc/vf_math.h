@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #define VF_SIMD_DECL __attribute__((simd("notinbranch")))
 extern "C" {
@@ -260,6 +261,16 @@ inline void philox_normal_block(uint64_t seed, uint64_t first_index, int64_t n, 
     out[4 * g + 3] = n3[g];
   }
   for (int64_t i = 0; i < n; ++i) normal[i] = out[skip + i];
+}
+
+// The sum of row `row`'s per-block partial sums, partial[row * blocks + b] for b = 0 .. blocks - 1, added in that
+// order: the kernels cut long rows into blocks that the threads share, and a fixed order makes the result the same
+// on any number of threads.
+template <typename T>
+inline T row_total(const std::vector<T>& partial, int64_t row, int64_t blocks) {
+  T total = T(0);
+  for (int64_t b = 0; b < blocks; ++b) total += partial[row * blocks + b];
+  return total;
 }
 
 }  // namespace VF_ISA
