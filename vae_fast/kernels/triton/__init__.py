@@ -60,8 +60,9 @@ def row_chunks(dim: int) -> tuple[int, int]:
 
 
 def _chunk_sums(t: torch.Tensor, shape: tuple, chunks: int, zeros: bool = False, **kwargs) -> torch.Tensor:
-    """A buffer for per-chunk sums of an output of ``shape``: ``shape`` itself for one chunk a row (the kernels'
-    slot row * 1 + 0 is the row), else ``(*shape, chunks)``, reduced by :func:`_row_sums`."""
+    """A buffer for per-chunk sums of an output of ``shape`` (the row kernels' chunks, the categorical and mixture
+    kernels' pixel blocks): ``shape`` itself for one chunk a row (the kernels' slot row * 1 + 0 is the row), else
+    ``(*shape, chunks)``, reduced by :func:`_row_sums`."""
     full = shape if chunks == 1 else (*shape, chunks)
     return t.new_zeros(full, **kwargs) if zeros else t.new_empty(full, **kwargs)
 
@@ -133,17 +134,16 @@ def latent_forward(mu, scale, prior_mu, prior_logvar, eps, seed, param, num_samp
     kl_per_dim = mu.new_empty((batch, dim), dtype=acc) if want_kl_per_dim else None
     # (accumulated block by block in each program's slot)
     log_ratio = _chunk_sums(mu, (num_samples, batch), chunks, zeros=True, dtype=acc) if want_log_ratio else None
-    if batch == 0:
-        return z, _row_sums(kl, chunks), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio, chunks)
-    _latent_forward[(batch, chunks)](
-        mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
-        mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
-        kl if log_ratio is None else log_ratio,
-        batch, dim, num_samples,
-        PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
-        WANT_KL_PER_DIM=want_kl_per_dim, WANT_LOG_RATIO=want_log_ratio, DIM_MULTIPLE_OF_4=dim % 4 == 0,
-        ACC=_acc(mu.dtype), CHUNK=chunk,
-    )
+    if batch > 0:
+        _latent_forward[(batch, chunks)](
+            mu, mu.stride(0), scale, scale.stride(0), *_strided(prior_mu, mu), *_strided(prior_logvar, mu),
+            mu if eps is None else eps, seed, z, kl, kl if kl_per_dim is None else kl_per_dim,
+            kl if log_ratio is None else log_ratio,
+            batch, dim, num_samples,
+            PARAM=param, HAS_PRIOR=prior_mu is not None, HAS_EPS=eps is not None,
+            WANT_KL_PER_DIM=want_kl_per_dim, WANT_LOG_RATIO=want_log_ratio, DIM_MULTIPLE_OF_4=dim % 4 == 0,
+            ACC=_acc(mu.dtype), CHUNK=chunk,
+        )
     return z, _row_sums(kl, chunks), kl_per_dim, None if log_ratio is None else _row_sums(log_ratio, chunks)
 
 
@@ -250,8 +250,8 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
     class_block = triton.next_power_of_2(classes)
     pixel_block = max(1, min(triton.next_power_of_2(max(pixels, 1)), 4096 // class_block))
     num_blocks = triton.cdiv(pixels, pixel_block)
-    partial = logits.new_empty((rows, num_blocks), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    invalid = torch.empty((rows, num_blocks), dtype=torch.int32, device=logits.device)  # written by every program
+    partial = _chunk_sums(logits, (rows,), num_blocks, dtype=_acc_dtype(logits.dtype))
+    invalid = _chunk_sums(logits, (rows,), num_blocks, dtype=torch.int32)  # written by every program
     grad = torch.empty_like(logits) if want_grad else None
     if rows > 0 and pixels > 0:
         categorical_kernel[(rows, num_blocks)](
@@ -261,7 +261,7 @@ def categorical_log_prob(logits, target, want_grad, expected_upstream=1.0):
             WANT_GRAD=want_grad, ACC=_acc(logits.dtype), PIXELS=pixel_block, CLASSES=class_block,
             num_warps=4,
         )
-    return partial.sum(1), grad, invalid
+    return _row_sums(partial, num_blocks), grad, invalid
 
 
 def _dmol_view(t, fallback):
@@ -296,9 +296,8 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
     if triton_interpreting():
         pixel_block = min(pixel_block, 16)
     num_blocks = triton.cdiv(pixels, pixel_block)
-    acc_dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
-    partial = means.new_empty((rows, num_blocks), dtype=acc_dtype)
-    invalid = torch.empty((rows, num_blocks), dtype=torch.int32, device=means.device)  # written by every program
+    partial = _chunk_sums(means, (rows,), num_blocks, dtype=_acc_dtype(means.dtype))
+    invalid = _chunk_sums(means, (rows,), num_blocks, dtype=torch.int32)  # written by every program
     grads4 = (None, None, None, None) if grads is None else grads
     if rows > 0 and pixels > 0:
         l_view = _dmol_view(logit_probs, means)
@@ -314,7 +313,7 @@ def dmol_log_prob(x, logit_probs, means, log_scales, coeffs, num_bits, log_scale
             HALF_BIN=1.0 / (2**num_bits - 1), LOG_SCALE_MIN=float(log_scale_min), ACC=_acc(means.dtype),
             MIX=mix_block, PIX=pixel_block, num_warps=num_warps,
         )
-    return partial.sum(1), invalid
+    return _row_sums(partial, num_blocks), invalid
 
 
 def scale_rows_inplace(grad: torch.Tensor, factor: torch.Tensor, tolerance: float) -> torch.Tensor:
