@@ -8,6 +8,7 @@ import torch
 
 from .._validation import check_choice, check_positive_int, check_same_device, check_tensor, raise_if_invalid
 from ..ops import head as head_ops
+from ..ops import likelihood as likelihood_ops
 from ..ops.codes import Likelihood
 from ._common import check_x, default_expected_upstream, reduce
 
@@ -142,12 +143,10 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     log_prob, *_, num_invalid = head_ops.apply_linear_log_prob(
         h3, weight, bias, x3, scale, code, head_ops.chunk_elements_for(max_chunk_bytes, h.element_size()), expected,
         None, bool(want_grads), want_lv)
-    if likelihood in ("bernoulli", "continuous_bernoulli"):
-        raise_if_invalid(num_invalid, f"x must lie in [0, 1] for the {likelihood} likelihood")
-    elif not categorical:
-        raise_if_invalid(num_invalid, f"x must not hold NaN for the {likelihood} likelihood")
-    else:
+    if categorical:
         raise_if_invalid(num_invalid, f"x holds class indices outside [0, {out_features})")
+    else:
+        raise_if_invalid(num_invalid, likelihood_ops.SUPPORT_MESSAGES[code])
     return reduce(log_prob.view(h_last.shape[:lead]), reduction)
 
 

@@ -320,11 +320,12 @@ class LinearLogProbFunction(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 14
         if torch.is_grad_enabled():
+            under_func = torch._C._are_functorch_transforms_active()
             raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported"
                                + (" (torch.func's grad / jacrev / vmap(grad) run backward that way, even for a first "
-                                  "derivative)" if torch._C._are_functorch_transforms_active() else "")
+                                  "derivative)" if under_func else "")
                                + "; use the unfused head (F.linear + the likelihood) for higher derivatives"
-                               + (" and under torch.func" if torch._C._are_functorch_transforms_active() else ""))
+                               + (" and under torch.func" if under_func else ""))
         h, weight, bias, x, logvar, *grads = ctx.saved_tensors
         grads = [_present(g) for g in grads]
         if grads[0] is None:

@@ -284,7 +284,7 @@ class ElementwiseStep(torch.autograd.Function):
         log_prob, grad, grad_scale, num_invalid = kernels.elementwise_step_log_prob(
             theta, x, scale, rows, elements, likelihood, want_grad, want_scale_grad, expected_upstream)
         if num_invalid:
-            raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
+            raise_if_invalid(num_invalid, SUPPORT_MESSAGES[likelihood])
         ctx.likelihood = likelihood  # (x has theta's shape)
         if scale is None or type(scale) is float:
             ctx.shapes = (shape, shape, None)
@@ -364,12 +364,13 @@ def elementwise_log_prob(theta, x, logvar, likelihood: int, lead_ndim: int, expe
                                                            want_lv, expected_upstream)
     # (raise_if_invalid skips the check under torch.compile; the message lookup would guard the graph on the dict)
     if not torch.compiler.is_compiling():
-        raise_if_invalid(num_invalid, _SUPPORT_MESSAGES[likelihood])
+        raise_if_invalid(num_invalid, SUPPORT_MESSAGES[likelihood])
     return log_prob
 
 
-# (made once: an f-string with the enum's name cost a microsecond per call)
-_SUPPORT_MESSAGES = {code: f"x must lie in [0, 1] for the {Likelihood(code).name.lower()} likelihood"
+# x outside each elementwise likelihood's support, by code (made once: an f-string with the enum's name cost a
+# microsecond per call); the fused heads raise the same
+SUPPORT_MESSAGES = {code: f"x must lie in [0, 1] for the {Likelihood(code).name.lower()} likelihood"
                      if code in _LOGIT_FAMILY else f"x must not hold NaN for the {Likelihood(code).name.lower()} likelihood"
                      for code in Likelihood}
 
