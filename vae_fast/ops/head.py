@@ -37,27 +37,41 @@ from ._library import acc_dtype, call, kernels_for, register_op
 from .codes import HEAD_CATEGORICAL, HEAD_DMOL
 
 CATEGORICAL, DMOL = HEAD_CATEGORICAL, HEAD_DMOL  # the elementwise heads use ops.codes.Likelihood
-DEFAULT_CHUNK_BYTES = 1 << 20  # per chunk buffer (output, gradient); 8 MiB measured no faster, and 2.5x the peak
+DEFAULT_CHUNK_BYTES = 1 << 20  # per chunk buffer (output, gradient), unless the chunk's GEMMs need more rows:
+# a chunk's three GEMMs (output, d/dh, d/dW) run (rows, H) x (H, O) and slow down below about 2048 rows here: the
+# 784-400 MNIST head at B = 1024 took 7.3 ms fwd+bwd in 1 MiB chunks (334 rows) and 6.2 ms in one; the categorical
+# head at 4x3x16x16 (768 rows an example) 2.17 ms in 1 MiB chunks, 1.96 in 2 MiB. So the default budget grows to
+# DEFAULT_MIN_CHUNK_ROWS rows of the output, up to DEFAULT_MAX_CHUNK_BYTES (a 50,000-way output keeps 8 MiB).
+# The categorical head at 16x3x32x32 measured 27.5 ms in chunks of 1 MiB and 27.3 in 8 (2.5x the peak).
+DEFAULT_MIN_CHUNK_ROWS = 2048
+DEFAULT_MAX_CHUNK_BYTES = 8 << 20
 # The mixture head's chunks: 2 MiB holds one 64x64 example's 100 channels (1.6 MB), so each GEMM spans an
 # example's pixels: 14.2 ms vs 19.1 ms at 1 MiB (two pixel blocks per example) for 8x3x64x64, peak 0.26x -> see
 # benchmarks/results/heads-*.md for the peak at this default.
 DEFAULT_MIXTURE_CHUNK_BYTES = 2 << 20
 
 
-def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4, default: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Output elements per chunk for a memory budget (bytes per chunk buffer; ``default`` when None)."""
-    budget = default if max_chunk_bytes is None else int(max_chunk_bytes)
+def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4, default: int = DEFAULT_CHUNK_BYTES,
+                       out_features: int = 1) -> int:
+    """Output elements per chunk buffer: ``max_chunk_bytes`` // ``itemsize`` when given, else ``default`` bytes or
+    DEFAULT_MIN_CHUNK_ROWS rows of ``out_features`` if more, at most DEFAULT_MAX_CHUNK_BYTES."""
+    if max_chunk_bytes is None:
+        budget = max(default, min(DEFAULT_MIN_CHUNK_ROWS * out_features * itemsize, DEFAULT_MAX_CHUNK_BYTES))
+    else:
+        budget = int(max_chunk_bytes)
     return max(1, budget // itemsize)
 
 
 def _chunks(num_examples: int, positions: int, out_features: int, chunk_elements: int):
-    """(n0, n1, p0, p1) blocks covering (N, P): whole examples while they fit the budget, else
-    pixel blocks of one example (so a single 1024x1024 image still streams through a small buffer)."""
+    """(n0, n1, p0, p1) blocks covering (N, P): whole examples while they fit the budget (equal numbers of them),
+    else pixel blocks of one example (so a single 1024x1024 image still streams through a small buffer)."""
     per_example = positions * out_features
     if per_example <= chunk_elements:
-        step = max(1, chunk_elements // max(per_example, 1))
-        for n0 in range(0, num_examples, step):
-            yield n0, min(num_examples, n0 + step), 0, positions
+        per_chunk = max(1, chunk_elements // max(per_example, 1))
+        blocks = -(-num_examples // per_chunk)
+        # equal chunks (four of 256 examples rather than 3 x 334 + 22): no short GEMM at the end
+        for block in range(blocks):
+            yield num_examples * block // blocks, num_examples * (block + 1) // blocks, 0, positions
         return
     # equal blocks (two of 2048 pixels rather than 2621 + 1475): no short GEMM at each example's end
     blocks = -(-positions * out_features // chunk_elements)
