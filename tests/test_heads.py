@@ -175,6 +175,28 @@ def test_default_chunks_are_large_enough_for_the_gemms_and_equal():
     assert calls == [(1024, 1, 8)]
 
 
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "categorical", "dmol"])
+def test_empty_batch_gives_zero_gradients(backend, likelihood):
+    """B = 0: no chunk runs; log p is (0,) and d/dW, d/db are zeros of the parameters' shapes (the accumulators
+    are the first chunk's products, so the empty case builds its own)."""
+    h = torch.randn(0, 4, 3, 3, dtype=F64, device=backend, requires_grad=True)
+    if likelihood == "dmol":
+        out_features, x = 2 * 10, torch.zeros(0, 3, 3, 3, dtype=F64, device=backend)
+    elif likelihood == "categorical":
+        out_features, x = 5, torch.zeros(0, 3, 3, dtype=torch.long, device=backend)
+    else:
+        out_features, x = 5, torch.zeros(0, 3, 3, 5, dtype=F64, device=backend)
+    channels_first = likelihood == "dmol"
+    h_in = h if channels_first else h.movedim(1, -1)
+    weight = torch.randn(out_features, 4, dtype=F64, device=backend, requires_grad=True)
+    bias = torch.randn(out_features, dtype=F64, device=backend, requires_grad=True)
+    got = vae_fast.linear_log_prob(h_in, weight, bias, x, likelihood=likelihood, channel_dim=1 if channels_first else -1)
+    assert got.shape == (0,) and got.dtype == F64
+    grads = torch.autograd.grad(got.sum(), (h, weight, bias))
+    assert grads[0].shape == h.shape
+    assert torch.equal(grads[1], torch.zeros_like(weight)) and torch.equal(grads[2], torch.zeros_like(bias))
+
+
 def test_opcheck_and_compile():
     torch.manual_seed(0)
     h, weight, bias = torch.randn(2, 3, 5), torch.randn(4, 5), torch.randn(4)

@@ -148,7 +148,9 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise_if_invalid(num_invalid, f"x holds class indices outside [0, {out_features})")
     else:
         raise_if_invalid(num_invalid, likelihood_ops.SUPPORT_MESSAGES[code])
-    return reduce(log_prob.view(h_last.shape[:lead]), reduction)
+    if lead == 2:  # (K, B); (a view of (B,) as (B,) would add an autograd node to every call's graph)
+        log_prob = log_prob.view(h_last.shape[:lead])
+    return reduce(log_prob, reduction)
 
 
 def _dmol_head(h, weight, bias, x, channel_dim, reduction, max_chunk_bytes, num_mixtures=None, num_bits=8,
