@@ -3,10 +3,13 @@ peak memory growth (peak RSS of a fresh process running one forward + backward, 
 the inputs in place).
 
 Cases (the issue's): a per-pixel 256-way categorical head 16x3x32x32x256 from 64 features, and a
-logistic-mixture 1x1 conv 64 -> 100 channels (M = 10, RGB) at 8x3x64x64. Implementations: the fused
-head (``vae_fast.linear_log_prob``), the unfused vae_fast path (F.linear / conv2d, then the fused
-likelihood), eager torch (F.cross_entropy; NVAE's DiscMixLogistic), torch.compile of eager and, for
-the categorical head, ``F.linear_cross_entropy``.
+logistic-mixture 1x1 conv 64 -> 100 channels (M = 10, RGB) at 8x3x64x64; and the MNIST MLP decoder's last
+layer, 400 -> 784 Bernoulli logits at B = 1024 (B = 128 in the quick run), the most common head and one
+whose output is small: there the fused head must not cost more than the unfused path. Implementations: the
+fused head (``vae_fast.linear_log_prob``), the unfused vae_fast path (F.linear / conv2d, then the fused
+likelihood), eager torch (F.cross_entropy, F.binary_cross_entropy_with_logits; NVAE's DiscMixLogistic),
+torch.compile of eager and, for the categorical head, ``F.linear_cross_entropy``. Each round times every
+implementation over at least 20 ms (one step of the full categorical case, many of the quick ones).
 
     .venv/bin/python -m benchmarks.bench_heads [--quick] [--out benchmarks/results]
 """
@@ -30,10 +33,12 @@ from benchmarks import impls
 CASES = {
     "categorical": dict(batch=16, pixels=(3, 32, 32), features=64, classes=256),
     "dmol": dict(batch=8, size=(64, 64), features=64, mixtures=10),
+    "bernoulli": dict(batch=1024, features=400, outputs=784),
 }
 QUICK = {
     "categorical": dict(batch=4, pixels=(3, 16, 16), features=64, classes=256),
     "dmol": dict(batch=2, size=(32, 32), features=64, mixtures=10),
+    "bernoulli": dict(batch=128, features=400, outputs=784),
 }
 
 
@@ -46,6 +51,13 @@ def make_inputs(case: str, quick: bool):
         weight = (torch.randn(k, hdim, generator=gen) / hdim ** 0.5).requires_grad_()
         bias = torch.zeros(k).requires_grad_()
         x = torch.randint(0, k, (b, *pix), generator=gen)
+        return h, weight, bias, x
+    if case == "bernoulli":
+        b, hdim, out = spec["batch"], spec["features"], spec["outputs"]
+        h = torch.randn(b, hdim, generator=gen).requires_grad_()
+        weight = (torch.randn(out, hdim, generator=gen) / hdim ** 0.5).requires_grad_()
+        bias = torch.zeros(out).requires_grad_()
+        x = (torch.rand(b, out, generator=gen) > 0.5).float()
         return h, weight, bias, x
     b, size, hdim, m = spec["batch"], spec["size"], spec["features"], spec["mixtures"]
     out = m + 3 * 3 * m
@@ -74,6 +86,18 @@ def implementations(case: str) -> dict:
 
         return {"fused head": fused, "vae_fast unfused": unfused, "eager": eager, "torch.compile(eager)": eager,
                 "F.linear_cross_entropy": torch_lce}
+
+    if case == "bernoulli":
+        def fused(h, w, b, x):
+            return -vae_fast.linear_log_prob(h, w, b, x, likelihood="bernoulli").mean()
+
+        def unfused(h, w, b, x):
+            return -vae_fast.bernoulli_log_prob(F.linear(h, w, b), x).mean()
+
+        def eager(h, w, b, x):
+            return F.binary_cross_entropy_with_logits(F.linear(h, w, b), x, reduction="sum") / x.shape[0]
+
+        return {"fused head": fused, "vae_fast unfused": unfused, "eager": eager, "torch.compile(eager)": eager}
 
     def fused(h, w, b, x):
         return -vae_fast.linear_log_prob(h, w, b, x, likelihood="dmol", channel_dim=1).mean()
@@ -131,15 +155,19 @@ def time_impls(case: str, quick: bool, rounds: int) -> dict:
             t.grad = None
         fn(*inputs).backward()
 
-    for fn in fns.values():
+    reps = {}
+    for name, fn in fns.items():
         step(fn)
+        start = time.perf_counter()
         step(fn)
+        reps[name] = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
-            step(fn)
-            times[name].append(time.perf_counter() - start)
+            for _ in range(reps[name]):
+                step(fn)
+            times[name].append((time.perf_counter() - start) / reps[name])
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -152,7 +180,7 @@ def main(argv=None) -> None:
     if args.child:
         peak_growth_child(*args.child, args.quick)
         return
-    rounds = 3 if args.quick else 15
+    rounds = 5 if args.quick else 15
     lines = ["| head | implementation | fwd+bwd ms | speed-up of the fused head | peak memory growth MiB |"
              " fused / this |", "|---|---|---|---|---|---|"]
     for case in CASES:

@@ -111,6 +111,50 @@ def test_any_upstream_gradient_and_repeated_backward(backend, upstream):
     _, leaves = _check("gaussian", 1, 1, backend, 8 * 6, "per_channel", upstream)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("likelihood, kwargs", [("bernoulli", {}), ("continuous_bernoulli", {}),
+                                                ("gaussian", {"logvar": 0.3}), ("laplace", {}),
+                                                ("categorical", {}), ("categorical", {"uint8": True})],
+                         ids=["bernoulli", "cb", "gaussian", "laplace", "categorical", "categorical-uint8"])
+def test_per_step_path_equals_the_reference_for_any_upstream(likelihood, kwargs, dtype):
+    """A Linear head whose output fits one chunk takes the per-step Function (ops.head.linear_step): its values and
+    gradients equal F.linear + the float64 likelihood for the expected upstream, a multiple of it and per-row
+    weights (a recompute through the chunked op in the op's frame), with and without a bias, twice over one
+    graph; the same call with a smaller chunk budget takes the chunked op."""
+    if vae_fast._backend._cpu_ext is None:
+        pytest.skip("needs the C++ extension")
+    kwargs = dict(kwargs)
+    uint8 = kwargs.pop("uint8", False)
+    gen = torch.Generator().manual_seed(len(likelihood))
+    for with_bias in (True, False):
+        h, weight, bias, x = _case(likelihood, -1, 1, "cpu", gen)
+        if uint8:
+            x = x.to(torch.uint8)
+        h, weight, bias = (t.to(dtype).requires_grad_() for t in (h, weight, bias))
+        bias = bias if with_bias else None
+        leaves = [t for t in (h, weight, bias) if t is not None]
+        x = x if likelihood == "categorical" else x.to(dtype)
+        got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood=likelihood, **kwargs)
+        assert type(got.grad_fn).__name__ == "LinearStepBackward"
+        chunked = vae_fast.linear_log_prob(h, weight, bias, x, likelihood=likelihood, max_chunk_bytes=64, **kwargs)
+        assert type(chunked.grad_fn).__name__ != "LinearStepBackward"
+        copies = [t.detach().double().requires_grad_() for t in leaves]
+        out = F.linear(copies[0], copies[1], copies[2] if with_bias else None)
+        if likelihood == "categorical":
+            expected = ref.categorical_log_prob(out, x.long(), batch_dims=1)
+        else:
+            expected = _unfused(likelihood, out, x.double(), kwargs.get("logvar", 0.0))
+        assert_matches_reference(got, expected, dtype, terms=24)
+        for upstream in ("mean", "scaled", "per_row"):
+            weights = {"mean": torch.full(got.shape, -1.0 / got.numel()), "scaled": torch.full(got.shape, 2.5),
+                       "per_row": torch.randn(got.shape, generator=gen)}[upstream].to(dtype)
+            want = torch.autograd.grad((expected * weights.double()).sum(), copies, retain_graph=True)
+            for _ in range(2):  # retain_graph: the saved gradients are not consumed
+                for g, e in zip(torch.autograd.grad((got * weights).sum(), leaves, retain_graph=True), want):
+                    assert g.dtype == dtype
+                    assert_matches_reference(g, e, dtype, terms=24)
+
+
 def test_bad_input_names_the_argument():
     h, weight, bias = torch.randn(2, 5), torch.randn(4, 5), torch.randn(4)
     x = torch.rand(2, 4)
@@ -163,13 +207,15 @@ def test_default_chunks_are_large_enough_for_the_gemms_and_equal():
     assert list(head_ops._chunks(10, 3, 4, 12 * 4)) == [(0, 3, 0, 3), (3, 6, 0, 3), (6, 10, 0, 3)]
     assert list(head_ops._chunks(0, 3, 4, 12 * 4)) == []
 
-    # the public call passes its out_features: a 1024 x 784 Bernoulli head (3.2 MB of output) is one chunk
+    # the public call passes its out_features: a 1024 x 784 Gaussian head with a learned variance (the chunked op;
+    # 3.2 MB of output) is one chunk
     calls = []
     chunk = head_ops._elementwise_chunk
     try:
         head_ops._elementwise_chunk = lambda head, hb, *args: calls.append(hb.shape) or chunk(head, hb, *args)
         h = torch.randn(1024, 8, requires_grad=True)
-        vae_fast.linear_log_prob(h, torch.randn(784, 8), None, torch.rand(1024, 784), likelihood="bernoulli")
+        vae_fast.linear_log_prob(h, torch.randn(784, 8), None, torch.rand(1024, 784), likelihood="gaussian",
+                                 logvar=torch.tensor(0.1, requires_grad=True))
     finally:
         head_ops._elementwise_chunk = chunk
     assert calls == [(1024, 1, 8)]

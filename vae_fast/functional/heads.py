@@ -56,6 +56,27 @@ def _scale_frame(name: str, value, out_shape, channel_dim: int, lead: int, dtype
     return view.reshape(frame[0], frame[1], view.shape[-1])
 
 
+def _step(h, weight, bias, x, likelihood, channel_dim, reduction, max_chunk_bytes, likelihood_kwargs):
+    """:func:`vae_fast.ops.head.linear_step` for a Linear head over h's last dim with an elementwise likelihood (its
+    scale, if any, a number) or the categorical, and no sample dim: None for any other call, or one the step does
+    not take (the caller then checks the arguments and takes the chunked op)."""
+    entry = HEAD_LIKELIHOODS.get(likelihood) if type(likelihood) is str else None
+    if (entry is None or entry[0] == head_ops.DMOL or type(channel_dim) is not int
+            or not (channel_dim == -1 or channel_dim == h.dim() - 1)
+            or not (max_chunk_bytes is None or (type(max_chunk_bytes) is int and max_chunk_bytes > 0))):
+        return None
+    code, scale_name = entry
+    scale = None
+    if likelihood_kwargs:
+        if scale_name is None or len(likelihood_kwargs) > 1 or type(scale := likelihood_kwargs.get(scale_name)) not in (
+                float, int):
+            return None
+        scale = float(scale)
+    elif scale_name is not None:
+        scale = 0.0  # (the default log-variance / log-scale)
+    return head_ops.linear_step(h, weight, bias, x, code, scale, reduction, max_chunk_bytes)
+
+
 def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, *,
                     likelihood: str, channel_dim: int = -1, reduction: str = "none",
                     max_chunk_bytes: int | None = None, **likelihood_kwargs) -> torch.Tensor:
@@ -76,6 +97,9 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     Returns ``(B,)`` (``(K, B)`` with samples) for ``reduction="none"``, else reduced.
     """
+    log_prob = _step(h, weight, bias, x, likelihood, channel_dim, reduction, max_chunk_bytes, likelihood_kwargs)
+    if log_prob is not None:
+        return reduce(log_prob, reduction)
     check_choice("likelihood", likelihood, HEAD_LIKELIHOODS)
     code, scale_name = HEAD_LIKELIHOODS[likelihood]
     allowed = ({scale_name} if scale_name else set()) | (_DMOL_KWARGS if code == head_ops.DMOL else set())

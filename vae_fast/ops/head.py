@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import is_legacy_batched, is_plain
-from ._autograd import SKIP_CHECK_ULPS, fast_apply, mark_non_differentiable, no_forward_ad
-from ._library import acc_dtype, call, kernels_for, register_op
+from .._validation import STRIDED, is_legacy_batched, is_plain, raise_if_invalid
+from ._autograd import (SKIP_CHECK_ULPS, eager_function_apply, fast_apply, mark_non_differentiable, no_forward_ad,
+                        step_ctx_constants)
+from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 from .codes import HEAD_CATEGORICAL, HEAD_DMOL
+from .likelihood import SUPPORT_MESSAGES
 
 CATEGORICAL, DMOL = HEAD_CATEGORICAL, HEAD_DMOL  # the elementwise heads use ops.codes.Likelihood
 DEFAULT_CHUNK_BYTES = 1 << 20  # per chunk buffer (output, gradient), unless the chunk's GEMMs need more rows:
@@ -381,32 +383,45 @@ class LinearLogProbFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *unused):
         if grad_out is None:
             return (None,) * 14
-        if torch.is_grad_enabled():
-            under_func = torch._C._are_functorch_transforms_active()
-            raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported"
-                               + (" (torch.func's grad / jacrev / vmap(grad) run backward that way, even for a first "
-                                  "derivative)" if under_func else "")
-                               + "; use the unfused head (F.linear + the likelihood) for higher derivatives"
-                               + (" and under torch.func" if under_func else ""))
         h, weight, bias, x, logvar, *grads = ctx.saved_tensors
-        grads = [_present(g) for g in grads]
-        if grads[0] is None:
-            raise RuntimeError("vae_fast.linear_log_prob: called with want_grads=False, nothing to differentiate")
-        factor = _upstream_factor(grad_out, ctx.expected_upstream)
-        if factor is None:  # per-row upstream: one more chunked pass with those weights
-            weights = grad_out.reshape(-1).to(acc_dtype(h.dtype))
-            op = torch.ops.vae_fast.linear_log_prob.default
-            args = (_traceable_layout(h), weight, bias, x, logvar, ctx.likelihood, ctx.chunk_elements, 1.0, weights, True,
-                    ctx.want_logvar_grad, *ctx.mixture)
-            # (is_grads_batched: batched weights go through the dispatcher, see _validation.is_legacy_batched)
-            _, *grads, _ = op(*args) if is_legacy_batched(weights) else call(op, _head_kernel, *args)
-            grads = [_present(g) for g in grads]
-        elif factor != 1.0:
-            grads = [None if g is None else g * factor for g in grads]
+        grad_h, grad_w, grad_b, grad_lv = _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads)
         needs = ctx.needs_input_grad
-        grad_h, grad_w, grad_b, grad_lv = grads
         return (grad_h if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None, None,
                 grad_lv if needs[4] else None, *(None,) * 9)
+
+
+def _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads, frames=None) -> list:
+    """[d/dh, d/dW, d/db, d/dlogvar] for ``grad_out`` from the gradients forward computed (``grads``, times the
+    expected upstream; absent ones None or (0,)): themselves, scaled, or recomputed chunk by chunk with grad_out as
+    per-row weights. ``h``, ``x``, ``logvar``: the op's operands, or with ``frames`` = (h's, x's op-frame shapes)
+    the per-step call's (views to those shapes for a recompute, whose d/dh is viewed back to h's shape)."""
+    if torch.is_grad_enabled():
+        under_func = torch._C._are_functorch_transforms_active()
+        raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported"
+                           + (" (torch.func's grad / jacrev / vmap(grad) run backward that way, even for a first "
+                              "derivative)" if under_func else "")
+                           + "; use the unfused head (F.linear + the likelihood) for higher derivatives"
+                           + (" and under torch.func" if under_func else ""))
+    grads = [_present(g) for g in grads]
+    if grads[0] is None:
+        raise RuntimeError("vae_fast.linear_log_prob: called with want_grads=False, nothing to differentiate")
+    factor = _upstream_factor(grad_out, ctx.expected_upstream)
+    if factor is None:  # per-row upstream: one more chunked pass with those weights
+        weights = grad_out.reshape(-1).to(acc_dtype(h.dtype))
+        h_shape = h.shape
+        if frames is not None:
+            h, x = h.view(frames[0]), x.view(frames[1])
+        op = torch.ops.vae_fast.linear_log_prob.default
+        args = (_traceable_layout(h), weight, bias, x, logvar, ctx.likelihood, ctx.chunk_elements, 1.0, weights, True,
+                ctx.want_logvar_grad, *ctx.mixture)
+        # (is_grads_batched: batched weights go through the dispatcher, see _validation.is_legacy_batched)
+        _, *grads, _ = op(*args) if is_legacy_batched(weights) else call(op, _head_kernel, *args)
+        grads = [_present(g) for g in grads]
+        if frames is not None:
+            grads[0] = grads[0].view(h_shape)
+    elif factor != 1.0:
+        grads = [None if g is None else g * factor for g in grads]
+    return grads
 
 
 register_op(
@@ -419,3 +434,98 @@ register_op(
 
 apply_linear_log_prob = fast_apply(LinearLogProbFunction, _head_kernel, eager_outputs=(0, 5),  # log_prob, num_invalid
                                    jvp=no_forward_ad("linear_log_prob"))
+
+
+class LinearStep(torch.autograd.Function):
+    """The per-step call of :class:`LinearLogProbFunction` (see :func:`linear_step`): forward(h (N, *, H), weight
+    (O, H), bias (O,) | None, x, plan) -> log_prob (N,) in one chunk: the output GEMM, the likelihood's step kernel,
+    and the GEMMs of d/dh, d/dW and the column sum of d/db, with no chunk loop, accumulators or op-frame views
+    around them (about 110 us of Python a call on the MNIST head). Its ctx holds what backward reads from
+    LinearLogProbFunction's (a float scale as ``scale``); backward is :func:`_head_gradients`."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, x, plan):
+        kernels, likelihood, scale, examples, out_features, want_grads, expected_upstream, chunk_elements = plan
+        h2 = h.view(-1, h.shape[-1])  # (N P, H): h is contiguous
+        out = torch.mm(h2, weight.t()) if bias is None else torch.addmm(bias, h2, weight.t())
+        if likelihood == CATEGORICAL:
+            log_prob, grad, bad = kernels.categorical_step_log_prob(out, x, examples, out_features, want_grads,
+                                                                    expected_upstream)
+            if bad:
+                raise_if_invalid(bad, f"x holds class indices outside [0, {out_features})")
+        else:
+            log_prob, grad, _, bad = kernels.elementwise_step_log_prob(out, x, scale, examples, out.numel(), likelihood,
+                                                                       want_grads, False, expected_upstream)
+            if bad:
+                raise_if_invalid(bad, SUPPORT_MESSAGES[likelihood])
+        del out
+        if want_grads:
+            ctx.save_for_backward(h, weight, bias, x, torch.mm(grad, weight).view(h.shape), torch.mm(grad.t(), h2),
+                                  None if bias is None else grad.sum(0))
+            ctx.expected_upstream, ctx.likelihood, ctx.chunk_elements, ctx.scale = (expected_upstream, likelihood,
+                                                                                   chunk_elements, scale)
+        return log_prob
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, x, *grads = ctx.saved_tensors
+        scale = ctx.scale
+        logvar = None if scale is None else h.new_full((1, 1, 1), scale)  # (the op's operand, for a recompute)
+        examples, out_features = h.shape[0], weight.shape[0]
+        positions = h.numel() // (examples * h.shape[-1])
+        frames = ((examples, positions, h.shape[-1]),
+                  (examples, positions) if ctx.likelihood == CATEGORICAL else (examples, positions, out_features))
+        grad_h, grad_w, grad_b = _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads + [None], frames)[:3]
+        needs = ctx.needs_input_grad
+        return grad_h if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None, None, None
+
+
+step_ctx_constants(LinearStep, want_logvar_grad=False, mixture=())
+_apply_linear_step = eager_function_apply(LinearStep)
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def linear_step(h, weight, bias, x, likelihood: int, scale: float | None, reduction: str,
+                max_chunk_bytes: int | None) -> torch.Tensor | None:
+    """:func:`vae_fast.linear_log_prob` of a Linear head (channel_dim = -1, no sample dim) with an elementwise
+    likelihood (``scale``: None, or the Gaussian's / Laplace's fixed log-variance / log-scale as a float) or the
+    categorical, through :class:`LinearStep`; None when the call does not qualify (the caller then checks its
+    arguments and takes the chunked op). Returns log_prob (N,).
+
+    The call qualifies when it is plain eager (see :func:`step_kernels_for`), h (N, *, H) with N > 0, weight (O, H),
+    bias (O,) or None and x are plain contiguous CPU tensors, h, weight, bias float32 or float64 of one dtype, x of
+    it too with the output's shape (N, *, O), or int64 / uint8 class indices (N, *) for the categorical, x does not
+    require grad, and the whole output fits one chunk of the default budget (or of ``max_chunk_bytes``). The tests
+    are attribute reads in one expression, as in :func:`vae_fast.ops.likelihood.elementwise_step`."""
+    categorical = likelihood == CATEGORICAL
+    try:
+        if not (type(h) is torch.Tensor and type(weight) is torch.Tensor and type(x) is torch.Tensor
+                and (bias is None or type(bias) is torch.Tensor) and (dtype := h.dtype) in _STEP_DTYPES
+                and weight.dtype == dtype and h.layout is STRIDED and weight.layout is STRIDED and x.layout is STRIDED
+                and x.is_cpu and weight.is_cpu and not x.requires_grad
+                and len(h_shape := h.shape) > 1 and (examples := h_shape[0]) > 0 and weight.dim() == 2
+                and weight.shape[1] == h_shape[-1] and h.is_contiguous() and weight.is_contiguous()
+                and x.is_contiguous()):
+            return None
+        out_features = weight.shape[0]
+        if bias is not None and not (bias.dtype == dtype and bias.is_cpu and bias.layout is STRIDED
+                                     and bias.shape == (out_features,) and bias.is_contiguous()):
+            return None
+        if categorical:
+            if not ((x.dtype == torch.int64 or x.dtype == torch.uint8) and x.shape == h_shape[:-1]):
+                return None
+        elif not (x.dtype == dtype and x.shape[:-1] == h_shape[:-1] and x.shape[-1] == out_features):
+            return None
+    except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
+        return None
+    chunk_elements = chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features)
+    if h.numel() // h_shape[-1] * out_features > chunk_elements:  # more than one chunk: the chunked op
+        return None
+    kernels = step_kernels_for(h, 0)  # (also: h's dtype has a step kernel)
+    if kernels is None:
+        return None
+    want_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    expected_upstream = -1.0 if reduction == "sum" else -1.0 / examples  # (default_expected_upstream; N > 0)
+    return _apply_linear_step(h, weight, bias, x, (kernels, likelihood, scale, examples, out_features, want_grads,
+                                                   expected_upstream, chunk_elements))
