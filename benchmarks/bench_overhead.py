@@ -19,8 +19,10 @@ backward separately, in the terms of issue #18: wrapper time minus raw-kernel ti
   more than after a small one.
 
 Next to them, the floor that any ``torch.autograd.Function`` pays here: an empty Function that
-allocates the op's outputs (forward) and its gradients (backward); and the seed draw the latent op
-needs (``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent, every elementwise likelihood at 128 x 784
+allocates the op's outputs (forward) and its gradients (backward), called on its own (warm caches) and right
+after the op's kernel (the kernel then the Function, minus the kernel alone: the caches as the public call finds
+them after its kernel, which the in-call column measures in); and the seed draw the latent op needs
+(``torch.randint``). Shapes: the MNIST VAE's 128 x 20 latent, every elementwise likelihood at 128 x 784
 (the Gaussian with a fixed and a learned scalar variance, the Laplace with a learned scale as in the LDM
 autoencoder), a 256-way categorical over 16 x 64 pixels and a packed 16 x 3 x 8 x 8 logistic mixture.
 Overheads are minima over alternated rounds (the machine's noise only adds to them); in parentheses the
@@ -242,6 +244,10 @@ def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
     rows = []
     for op, fns in cases().items():
         entry = fns.pop("entry")
+        # the empty Function again, right after the op's kernel (as in the public call: the caches as the kernel
+        # left them), minus that kernel alone: what any autograd.Function costs there
+        kernel_new, floor = fns["kernel_new_fwd"], fns["floor_fwd"]
+        fns["floor_after_kernel_fwd"] = lambda kernel_new=kernel_new, floor=floor: (kernel_new(), floor())
         in_call = outside_kernel(fns["public_fwd"], entry, rounds, calls)
         t = _time(fns, rounds, calls)
         us = {name: min(v) * 1e6 for name, v in t.items()}
@@ -254,6 +260,7 @@ def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
             fwd_overhead_reused=us["public_fwd"] - us["kernel_fwd"],
             in_call_overhead=in_call[0] * 1e6, in_call_overhead_median=in_call[1] * 1e6,
             floor_fwd=us["floor_fwd"], seed_draw=us.get("seed_draw", 0.0),
+            floor_after_kernel=_paired_median(t, ("floor_after_kernel_fwd",), ("kernel_new_fwd",)) * 1e6,
             kernel_bwd=kernel_bwd, node_bwd=us["node_bwd"], engine_bwd=us["engine_bwd"],
             bwd_overhead=us["node_bwd"] - us["engine_bwd"] - kernel_bwd,
             bwd_overhead_median=_paired_median(t, ("node_bwd",), ("engine_bwd", "kernel_bwd")) * 1e6,
@@ -264,15 +271,16 @@ def measure(rounds: int = 15, calls: int = 500) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| op | forward: public / kernel on new outputs (on reused outputs) us | forward overhead us (median) "
              "[vs the kernel on reused outputs] | in-call forward overhead us (median) | empty Function with the outputs (+ seed draw) us | "
+             "the same after the op's kernel us (median) | "
              "backward: node / kernel us | backward overhead us (median) | "
              "empty Function's backward, allocating the gradients, us |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seed = f" + {r['seed_draw']:.1f}" if r["seed_draw"] else ""
         lines.append(f"| {r['op']} | {r['public_fwd']:.1f} / {r['kernel_new_fwd']:.1f} ({r['kernel_fwd']:.1f}) | "
                      f"{r['fwd_overhead']:.1f} ({r['fwd_overhead_median']:.1f}) [{r['fwd_overhead_reused']:.1f}] | "
                      f"{r['in_call_overhead']:.1f} ({r['in_call_overhead_median']:.1f}) | "
-                     f"{r['floor_fwd']:.1f}{seed} | "
+                     f"{r['floor_fwd']:.1f}{seed} | {r['floor_after_kernel']:.1f} | "
                      f"{r['node_bwd'] - r['engine_bwd']:.1f} / {r['kernel_bwd']:.1f} | {r['bwd_overhead']:.1f} "
                      f"({r['bwd_overhead_median']:.1f}) | {r['floor_bwd_overhead']:.1f} |")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The benchmark scripts import and handle their arguments without a GPU (they are run, not
 tested for speed, elsewhere)."""
+import math
 import platform
 import subprocess
 import sys
@@ -101,5 +102,8 @@ def test_overhead_benchmark_measures_every_quantity():
     for entry in ("latent_step_forward", "elementwise_step", "categorical_step", "dmol_packed_step"):
         assert type(getattr(bench_overhead._C, entry)).__name__ == "builtin_function_or_method"
     assert "in-call forward overhead" in bench_overhead.markdown(rows)
+    # the empty Function timed after each op's kernel (a difference of two timings of three calls: finite)
+    assert all(math.isfinite(row["floor_after_kernel"]) for row in rows)
+    assert "after the op's kernel" in bench_overhead.markdown(rows)
     # main() fixes glibc's malloc thresholds first (a page-faulting run is not overhead): it must take on glibc
     assert bench_overhead.steady_malloc() == (platform.libc_ver()[0] == "glibc")
