@@ -155,6 +155,35 @@ def test_per_step_path_equals_the_reference_for_any_upstream(likelihood, kwargs,
                     assert_matches_reference(g, e, dtype, terms=24)
 
 
+def test_per_step_path_computes_only_the_gradients_asked_for():
+    """A frozen decoder's head (weight and bias without grad) skips the d/dW GEMM and the d/db sum; a head on
+    features that need no gradient skips d/dh's GEMM; the gradients that are asked for stay right."""
+    if vae_fast._backend._cpu_ext is None:
+        pytest.skip("needs the C++ extension")
+    gen = torch.Generator().manual_seed(3)
+    h, weight, bias, x = _case("bernoulli", -1, 1, "cpu", gen)
+
+    def run(h, weight, bias):
+        with torch.profiler.profile() as prof:
+            got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood="bernoulli")
+        leaves = [t for t in (h, weight, bias) if t.requires_grad]
+        grads = torch.autograd.grad(got.mean(), leaves)
+        names = [e.name for e in prof.events()]
+        return grads, names.count("aten::mm") + names.count("aten::addmm"), names.count("aten::sum")
+
+    copies = [t.clone().requires_grad_() for t in (h, weight, bias)]
+    expected = torch.autograd.grad(ref.bernoulli_log_prob(F.linear(*copies), x).mean(), copies)
+    (g_h,), gemms, sums = run(h.clone().requires_grad_(), weight, bias)
+    assert (gemms, sums) == (2, 0)  # the output, d/dh
+    assert_matches_reference(g_h, expected[0], F64, terms=24)
+    (g_w, g_b), gemms, sums = run(h, weight.clone().requires_grad_(), bias.clone().requires_grad_())
+    assert (gemms, sums) == (2, 1)  # the output, d/dW; d/db
+    assert_matches_reference(g_w, expected[1], F64, terms=24)
+    assert_matches_reference(g_b, expected[2], F64, terms=24)
+    _, gemms, sums = run(*(t.clone().requires_grad_() for t in (h, weight, bias)))
+    assert (gemms, sums) == (3, 1)
+
+
 def test_bad_input_names_the_argument():
     h, weight, bias = torch.randn(2, 5), torch.randn(4, 5), torch.randn(4)
     x = torch.rand(2, 4)

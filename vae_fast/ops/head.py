@@ -403,7 +403,7 @@ def _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads, frames=Non
                            + "; use the unfused head (F.linear + the likelihood) for higher derivatives"
                            + (" and under torch.func" if under_func else ""))
     grads = [_present(g) for g in grads]
-    if grads[0] is None:
+    if all(g is None for g in grads):
         raise RuntimeError("vae_fast.linear_log_prob: called with want_grads=False, nothing to differentiate")
     factor = _upstream_factor(grad_out, ctx.expected_upstream)
     if factor is None:  # per-row upstream: one more chunked pass with those weights
@@ -439,13 +439,16 @@ apply_linear_log_prob = fast_apply(LinearLogProbFunction, _head_kernel, eager_ou
 class LinearStep(torch.autograd.Function):
     """The per-step call of :class:`LinearLogProbFunction` (see :func:`linear_step`): forward(h (N, *, H), weight
     (O, H), bias (O,) | None, x, plan) -> log_prob (N,) in one chunk: the output GEMM, the likelihood's step kernel,
-    and the GEMMs of d/dh, d/dW and the column sum of d/db, with no chunk loop, accumulators or op-frame views
-    around them (about 110 us of Python a call on the MNIST head). Its ctx holds what backward reads from
-    LinearLogProbFunction's (a float scale as ``scale``); backward is :func:`_head_gradients`."""
+    and the GEMMs of d/dh, d/dW and the column sum of d/db (those of the operands that require grad), with no chunk
+    loop, accumulators or op-frame views around them (about 110 us of Python a call on the MNIST head). Its ctx
+    holds what backward reads from LinearLogProbFunction's (a float scale as ``scale``); backward is
+    :func:`_head_gradients`."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, x, plan):
-        kernels, likelihood, scale, examples, out_features, want_grads, expected_upstream, chunk_elements = plan
+        kernels, likelihood, scale, examples, out_features, wants, expected_upstream, chunk_elements = plan
+        want_h, want_w, want_b = wants
+        want_grads = want_h or want_w or want_b
         h2 = h.view(-1, h.shape[-1])  # (N P, H): h is contiguous
         out = torch.mm(h2, weight.t()) if bias is None else torch.addmm(bias, h2, weight.t())
         if likelihood == CATEGORICAL:
@@ -459,9 +462,9 @@ class LinearStep(torch.autograd.Function):
             if bad:
                 raise_if_invalid(bad, SUPPORT_MESSAGES[likelihood])
         del out
-        if want_grads:
-            ctx.save_for_backward(h, weight, bias, x, torch.mm(grad, weight).view(h.shape), torch.mm(grad.t(), h2),
-                                  None if bias is None else grad.sum(0))
+        if want_grads:  # (only the gradients asked for: a frozen decoder's head skips the d/dW GEMM)
+            ctx.save_for_backward(h, weight, bias, x, torch.mm(grad, weight).view(h.shape) if want_h else None,
+                                  torch.mm(grad.t(), h2) if want_w else None, grad.sum(0) if want_b else None)
             ctx.expected_upstream, ctx.likelihood, ctx.chunk_elements, ctx.scale = (expected_upstream, likelihood,
                                                                                    chunk_elements, scale)
         return log_prob
@@ -524,8 +527,10 @@ def linear_step(h, weight, bias, x, likelihood: int, scale: float | None, reduct
     kernels = step_kernels_for(h, 0)  # (also: h's dtype has a step kernel)
     if kernels is None:
         return None
-    want_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
+    if torch.is_grad_enabled():
+        wants = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    else:
+        wants = (False, False, False)
     expected_upstream = -1.0 if reduction == "sum" else -1.0 / examples  # (default_expected_upstream; N > 0)
-    return _apply_linear_step(h, weight, bias, x, (kernels, likelihood, scale, examples, out_features, want_grads,
+    return _apply_linear_step(h, weight, bias, x, (kernels, likelihood, scale, examples, out_features, wants,
                                                    expected_upstream, chunk_elements))
