@@ -223,14 +223,19 @@ def test_grad_weight_accumulates_in_float32_for_bfloat16():
 
 
 def test_default_chunks_are_large_enough_for_the_gemms_and_equal():
-    """The default budget (1 MiB) grows to 2048 rows of the output (up to 8 MiB): smaller chunks made the MNIST
-    head's GEMMs slower (7.3 vs 6.2 ms at B = 1024); chunks of whole examples are equal (no short last GEMM)."""
+    """The default budget (1 MiB) grows to 1024 rows of the output (whole examples, rounded up; up to 8 MiB):
+    smaller chunks made the MNIST head's GEMMs slower (7.3 vs 6.2 ms at B = 1024); chunks of whole examples are
+    equal (no short last GEMM)."""
     from vae_fast.ops import head as head_ops
 
-    assert head_ops.chunk_elements_for(None, 4, out_features=784) == 2048 * 784
+    assert head_ops.chunk_elements_for(None, 4, out_features=784) == 1024 * 784  # the MNIST head: B = 1024 in one
     assert head_ops.chunk_elements_for(None, 4, out_features=16) == (1 << 20) // 4  # the 1 MiB floor
     assert head_ops.chunk_elements_for(None, 4, out_features=50_000) == (8 << 20) // 4  # the 8 MiB cap
-    assert head_ops.chunk_elements_for(None, 4, head_ops.DEFAULT_MIXTURE_CHUNK_BYTES, 100) == (2 << 20) // 4
+    # 256-way pixels: examples of 768 rows go two to a chunk; 3072-row examples stream in 1024-row blocks (1 MiB)
+    assert head_ops.chunk_elements_for(None, 4, out_features=256, positions=768) == 2 * 768 * 256
+    assert head_ops.chunk_elements_for(None, 4, out_features=256, positions=3072) == 1024 * 256
+    # the mixture's 2 MiB hold one 64x64 example's 100 channels (4096 rows): kept
+    assert head_ops.chunk_elements_for(None, 4, head_ops.DEFAULT_MIXTURE_CHUNK_BYTES, 100, 4096) == (2 << 20) // 4
     assert head_ops.chunk_elements_for(4096, 4, out_features=784) == 1024  # a given budget is kept
     assert list(head_ops._chunks(1024, 1, 784, 334 * 784)) == [(n, n + 256, 0, 1) for n in range(0, 1024, 256)]
     assert list(head_ops._chunks(10, 3, 4, 12 * 4)) == [(0, 3, 0, 3), (3, 6, 0, 3), (6, 10, 0, 3)]

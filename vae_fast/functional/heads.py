@@ -91,7 +91,7 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     Likelihoods: ``"bernoulli"``, ``"continuous_bernoulli"``, ``"gaussian"`` (``logvar=`` float or a
     tensor broadcastable to the output), ``"laplace"`` (``log_scale=``), ``"categorical"``. The output is
     produced, scored and differentiated in chunks of at most ``max_chunk_bytes`` per buffer (default: 1 MiB, or
-    2048 rows of the output if that is more, up to 8 MiB, as smaller GEMMs run slower; 2 MiB for ``"dmol"``, one
+    1024 rows of the output if that is more, up to 8 MiB, as smaller GEMMs run slower; 2 MiB for ``"dmol"``, one
     64x64 example's 100 channels); d/dh, d/dweight (accumulated in float32) and d/dbias are computed in the same
     pass.
 
@@ -166,8 +166,9 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     want_lv = bool(want_grads and scale is not None and scale.requires_grad)
     expected = default_expected_upstream(reduction, examples)
     log_prob, *_, num_invalid = head_ops.apply_linear_log_prob(
-        h3, weight, bias, x3, scale, code, head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features), expected,
-        None, bool(want_grads), want_lv)
+        h3, weight, bias, x3, scale, code,
+        head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features, positions=positions),
+        expected, None, bool(want_grads), want_lv)
     if categorical:
         raise_if_invalid(num_invalid, f"x holds class indices outside [0, {out_features})")
     else:

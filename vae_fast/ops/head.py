@@ -29,6 +29,8 @@ the mixture and learned-scale heads take the chunked path there too.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validation import STRIDED, is_legacy_batched, is_plain, raise_if_invalid
@@ -40,12 +42,13 @@ from .likelihood import SUPPORT_MESSAGES
 
 CATEGORICAL, DMOL = HEAD_CATEGORICAL, HEAD_DMOL  # the elementwise heads use ops.codes.Likelihood
 DEFAULT_CHUNK_BYTES = 1 << 20  # per chunk buffer (output, gradient), unless the chunk's GEMMs need more rows:
-# a chunk's three GEMMs (output, d/dh, d/dW) run (rows, H) x (H, O) and slow down below about 2048 rows here: the
+# a chunk's three GEMMs (output, d/dh, d/dW) run (rows, H) x (H, O) and slow down below about 1024 rows here: the
 # 784-400 MNIST head at B = 1024 took 7.3 ms fwd+bwd in 1 MiB chunks (334 rows) and 6.2 ms in one; the categorical
-# head at 4x3x16x16 (768 rows an example) 2.17 ms in 1 MiB chunks, 1.96 in 2 MiB. So the default budget grows to
-# DEFAULT_MIN_CHUNK_ROWS rows of the output, up to DEFAULT_MAX_CHUNK_BYTES (a 50,000-way output keeps 8 MiB).
-# The categorical head at 16x3x32x32 measured 27.5 ms in chunks of 1 MiB and 27.3 in 8 (2.5x the peak).
-DEFAULT_MIN_CHUNK_ROWS = 2048
+# head at 4x3x16x16 (768 rows an example) 2.17 ms in 1 MiB chunks of one example, 1.96 in chunks of two; at
+# 16x3x32x32 (pixel blocks) 27.5 ms in 1 MiB blocks of 1024 rows, 27.4 in 2 MiB ones. So the default budget grows
+# to DEFAULT_MIN_CHUNK_ROWS rows of the output (whole examples, rounded up), at most DEFAULT_MAX_CHUNK_BYTES (a
+# 50,000-way output keeps 8 MiB).
+DEFAULT_MIN_CHUNK_ROWS = 1024
 DEFAULT_MAX_CHUNK_BYTES = 8 << 20
 # The mixture head's chunks: 2 MiB holds one 64x64 example's 100 channels (1.6 MB), so each GEMM spans an
 # example's pixels: 14.2 ms vs 19.1 ms at 1 MiB (two pixel blocks per example) for 8x3x64x64, peak 0.26x -> see
@@ -54,14 +57,23 @@ DEFAULT_MIXTURE_CHUNK_BYTES = 2 << 20
 
 
 def chunk_elements_for(max_chunk_bytes: int | None, itemsize: int = 4, default: int = DEFAULT_CHUNK_BYTES,
-                       out_features: int = 1) -> int:
-    """Output elements per chunk buffer: ``max_chunk_bytes`` // ``itemsize`` when given, else ``default`` bytes or
-    DEFAULT_MIN_CHUNK_ROWS rows of ``out_features`` if more, at most DEFAULT_MAX_CHUNK_BYTES."""
-    if max_chunk_bytes is None:
-        budget = max(default, min(DEFAULT_MIN_CHUNK_ROWS * out_features * itemsize, DEFAULT_MAX_CHUNK_BYTES))
-    else:
-        budget = int(max_chunk_bytes)
-    return max(1, budget // itemsize)
+                       out_features: int = 1, positions: int = 1) -> int:
+    """Output elements per chunk buffer: ``max_chunk_bytes`` // ``itemsize`` when given; else ``default`` bytes,
+    grown to DEFAULT_MIN_CHUNK_ROWS rows of ``out_features`` (rounded up to whole examples of ``positions`` rows
+    where an example has fewer), at most DEFAULT_MAX_CHUNK_BYTES."""
+    if max_chunk_bytes is not None:
+        return max(1, int(max_chunk_bytes) // itemsize)
+    elements, row = default // itemsize, max(out_features, 1)
+    positions, min_rows = max(positions, 1), DEFAULT_MIN_CHUNK_ROWS
+    rows = elements // row  # the rows the default budget holds
+    if positions <= max(rows, min_rows):  # chunks of whole examples (see _chunks)
+        examples = max(rows // positions, 1)
+        if examples * positions < min_rows:
+            examples = -(-min_rows // positions)
+        elements = max(elements, examples * positions * row)
+    else:  # pixel blocks of one example
+        elements = max(elements, min_rows * row)
+    return min(elements, max(default, DEFAULT_MAX_CHUNK_BYTES) // itemsize)
 
 
 def _chunks(num_examples: int, positions: int, out_features: int, chunk_elements: int):
@@ -521,8 +533,10 @@ def linear_step(h, weight, bias, x, likelihood: int, scale: float | None, reduct
             return None
     except RuntimeError:  # a nested tensor's shape (see _validation.STRIDED)
         return None
-    chunk_elements = chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features)
-    if h.numel() // h_shape[-1] * out_features > chunk_elements:  # more than one chunk: the chunked op
+    positions = math.prod(h_shape[1:-1])
+    chunk_elements = chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features,
+                                        positions=positions)
+    if examples * positions * out_features > chunk_elements:  # more than one chunk: the chunked op
         return None
     kernels = step_kernels_for(h, 0)  # (also: h's dtype has a step kernel)
     if kernels is None:
