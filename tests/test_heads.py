@@ -136,6 +136,9 @@ def test_per_step_path_equals_the_reference_for_any_upstream(likelihood, kwargs,
         x = x if likelihood == "categorical" else x.to(dtype)
         got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood=likelihood, **kwargs)
         assert type(got.grad_fn).__name__ == "LinearStepBackward"
+        # a module's weight and bias are Parameters: the same path
+        module = vae_fast.nn.FusedHead(h.shape[-1], weight.shape[0], likelihood, bias=with_bias, dtype=dtype)
+        assert type(module.log_prob(h, x, **kwargs).grad_fn).__name__ == "LinearStepBackward"
         chunked = vae_fast.linear_log_prob(h, weight, bias, x, likelihood=likelihood, max_chunk_bytes=64, **kwargs)
         assert type(chunked.grad_fn).__name__ != "LinearStepBackward"
         copies = [t.detach().double().requires_grad_() for t in leaves]

@@ -498,6 +498,7 @@ class LinearStep(torch.autograd.Function):
 step_ctx_constants(LinearStep, want_logvar_grad=False, mixture=())
 _apply_linear_step = eager_function_apply(LinearStep)
 _STEP_DTYPES = (torch.float32, torch.float64)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # (a module's weight and bias are Parameters)
 
 
 def linear_step(h, weight, bias, x, likelihood: int, scale: float | None, reduction: str,
@@ -508,14 +509,15 @@ def linear_step(h, weight, bias, x, likelihood: int, scale: float | None, reduct
     arguments and takes the chunked op). Returns log_prob (N,).
 
     The call qualifies when it is plain eager (see :func:`step_kernels_for`), h (N, *, H) with N > 0, weight (O, H),
-    bias (O,) or None and x are plain contiguous CPU tensors, h, weight, bias float32 or float64 of one dtype, x of
-    it too with the output's shape (N, *, O), or int64 / uint8 class indices (N, *) for the categorical, x does not
-    require grad, and the whole output fits one chunk of the default budget (or of ``max_chunk_bytes``). The tests
-    are attribute reads in one expression, as in :func:`vae_fast.ops.likelihood.elementwise_step`."""
+    bias (O,) or None (tensors or Parameters) and x are plain contiguous CPU tensors, h, weight, bias float32 or
+    float64 of one dtype, x of it too with the output's shape (N, *, O), or int64 / uint8 class indices (N, *) for
+    the categorical, x does not require grad, and the whole output fits one chunk of the default budget (or of
+    ``max_chunk_bytes``). The tests are attribute reads in one expression, as in
+    :func:`vae_fast.ops.likelihood.elementwise_step`."""
     categorical = likelihood == CATEGORICAL
     try:
-        if not (type(h) is torch.Tensor and type(weight) is torch.Tensor and type(x) is torch.Tensor
-                and (bias is None or type(bias) is torch.Tensor) and (dtype := h.dtype) in _STEP_DTYPES
+        if not (type(h) in _PLAIN_TYPES and type(weight) in _PLAIN_TYPES and type(x) is torch.Tensor
+                and (bias is None or type(bias) in _PLAIN_TYPES) and (dtype := h.dtype) in _STEP_DTYPES
                 and weight.dtype == dtype and h.layout is STRIDED and weight.layout is STRIDED and x.layout is STRIDED
                 and x.is_cpu and weight.is_cpu and not x.requires_grad
                 and len(h_shape := h.shape) > 1 and (examples := h_shape[0]) > 0 and weight.dim() == 2
