@@ -280,6 +280,42 @@ def test_empty_batch_gives_zero_gradients(backend, likelihood):
     assert torch.equal(grads[1], torch.zeros_like(weight)) and torch.equal(grads[2], torch.zeros_like(bias))
 
 
+@pytest.mark.parametrize("likelihood, channel_dim", [("bernoulli", -1), ("gaussian", 1), ("categorical", 1),
+                                                     ("dmol", 1)])
+def test_compiled_head_is_the_unfused_head_when_its_output_fits_one_chunk(likelihood, channel_dim):
+    """In a traced graph the op's backward cannot read the upstream gradient on the host, so it recomputed every
+    chunk with per-row weights (the MNIST head's compiled step: 5.7 ms against 3.9 compiled eager). A head whose
+    output fits one chunk is traced as F.linear + the likelihood (no op in the graph); a larger one keeps the op.
+    Values and gradients equal the eager fused head's either way."""
+    gen = torch.Generator().manual_seed(5)
+    kwargs = {"likelihood": likelihood, "channel_dim": channel_dim}
+    if likelihood == "dmol":
+        h, weight, bias = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(20, 4, generator=gen), torch.randn(20)
+        x = torch.randint(0, 256, (2, 3, 3, 3), generator=gen) / 127.5 - 1
+    else:
+        h, weight, bias, x = (t.float() if t.is_floating_point() else t
+                              for t in _case(likelihood, channel_dim, 1, "cpu", gen))
+    leaves = [t.requires_grad_() for t in (h, weight, bias)]
+    if likelihood == "gaussian":
+        kwargs["logvar"] = torch.tensor(0.2, requires_grad=True)
+        leaves.append(kwargs["logvar"])
+    for chunk_bytes, takes_the_op in ((None, False), (64, True)):
+        def loss(h, weight, bias):
+            return vae_fast.linear_log_prob(h, weight, bias, x, max_chunk_bytes=chunk_bytes, **kwargs).mean()
+
+        expected = loss(h, weight, bias)
+        expected_grads = torch.autograd.grad(expected, leaves)
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        with torch.profiler.profile() as prof:
+            got = compiled(h, weight, bias)
+            grads = torch.autograd.grad(got, leaves)
+        assert any(e.name == "vae_fast::linear_log_prob_traced" for e in prof.events()) == takes_the_op
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_opcheck_and_compile():
     torch.manual_seed(0)
     h, weight, bias = torch.randn(2, 3, 5), torch.randn(4, 5), torch.randn(4)

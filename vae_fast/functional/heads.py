@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .._validation import check_choice, check_positive_int, check_same_device, check_tensor, raise_if_invalid
 from ..ops import head as head_ops
@@ -160,15 +161,18 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if scale_name is not None:
         scale = _scale_frame(scale_name, likelihood_kwargs.get(scale_name, 0.0), out_shape, channel_dim, lead, h.dtype,
                              h.device)
+    chunk_elements = head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features,
+                                                 positions=positions)
+    if torch.compiler.is_compiling() and examples * positions * out_features <= chunk_elements:
+        scale_value = likelihood_kwargs.get(scale_name, 0.0) if scale_name is not None else None
+        return _traced_unfused(h, weight, bias, x, likelihood, channel_dim, scale_value, reduction)
     grad_mode = torch.is_grad_enabled()
     want_grads = grad_mode and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
                                 or (scale is not None and scale.requires_grad))
     want_lv = bool(want_grads and scale is not None and scale.requires_grad)
     expected = default_expected_upstream(reduction, examples)
     log_prob, *_, num_invalid = head_ops.apply_linear_log_prob(
-        h3, weight, bias, x3, scale, code,
-        head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(), out_features=out_features, positions=positions),
-        expected, None, bool(want_grads), want_lv)
+        h3, weight, bias, x3, scale, code, chunk_elements, expected, None, bool(want_grads), want_lv)
     if categorical:
         raise_if_invalid(num_invalid, f"x holds class indices outside [0, {out_features})")
     else:
@@ -204,12 +208,42 @@ def _dmol_head(h, weight, bias, x, channel_dim, reduction, max_chunk_bytes, num_
     examples, positions = h.shape[0], math.prod(h.shape[2:])
     h3 = h.movedim(1, -1).reshape(examples, positions, h.shape[1])
     x3 = x.reshape(examples, channels, positions).transpose(1, 2)  # (B, P, C) view
+    chunk_elements = head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(),
+                                                 head_ops.DEFAULT_MIXTURE_CHUNK_BYTES, weight.shape[0], positions)
+    if torch.compiler.is_compiling() and examples * positions * weight.shape[0] <= chunk_elements:
+        return _traced_unfused(h, weight, bias, x, "dmol", channel_dim, None, reduction,
+                               (int(num_mixtures), int(num_bits), float(log_scale_min)))
     grad_mode = torch.is_grad_enabled()
     want_grads = grad_mode and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     log_prob, *_, num_invalid = head_ops.apply_linear_log_prob(
-        h3, weight, bias, x3, None, head_ops.DMOL,
-        head_ops.chunk_elements_for(max_chunk_bytes, h.element_size(), head_ops.DEFAULT_MIXTURE_CHUNK_BYTES),
-        default_expected_upstream(reduction, examples), None, bool(want_grads), False, int(num_mixtures), int(num_bits),
-        float(log_scale_min))
+        h3, weight, bias, x3, None, head_ops.DMOL, chunk_elements, default_expected_upstream(reduction, examples),
+        None, bool(want_grads), False, int(num_mixtures), int(num_bits), float(log_scale_min))
     raise_if_invalid(num_invalid, SUPPORT_MESSAGE)
     return reduce(log_prob, reduction)
+
+
+def _traced_unfused(h, weight, bias, x, likelihood: str, channel_dim: int, scale, reduction: str, mixture=None):
+    """What torch.compile traces for a head whose output fits one chunk: F.linear (a 1x1 conv for channel_dim=1)
+    and the likelihood's own function on its output. The op's backward cannot read the upstream gradient on the
+    host in a traced graph, so it recomputes every chunk with per-row weights there: the MNIST head's compiled
+    training step took 5.7 ms against 3.9 for compiled eager. Here autograd differentiates the Linear for any
+    upstream, and the output held is at most one chunk's. (The arguments were checked by the caller.)"""
+    from .dmol import dmol_packed_log_prob
+    from .likelihoods import (bernoulli_log_prob, categorical_log_prob, continuous_bernoulli_log_prob,
+                              gaussian_log_prob, laplace_log_prob)
+
+    last = channel_dim == h.dim() - 1  # (no identity permutes in the traced graph)
+    out_last = F.linear(h if last else h.movedim(channel_dim, -1), weight, bias)  # (..., O): channels last
+    if likelihood == "categorical":  # logits (B, *pixels, K) for x (B, *pixels), either layout of h
+        return categorical_log_prob(out_last, x, reduction=reduction)
+    out = out_last if last else out_last.movedim(-1, channel_dim)  # the output in x's layout
+    if likelihood == "dmol":
+        num_mixtures, num_bits, log_scale_min = mixture
+        return dmol_packed_log_prob(x, out.contiguous(), num_mixtures, num_bits=num_bits, log_scale_min=log_scale_min,
+                                    reduction=reduction)
+    if likelihood == "gaussian":
+        return gaussian_log_prob(out, x, scale, reduction=reduction)
+    if likelihood == "laplace":
+        return laplace_log_prob(out, x, scale, reduction=reduction)
+    function = bernoulli_log_prob if likelihood == "bernoulli" else continuous_bernoulli_log_prob
+    return function(out, x, reduction=reduction)
