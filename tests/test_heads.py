@@ -325,7 +325,8 @@ def test_opcheck_and_compile():
     op = torch.ops.vae_fast.linear_log_prob.default
     torch.library.opcheck(op, (h.reshape(2, 3, 5), weight, bias, x, None, 0, 8, -0.5),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    fn = lambda h, w, b: vae_fast.linear_log_prob(h, w, b, x, likelihood="bernoulli", reduction="mean")  # noqa: E731
+    fn = lambda h, w, b: vae_fast.linear_log_prob(h, w, b, x, likelihood="bernoulli", reduction="mean",  # noqa: E731
+                                                  max_chunk_bytes=32)  # (several chunks: the op, not F.linear)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(h, weight, bias), fn(h, weight, bias))
     for a, b in zip(torch.autograd.grad(compiled(h, weight, bias), (h, weight, bias)),
@@ -472,22 +473,27 @@ def test_elbo_with_a_fused_head_compiles_fullgraph():
     x, eps = torch.rand(4, 8), torch.randn(4, 3)
     mu, logvar = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
 
-    def loss(mu, logvar):
-        return vae_fast.elbo(x, mu, logvar, features, head=head, eps=eps).loss
+    for head_kwargs in ({}, {"max_chunk_bytes": 32}):  # one chunk (traced as F.linear + likelihood), the op
+        def loss(mu, logvar):
+            return vae_fast.elbo(x, mu, logvar, features, head=head, head_kwargs=head_kwargs, eps=eps).loss
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(mu, logvar), loss(mu, logvar))
-    params = [mu, head.weight, head.bias]
-    for a, b in zip(torch.autograd.grad(compiled(mu, logvar), params), torch.autograd.grad(loss(mu, logvar), params)):
-        torch.testing.assert_close(a, b)
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(mu, logvar), loss(mu, logvar))
+        params = [mu, head.weight, head.bias]
+        for a, b in zip(torch.autograd.grad(compiled(mu, logvar), params),
+                        torch.autograd.grad(loss(mu, logvar), params)):
+            torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("max_chunk_bytes", [64, None], ids=["the op", "one chunk"])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compiled_training_of_a_1x1_conv_head(dynamic):
+def test_compiled_training_of_a_1x1_conv_head(dynamic, max_chunk_bytes):
     # a channels-first h gets a channels-first d/dh, and inductor (unlike aot_eager above) asserts each op output's
     # strides: a compiled backward (which recomputes with the upstream as row weights) raised an assert_size_stride
     # error, having planned for a contiguous h, and under dynamic shapes the fake kernel's contiguous d/dh did not
-    # match the kernel's. Values and gradients equal eager, for the mixture and a Bernoulli head
+    # match the kernel's. Values and gradients equal eager, for the mixture and a Bernoulli head, through the op
+    # (chunks of 64 bytes) and as the unfused head that one chunk is traced as
     gen = torch.Generator().manual_seed(9)
     features = torch.randn(4, 5, 2, 3, generator=gen, requires_grad=True)
     images = torch.rand(4, 3, 2, 3, generator=gen) * 2 - 1
@@ -497,7 +503,8 @@ def test_compiled_training_of_a_1x1_conv_head(dynamic):
         weight.requires_grad_()
 
         def loss(h, w, likelihood=likelihood, x=x):
-            return -vae_fast.linear_log_prob(h, w, None, x, likelihood=likelihood, channel_dim=1).mean()
+            return -vae_fast.linear_log_prob(h, w, None, x, likelihood=likelihood, channel_dim=1,
+                                             max_chunk_bytes=max_chunk_bytes).mean()
 
         torch._dynamo.reset()
         compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
