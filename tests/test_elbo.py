@@ -270,6 +270,17 @@ def test_demo_smoke_run(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_demo_with_a_fused_output_layer_trains_the_same_model(tmp_path):
+    """--fused-head: the decoder's output layer as a FusedHead through elbo(head=...). Same initial weights and
+    noise as the plain run, so the first epoch's losses agree up to rounding (the logits never materialised)."""
+    demo = _load_example("train_mnist")
+    args = ["--epochs", "1", "--subset", "256", "--no-eager", "--iwae-k", "0"]
+    plain = demo.main(args + ["--out", str(tmp_path / "plain")])
+    fused = demo.main(args + ["--out", str(tmp_path / "head"), "--fused-head"])
+    for key in ("train_loss", "test_elbo", "test_kl"):
+        assert fused[0][key] == pytest.approx(plain[0][key], rel=1e-4), key
+
+
 def test_dmol_example_smoke_run():
     # conv VAE with the packed logistic-mixture likelihood on real 8-bit digits: it trains
     history = _load_example("train_dmol").main(["--epochs", "2", "--subset", "512", "--timing-steps", "1",
