@@ -94,7 +94,8 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     produced, scored and differentiated in chunks of at most ``max_chunk_bytes`` per buffer (default: 1 MiB, or
     1024 rows of the output if that is more, up to 8 MiB, as smaller GEMMs run slower; 2 MiB for ``"dmol"``, one
     64x64 example's 100 channels); d/dh, d/dweight (accumulated in float32) and d/dbias are computed in the same
-    pass.
+    pass. Under torch.compile a head whose output fits one chunk is traced as F.linear and the likelihood's own
+    function (the op's backward would recompute every chunk there: it cannot read the upstream on the host).
 
     Returns ``(B,)`` (``(K, B)`` with samples) for ``reduction="none"``, else reduced.
     """
