@@ -158,6 +158,23 @@ def test_per_step_path_equals_the_reference_for_any_upstream(likelihood, kwargs,
                     assert_matches_reference(g, e, dtype, terms=24)
 
 
+def test_per_step_path_takes_heads_without_features():
+    """H = 0 (the output is the bias): the per-step path views h by its shape (a view to (-1, 0) raised), and its
+    gradients equal the chunked op's, for the expected upstream and per-row weights (a recompute)."""
+    if vae_fast._backend._cpu_ext is None:
+        pytest.skip("needs the C++ extension")
+    h, weight, bias = (torch.randn(shape, dtype=F64, requires_grad=True) for shape in ((3, 2, 0), (4, 0), (4,)))
+    x = torch.rand(3, 2, 4, dtype=F64)
+    got = vae_fast.linear_log_prob(h, weight, bias, x, likelihood="bernoulli")
+    assert type(got.grad_fn).__name__ == "LinearStepBackward"
+    chunked = vae_fast.linear_log_prob(h, weight, bias, x, likelihood="bernoulli", max_chunk_bytes=8)
+    torch.testing.assert_close(got, chunked)
+    for upstream in (torch.full((3,), -1 / 3, dtype=F64), torch.tensor([0.5, -2.0, 1.0], dtype=F64)):
+        for g, e in zip(torch.autograd.grad(got, (h, weight, bias), upstream, retain_graph=True),
+                        torch.autograd.grad(chunked, (h, weight, bias), upstream, retain_graph=True)):
+            torch.testing.assert_close(g, e)
+
+
 def test_per_step_path_computes_only_the_gradients_asked_for():
     """A frozen decoder's head (weight and bias without grad) skips the d/dW GEMM and the d/db sum; a head on
     features that need no gradient skips d/dh's GEMM; the gradients that are asked for stay right."""

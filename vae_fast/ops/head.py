@@ -458,10 +458,10 @@ class LinearStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, x, plan):
-        kernels, likelihood, scale, examples, out_features, wants, expected_upstream, chunk_elements = plan
+        kernels, likelihood, scale, examples, positions, out_features, wants, expected_upstream, chunk_elements = plan
         want_h, want_w, want_b = wants
         want_grads = want_h or want_w or want_b
-        h2 = h.view(-1, h.shape[-1])  # (N P, H): h is contiguous
+        h2 = h.view(examples * positions, h.shape[-1])  # (N P, H): h is contiguous (and H may be 0)
         out = torch.mm(h2, weight.t()) if bias is None else torch.addmm(bias, h2, weight.t())
         if likelihood == CATEGORICAL:
             log_prob, grad, bad = kernels.categorical_step_log_prob(out, x, examples, out_features, want_grads,
@@ -487,7 +487,7 @@ class LinearStep(torch.autograd.Function):
         scale = ctx.scale
         logvar = None if scale is None else h.new_full((1, 1, 1), scale)  # (the op's operand, for a recompute)
         examples, out_features = h.shape[0], weight.shape[0]
-        positions = h.numel() // (examples * h.shape[-1])
+        positions = math.prod(h.shape[1:-1])
         frames = ((examples, positions, h.shape[-1]),
                   (examples, positions) if ctx.likelihood == CATEGORICAL else (examples, positions, out_features))
         grad_h, grad_w, grad_b = _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads + [None], frames)[:3]
@@ -548,5 +548,5 @@ def linear_step(h, weight, bias, x, likelihood: int, scale: float | None, reduct
     else:
         wants = (False, False, False)
     expected_upstream = -1.0 if reduction == "sum" else -1.0 / examples  # (default_expected_upstream; N > 0)
-    return _apply_linear_step(h, weight, bias, x, (kernels, likelihood, scale, examples, out_features, wants,
+    return _apply_linear_step(h, weight, bias, x, (kernels, likelihood, scale, examples, positions, out_features, wants,
                                                    expected_upstream, chunk_elements))
