@@ -402,11 +402,11 @@ class LinearLogProbFunction(torch.autograd.Function):
                 grad_lv if needs[4] else None, *(None,) * 9)
 
 
-def _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads, frames=None) -> list:
+def _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads, op_operands=None) -> list:
     """[d/dh, d/dW, d/db, d/dlogvar] for ``grad_out`` from the gradients forward computed (``grads``, times the
     expected upstream; absent ones None or (0,)): themselves, scaled, or recomputed chunk by chunk with grad_out as
-    per-row weights. ``h``, ``x``, ``logvar``: the op's operands, or with ``frames`` = (h's, x's op-frame shapes)
-    the per-step call's (views to those shapes for a recompute, whose d/dh is viewed back to h's shape)."""
+    per-row weights. ``h``, ``x``, ``logvar``: the op's operands; or the per-step call's, with ``op_operands``
+    turning them into the op's (called for a recompute only; its d/dh is viewed back to h's shape)."""
     if torch.is_grad_enabled():
         under_func = torch._C._are_functorch_transforms_active()
         raise RuntimeError("vae_fast.linear_log_prob: double backward (create_graph=True) is not supported"
@@ -421,15 +421,15 @@ def _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads, frames=Non
     if factor is None:  # per-row upstream: one more chunked pass with those weights
         weights = grad_out.reshape(-1).to(acc_dtype(h.dtype))
         h_shape = h.shape
-        if frames is not None:
-            h, x = h.view(frames[0]), x.view(frames[1])
+        if op_operands is not None:
+            h, x, logvar = op_operands(ctx, h, weight, x)
         op = torch.ops.vae_fast.linear_log_prob.default
         args = (_traceable_layout(h), weight, bias, x, logvar, ctx.likelihood, ctx.chunk_elements, 1.0, weights, True,
                 ctx.want_logvar_grad, *ctx.mixture)
         # (is_grads_batched: batched weights go through the dispatcher, see _validation.is_legacy_batched)
         _, *grads, _ = op(*args) if is_legacy_batched(weights) else call(op, _head_kernel, *args)
         grads = [_present(g) for g in grads]
-        if frames is not None:
+        if op_operands is not None:
             grads[0] = grads[0].view(h_shape)
     elif factor != 1.0:
         grads = [None if g is None else g * factor for g in grads]
@@ -484,15 +484,19 @@ class LinearStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias, x, *grads = ctx.saved_tensors
-        scale = ctx.scale
-        logvar = None if scale is None else h.new_full((1, 1, 1), scale)  # (the op's operand, for a recompute)
-        examples, out_features = h.shape[0], weight.shape[0]
-        positions = math.prod(h.shape[1:-1])
-        frames = ((examples, positions, h.shape[-1]),
-                  (examples, positions) if ctx.likelihood == CATEGORICAL else (examples, positions, out_features))
-        grad_h, grad_w, grad_b = _head_gradients(ctx, grad_out, h, weight, bias, x, logvar, grads + [None], frames)[:3]
+        grad_h, grad_w, grad_b = _head_gradients(ctx, grad_out, h, weight, bias, x, None, grads + [None],
+                                                 LinearStep.op_operands)[:3]
         needs = ctx.needs_input_grad
         return grad_h if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None, None, None
+
+    @staticmethod
+    def op_operands(ctx, h, weight, x):
+        """The saved h (N, *, H) and x as the op's operands h (N, P, H), x (N, P, O) or (N, P) (categorical), and the
+        float scale as its (1, 1, 1) logvar operand: for a recompute with per-row weights."""
+        examples, positions = h.shape[0], math.prod(h.shape[1:-1])
+        x_frame = (examples, positions) if ctx.likelihood == CATEGORICAL else (examples, positions, weight.shape[0])
+        return (h.view(examples, positions, h.shape[-1]), x.view(x_frame),
+                None if ctx.scale is None else h.new_full((1, 1, 1), ctx.scale))
 
 
 step_ctx_constants(LinearStep, want_logvar_grad=False, mixture=())
