@@ -223,8 +223,10 @@ def test_bad_input_names_the_argument():
         vae_fast.linear_log_prob(h, weight, bias, x, likelihood="laplace", log_scale=torch.zeros(3))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         vae_fast.linear_log_prob(h, weight, bias, x + 2, likelihood="bernoulli")
-    with pytest.raises(ValueError, match="class indices"):
+    with pytest.raises(ValueError, match=r"x must hold class indices in \[0, 4\)"):
         vae_fast.linear_log_prob(h, weight, bias, torch.full((2,), 9), likelihood="categorical")
+    with pytest.raises(ValueError, match=r"x must hold class indices in \[0, 4\)"):  # (the chunked op)
+        vae_fast.linear_log_prob(h, weight, bias, torch.full((2,), 9), likelihood="categorical", max_chunk_bytes=8)
 
 
 def test_grad_weight_accumulates_in_float32_for_bfloat16():

@@ -175,7 +175,7 @@ def linear_log_prob(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     log_prob, *_, num_invalid = head_ops.apply_linear_log_prob(
         h3, weight, bias, x3, scale, code, chunk_elements, expected, None, bool(want_grads), want_lv)
     if categorical:
-        raise_if_invalid(num_invalid, f"x holds class indices outside [0, {out_features})")
+        raise_if_invalid(num_invalid, likelihood_ops.categorical_support_message(out_features))
     else:
         raise_if_invalid(num_invalid, likelihood_ops.SUPPORT_MESSAGES[code])
     if lead == 2:  # (K, B); (a view of (B,) as (B,) would add an autograd node to every call's graph)

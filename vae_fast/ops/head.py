@@ -38,7 +38,7 @@ from ._autograd import (SKIP_CHECK_ULPS, eager_function_apply, fast_apply, mark_
                         step_ctx_constants)
 from ._library import acc_dtype, call, kernels_for, register_op, step_kernels_for
 from .codes import HEAD_CATEGORICAL, HEAD_DMOL
-from .likelihood import SUPPORT_MESSAGES
+from .likelihood import SUPPORT_MESSAGES, categorical_support_message
 
 CATEGORICAL, DMOL = HEAD_CATEGORICAL, HEAD_DMOL  # the elementwise heads use ops.codes.Likelihood
 DEFAULT_CHUNK_BYTES = 1 << 20  # per chunk buffer (output, gradient), unless the chunk's GEMMs need more rows:
@@ -467,7 +467,7 @@ class LinearStep(torch.autograd.Function):
             log_prob, grad, bad = kernels.categorical_step_log_prob(out, x, examples, out_features, want_grads,
                                                                     expected_upstream)
             if bad:
-                raise_if_invalid(bad, f"x holds class indices outside [0, {out_features})")
+                raise_if_invalid(bad, categorical_support_message(out_features))
         else:
             log_prob, grad, _, bad = kernels.elementwise_step_log_prob(out, x, scale, examples, out.numel(), likelihood,
                                                                        want_grads, False, expected_upstream)

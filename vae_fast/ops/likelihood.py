@@ -460,12 +460,14 @@ def categorical_log_prob(logits, target, lead_ndim: int, expected_upstream: floa
     want_grad = torch.is_grad_enabled() and logits.requires_grad
     log_prob, _, num_invalid = _apply_categorical(logits, target, lead_ndim, want_grad, expected_upstream)
     if not torch.compiler.is_compiling():  # (raise_if_invalid skips the check there; dynamo warns on lru_cache)
-        raise_if_invalid(num_invalid, _categorical_support_message(logits.shape[-1]))
+        raise_if_invalid(num_invalid, categorical_support_message(logits.shape[-1]))
     return log_prob
 
 
 @functools.lru_cache(maxsize=64)  # (made once per class count: an f-string costs a microsecond per call)
-def _categorical_support_message(classes: int) -> str:
+def categorical_support_message(classes: int) -> str:
+    """The ValueError's text for class indices outside [0, classes) (the categorical likelihood's and the fused
+    categorical head's)."""
     return f"x must hold class indices in [0, {classes})"
 
 
@@ -481,7 +483,7 @@ class CategoricalStep(torch.autograd.Function):
         log_prob, grad, num_invalid = kernels.categorical_step_log_prob(logits, target, rows, classes, want_grad,
                                                                         expected_upstream)
         if num_invalid:
-            raise_if_invalid(num_invalid, _categorical_support_message(classes))
+            raise_if_invalid(num_invalid, categorical_support_message(classes))
         setup_step_gradient(ctx, expected_upstream, (grad,), (logits, target))
         return log_prob
 
